@@ -1,0 +1,1 @@
+//! Envoy glue over the host traits.
