@@ -1,1 +1,437 @@
-//! TODO
+//! Plugin configuration: the JSON in the filter's `configuration` (a `StringValue`).
+//!
+//! Every field has a default except `clusters`. Unknown fields are rejected, and every invalid
+//! value is reported with its JSON path and the reason, e.g.
+//! `zone.spill_threshold: must be in [0, 1], got 1.7`.
+
+use serde::Deserialize;
+use std::fmt;
+
+/// `steer` sets the endpoint header; `shadow` decides, counts and reports but leaves routing to
+/// Envoy's own policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Steer,
+    Shadow,
+}
+
+/// Which measured rate is the load of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadSignal {
+    /// gRPC messages per second, both directions summed (bytes for non-gRPC traffic).
+    #[default]
+    Messages,
+    /// Bytes per second, both directions summed.
+    Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `steer` (default) or `shadow`.
+    pub mode: Mode,
+    /// Upstream clusters (`xds.cluster_name`) whose streams streamlb places. Required.
+    pub clusters: Vec<String>,
+    /// Route names (`xds.route_name`) to cover; empty (default) covers every route to `clusters`.
+    pub routes: Vec<String>,
+    /// Request header read by the cluster's `override_host` policy.
+    pub endpoint_header: String,
+    /// Response header carrying the decision, for debugging. Off (`null`) by default.
+    pub debug_header: Option<String>,
+    /// This proxy's zone. Default: the node's `locality.zone`. Empty disables zone awareness.
+    pub local_zone: Option<String>,
+    /// Period of the timer that updates rates, merges the cross-worker view and flushes stats.
+    pub tick_ms: u64,
+    /// At most this many distinct route names are tracked; the rest fold into `other`.
+    pub max_routes: usize,
+    pub discovery: DiscoveryConfig,
+    pub load: LoadConfig,
+    pub zone: ZoneConfig,
+    pub pick: PickConfig,
+    pub slow_start: SlowStartConfig,
+    pub penalty: PenaltyConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// STATIC cluster pointing at Envoy's admin listener (Istio sidecar: 127.0.0.1:15000).
+    pub admin_cluster: String,
+    /// `:authority` sent to the admin listener.
+    pub authority: String,
+    /// Admin path polled for endpoints.
+    pub path: String,
+    /// Poll period of the elected VM.
+    pub poll_ms: u64,
+    /// Timeout of one admin call.
+    pub timeout_ms: u64,
+    /// A snapshot older than this is stale: endpoints are no longer named (Envoy's fallback
+    /// policy routes) until discovery recovers.
+    pub stale_after_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadConfig {
+    /// EWMA time constant τ of measured rates.
+    pub tau_ms: u64,
+    pub signal: LoadSignal,
+    /// Expected rate of a new stream (per second, in `signal` units) before any stream of its
+    /// route has been measured.
+    pub default_stream_rate: f64,
+    /// Weight β of backend ORCA utilisation in the score, in [0, 1]; 0 ignores ORCA.
+    pub orca_weight: f64,
+    /// An ORCA report older than this is ignored.
+    pub orca_max_age_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZoneConfig {
+    /// Stay in the local zone while its load per unit capacity is at most
+    /// `(1 + spill_threshold) ×` the cluster-wide mean.
+    pub spill_threshold: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PickConfig {
+    /// d in power-of-d-choices.
+    pub choices: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlowStartConfig {
+    /// Ramp-up window for endpoints that appear after the first discovery; 0 disables.
+    pub window_ms: u64,
+    /// Envoy's aggression `a`: capacity factor `max(min_weight_percent/100, (t/window)^(1/a))`.
+    pub aggression: f64,
+    pub min_weight_percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PenaltyConfig {
+    /// Half-life of an endpoint's failure score.
+    pub half_life_ms: u64,
+    /// Capacity factor is `1 / (1 + weight × score)`; 0 disables penalties.
+    pub weight: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Steer,
+            clusters: Vec::new(),
+            routes: Vec::new(),
+            endpoint_header: "x-gateway-destination-endpoint".into(),
+            debug_header: None,
+            local_zone: None,
+            tick_ms: 1000,
+            max_routes: 64,
+            discovery: DiscoveryConfig::default(),
+            load: LoadConfig::default(),
+            zone: ZoneConfig::default(),
+            pick: PickConfig::default(),
+            slow_start: SlowStartConfig::default(),
+            penalty: PenaltyConfig::default(),
+        }
+    }
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            admin_cluster: "streamlb_admin".into(),
+            authority: "streamlb-admin".into(),
+            path: "/clusters?format=json".into(),
+            poll_ms: 2000,
+            timeout_ms: 1000,
+            stale_after_ms: 30_000,
+        }
+    }
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig {
+            tau_ms: 5000,
+            signal: LoadSignal::Messages,
+            default_stream_rate: 1.0,
+            orca_weight: 0.0,
+            orca_max_age_ms: 10_000,
+        }
+    }
+}
+
+impl Default for ZoneConfig {
+    fn default() -> Self {
+        ZoneConfig {
+            spill_threshold: 0.1,
+        }
+    }
+}
+
+impl Default for PickConfig {
+    fn default() -> Self {
+        PickConfig { choices: 2 }
+    }
+}
+
+impl Default for SlowStartConfig {
+    fn default() -> Self {
+        SlowStartConfig {
+            window_ms: 30_000,
+            aggression: 1.0,
+            min_weight_percent: 10.0,
+        }
+    }
+}
+
+impl Default for PenaltyConfig {
+    fn default() -> Self {
+        PenaltyConfig {
+            half_life_ms: 10_000,
+            weight: 1.0,
+        }
+    }
+}
+
+/// A configuration error: where (JSON path) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+fn err(path: &str, reason: String) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        reason,
+    }
+}
+
+impl Config {
+    /// Parse and validate the plugin configuration.
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            // serde_json appends " at line L column C"; the path says more.
+            let mut reason = inner.to_string();
+            if let Some(at) = reason.rfind(" at line ") {
+                reason.truncate(at);
+            }
+            err(&path, reason)
+        })?;
+        de.end()
+            .map_err(|e| err("", format!("trailing data after the JSON object: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.clusters.is_empty() {
+            return Err(err(
+                "clusters",
+                "must name at least one upstream cluster".into(),
+            ));
+        }
+        for (i, c) in self.clusters.iter().enumerate() {
+            non_empty(&format!("clusters[{i}]"), c)?;
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            non_empty(&format!("routes[{i}]"), r)?;
+        }
+        header_name("endpoint_header", &self.endpoint_header)?;
+        if let Some(h) = &self.debug_header {
+            header_name("debug_header", h)?;
+        }
+        int_in("tick_ms", self.tick_ms, 50, 60_000)?;
+        int_in("max_routes", self.max_routes as u64, 1, 10_000)?;
+        let d = &self.discovery;
+        non_empty("discovery.admin_cluster", &d.admin_cluster)?;
+        non_empty("discovery.authority", &d.authority)?;
+        if !d.path.starts_with('/') {
+            return Err(err(
+                "discovery.path",
+                format!("must start with '/', got {:?}", d.path),
+            ));
+        }
+        int_in("discovery.poll_ms", d.poll_ms, 100, 600_000)?;
+        int_in("discovery.timeout_ms", d.timeout_ms, 10, 60_000)?;
+        if d.stale_after_ms < d.poll_ms {
+            return Err(err(
+                "discovery.stale_after_ms",
+                format!(
+                    "must be at least discovery.poll_ms ({}), got {}",
+                    d.poll_ms, d.stale_after_ms
+                ),
+            ));
+        }
+        let l = &self.load;
+        int_in("load.tau_ms", l.tau_ms, 100, 3_600_000)?;
+        float_in("load.default_stream_rate", l.default_stream_rate, 1e-9, 1e12)?;
+        float_in("load.orca_weight", l.orca_weight, 0.0, 1.0)?;
+        int_in("load.orca_max_age_ms", l.orca_max_age_ms, 100, 3_600_000)?;
+        float_in("zone.spill_threshold", self.zone.spill_threshold, 0.0, 1.0)?;
+        int_in("pick.choices", self.pick.choices as u64, 1, 64)?;
+        let s = &self.slow_start;
+        int_in("slow_start.window_ms", s.window_ms, 0, 3_600_000)?;
+        float_in("slow_start.aggression", s.aggression, 0.01, 100.0)?;
+        float_in(
+            "slow_start.min_weight_percent",
+            s.min_weight_percent,
+            0.0,
+            100.0,
+        )?;
+        let p = &self.penalty;
+        int_in("penalty.half_life_ms", p.half_life_ms, 100, 3_600_000)?;
+        float_in("penalty.weight", p.weight, 0.0, 1000.0)?;
+        Ok(())
+    }
+
+    /// Whether this route/cluster pair is covered (clusters are few: a linear scan is fastest).
+    pub fn covers(&self, route: &str, cluster: &str) -> bool {
+        self.clusters.iter().any(|c| c == cluster)
+            && (self.routes.is_empty() || self.routes.iter().any(|r| r == route))
+    }
+}
+
+fn non_empty(path: &str, v: &str) -> Result<(), ConfigError> {
+    if v.is_empty() {
+        Err(err(path, "must not be empty".into()))
+    } else {
+        Ok(())
+    }
+}
+
+/// HTTP/2 header names: lowercase token characters only.
+fn header_name(path: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            path,
+            format!("must be a lowercase HTTP header name ([a-z0-9_-]+), got {v:?}"),
+        ))
+    }
+}
+
+fn int_in(path: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err(err(path, format!("must be in [{lo}, {hi}], got {v}")))
+    }
+}
+
+fn float_in(path: &str, v: f64, lo: f64, hi: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && v >= lo && v <= hi {
+        Ok(())
+    } else {
+        Err(err(path, format!("must be in [{lo}, {hi}], got {v}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        Config::from_json(s.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(r#"{"clusters":["pods"]}"#).unwrap();
+        assert_eq!(c.mode, Mode::Steer);
+        assert_eq!(c.endpoint_header, "x-gateway-destination-endpoint");
+        assert_eq!(c.debug_header, None);
+        assert_eq!(c.pick.choices, 2);
+        assert_eq!(c.zone.spill_threshold, 0.1);
+        assert_eq!(c.load.tau_ms, 5000);
+        assert!(c.covers("any-route", "pods"));
+        assert!(!c.covers("any-route", "other"));
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"{"mode":"shadow","clusters":["a","b"],"routes":["telemetry"],
+                "endpoint_header":"x-ep","debug_header":"x-dbg","local_zone":"z1",
+                "tick_ms":500,"max_routes":8,
+                "discovery":{"admin_cluster":"adm","poll_ms":1000,"stale_after_ms":5000},
+                "load":{"tau_ms":2000,"signal":"bytes","orca_weight":0.5},
+                "zone":{"spill_threshold":0.2},"pick":{"choices":3},
+                "slow_start":{"window_ms":0},"penalty":{"weight":2.0}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.mode, Mode::Shadow);
+        assert_eq!(c.load.signal, LoadSignal::Bytes);
+        assert_eq!(c.local_zone.as_deref(), Some("z1"));
+        assert!(c.covers("telemetry", "b"));
+        assert!(!c.covers("other", "b"));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_reason() {
+        let cases = [
+            (
+                r#"{"clusters":["p"],"zone":{"spill_threshold":1.7}}"#,
+                "zone.spill_threshold: must be in [0, 1], got 1.7",
+            ),
+            (
+                r#"{"clusters":["p"],"pick":{"choices":0}}"#,
+                "pick.choices: must be in [1, 64], got 0",
+            ),
+            (
+                r#"{"clusters":[]}"#,
+                "clusters: must name at least one upstream cluster",
+            ),
+            (r#"{}"#, "clusters: must name at least one upstream cluster"),
+            (
+                r#"{"clusters":["p"],"endpoint_header":"X Bad"}"#,
+                "endpoint_header: must be a lowercase HTTP header name",
+            ),
+            (r#"{"clusters":["p"],"load":{"taus":1}}"#, "load.taus: unknown field `taus`"),
+            (r#"{"clusters":["p"],"mode":"yolo"}"#, "mode: unknown variant `yolo`"),
+            (
+                r#"{"clusters":["p"],"tick_ms":"fast"}"#,
+                "tick_ms: invalid type: string \"fast\"",
+            ),
+            (r#"{"clusters":[""]}"#, "clusters[0]: must not be empty"),
+        ];
+        for (json, want) in cases {
+            let got = parse(json).unwrap_err();
+            assert!(got.starts_with(want), "{json}\n got: {got}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for s in ["", "null", "[]", "{", "{\"clusters\":[\"p\"]} x", "\u{0}"] {
+            assert!(parse(s).is_err(), "{s:?}");
+        }
+    }
+}
