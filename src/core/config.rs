@@ -286,7 +286,12 @@ impl Config {
         }
         let l = &self.load;
         int_in("load.tau_ms", l.tau_ms, 100, 3_600_000)?;
-        float_in("load.default_stream_rate", l.default_stream_rate, 1e-9, 1e12)?;
+        float_in(
+            "load.default_stream_rate",
+            l.default_stream_rate,
+            1e-9,
+            1e12,
+        )?;
         float_in("load.orca_weight", l.orca_weight, 0.0, 1.0)?;
         int_in("load.orca_max_age_ms", l.orca_max_age_ms, 100, 3_600_000)?;
         float_in("zone.spill_threshold", self.zone.spill_threshold, 0.0, 1.0)?;
@@ -414,8 +419,14 @@ mod tests {
                 r#"{"clusters":["p"],"endpoint_header":"X Bad"}"#,
                 "endpoint_header: must be a lowercase HTTP header name",
             ),
-            (r#"{"clusters":["p"],"load":{"taus":1}}"#, "load.taus: unknown field `taus`"),
-            (r#"{"clusters":["p"],"mode":"yolo"}"#, "mode: unknown variant `yolo`"),
+            (
+                r#"{"clusters":["p"],"load":{"taus":1}}"#,
+                "load.taus: unknown field `taus`",
+            ),
+            (
+                r#"{"clusters":["p"],"mode":"yolo"}"#,
+                "mode: unknown variant `yolo`",
+            ),
             (
                 r#"{"clusters":["p"],"tick_ms":"fast"}"#,
                 "tick_ms: invalid type: string \"fast\"",

@@ -1,1 +1,422 @@
-//! TODO
+//! The endpoint table of one upstream cluster, with per-endpoint load and per-zone aggregates.
+//!
+//! The table is replaced wholesale by each discovery snapshot (Envoy admin `/clusters`) and refined
+//! passively by the real upstream seen on responses. Load bookkeeping:
+//!
+//! ```text
+//! load_j     = local_rate_j + local_pending_j + remote_load_j
+//! local_rate_j    = Σ over this VM's streams on j of their rate EWMA
+//! local_pending_j = Σ prior_s · e^(−age_s/τ)   (what the EWMA has not yet learned of young streams)
+//! capacity_j = weight_j · slow_start_j · penalty_j
+//! ```
+//!
+//! `local_*` is recomputed from the stream table on every tick and adjusted incrementally
+//! between ticks (placement, re-attribution, stream end), so a burst of placements between two
+//! ticks already sees itself. Zone aggregates (`Σ load`, `Σ capacity` over healthy endpoints)
+//! are kept beside, so a placement costs O(zones + d), not O(endpoints).
+
+use hashbrown::HashMap;
+
+use super::config::Config;
+use super::discovery::ClusterSnapshot;
+use super::ewma::Decaying;
+use super::{penalty, slow_start, Nanos};
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `ip:port`, as Envoy prints it and `override_host` reads it.
+    pub address: String,
+    /// Locality zone; empty when unknown.
+    pub zone: String,
+    /// Healthy per the last discovery snapshot. Only healthy, discovered endpoints are named.
+    pub healthy: bool,
+    /// Listed by discovery (not only seen passively on a response).
+    pub discovered: bool,
+    pub weight: f64,
+    /// When this VM first saw the endpoint; `None` if it was in the first snapshot.
+    pub first_seen: Option<Nanos>,
+    pub local_rate: f64,
+    pub local_pending: f64,
+    pub local_active: u32,
+    /// Load and active streams of the other workers of this Envoy (shared view).
+    pub remote_load: f64,
+    pub remote_active: u32,
+    pub penalty: Decaying,
+    /// Latest ORCA utilisation and when it was reported.
+    pub orca: Option<(f64, Nanos)>,
+    /// Capacity as of the last refresh (slow start and penalties change it over time).
+    pub capacity: f64,
+}
+
+impl Endpoint {
+    fn new(address: &str, zone: &str, first_seen: Option<Nanos>) -> Self {
+        Endpoint {
+            address: address.to_string(),
+            zone: zone.to_string(),
+            healthy: false,
+            discovered: false,
+            weight: 1.0,
+            first_seen,
+            local_rate: 0.0,
+            local_pending: 0.0,
+            local_active: 0,
+            remote_load: 0.0,
+            remote_active: 0,
+            penalty: Decaying::default(),
+            orca: None,
+            capacity: 1.0,
+        }
+    }
+
+    pub fn load(&self) -> f64 {
+        self.local_rate + self.local_pending + self.remote_load
+    }
+
+    pub fn active(&self) -> u32 {
+        self.local_active + self.remote_active
+    }
+
+    /// Usable for naming in `override_host`.
+    pub fn eligible(&self) -> bool {
+        self.healthy && self.discovered
+    }
+
+    /// Fresh ORCA utilisation, if any.
+    pub fn orca_utilization(&self, now: Nanos, max_age: Nanos) -> Option<f64> {
+        self.orca
+            .filter(|(_, at)| now.saturating_sub(*at) <= max_age)
+            .map(|(u, _)| u)
+    }
+
+    fn refresh_capacity(&mut self, cfg: &Config, now: Nanos) {
+        let penalty_score = self
+            .penalty
+            .value(now, cfg.penalty.half_life_ms as f64 / 1000.0);
+        self.capacity = self.weight
+            * slow_start::capacity_factor(&cfg.slow_start, self.first_seen, now)
+            * penalty::capacity_factor(penalty_score, cfg.penalty.weight);
+    }
+}
+
+/// The healthy endpoints of one zone and their summed load and capacity.
+#[derive(Debug, Clone, Default)]
+pub struct Zone {
+    pub name: String,
+    pub healthy: Vec<usize>,
+    pub load: f64,
+    pub capacity: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    by_address: HashMap<String, usize>,
+    pub zones: Vec<Zone>,
+    /// When the last discovery snapshot was applied.
+    pub snapshot_at: Option<Nanos>,
+}
+
+impl Cluster {
+    pub fn new(name: &str) -> Self {
+        Cluster {
+            name: name.to_string(),
+            endpoints: Vec::new(),
+            by_address: HashMap::new(),
+            zones: Vec::new(),
+            snapshot_at: None,
+        }
+    }
+
+    pub fn index_of(&self, address: &str) -> Option<usize> {
+        self.by_address.get(address).copied()
+    }
+
+    pub fn endpoint(&self, i: usize) -> Option<&Endpoint> {
+        self.endpoints.get(i)
+    }
+
+    pub fn endpoint_mut(&mut self, i: usize) -> Option<&mut Endpoint> {
+        self.endpoints.get_mut(i)
+    }
+
+    /// Replace the table with a discovery snapshot, keeping what is known of endpoints still
+    /// listed. Returns the old index → new index map, for the stream table to follow.
+    pub fn apply_snapshot(
+        &mut self,
+        cfg: &Config,
+        now: Nanos,
+        snapshot: &ClusterSnapshot,
+    ) -> Vec<Option<usize>> {
+        let first = self.snapshot_at.is_none();
+        let mut old: Vec<Option<Endpoint>> = self.endpoints.drain(..).map(Some).collect();
+        let old_index = std::mem::take(&mut self.by_address);
+        let mut remap = vec![None; old.len()];
+        for d in &snapshot.endpoints {
+            if self.by_address.contains_key(&d.address) {
+                continue; // duplicate address in one snapshot: first wins
+            }
+            let kept = old_index
+                .get(&d.address)
+                .and_then(|&i| old.get_mut(i).and_then(Option::take).map(|e| (i, e)));
+            let mut e = match kept {
+                Some((i, mut e)) => {
+                    if let Some(slot) = remap.get_mut(i) {
+                        *slot = Some(self.endpoints.len());
+                    }
+                    // Seen before only passively: born now, unless this is the first snapshot.
+                    if !e.discovered && first {
+                        e.first_seen = None;
+                    }
+                    e
+                }
+                None => Endpoint::new(&d.address, &d.zone, if first { None } else { Some(now) }),
+            };
+            e.discovered = true;
+            e.healthy = d.healthy;
+            e.weight = f64::from(d.weight.max(1));
+            if !d.zone.is_empty() {
+                e.zone.clone_from(&d.zone);
+            }
+            self.by_address
+                .insert(e.address.clone(), self.endpoints.len());
+            self.endpoints.push(e);
+        }
+        self.snapshot_at = Some(now);
+        self.refresh(cfg, now);
+        remap
+    }
+
+    /// A response came from `address` (zone if known): learn the endpoint if new, its zone if
+    /// unknown. Returns its index.
+    pub fn observe_upstream(&mut self, now: Nanos, address: &str, zone: &str) -> usize {
+        if let Some(i) = self.index_of(address) {
+            if let Some(e) = self.endpoints.get_mut(i) {
+                if e.zone.is_empty() && !zone.is_empty() {
+                    e.zone = zone.to_string();
+                }
+            }
+            return i;
+        }
+        let first_seen = self.snapshot_at.map(|_| now);
+        let i = self.endpoints.len();
+        self.endpoints
+            .push(Endpoint::new(address, zone, first_seen));
+        self.by_address.insert(address.to_string(), i);
+        i
+    }
+
+    /// Recompute capacities and zone aggregates from the endpoints.
+    pub fn refresh(&mut self, cfg: &Config, now: Nanos) {
+        for z in &mut self.zones {
+            z.healthy.clear();
+            z.load = 0.0;
+            z.capacity = 0.0;
+        }
+        for (i, e) in self.endpoints.iter_mut().enumerate() {
+            e.refresh_capacity(cfg, now);
+            if !e.eligible() {
+                continue;
+            }
+            let zi = match self.zones.iter().position(|z| z.name == e.zone) {
+                Some(zi) => zi,
+                None => {
+                    self.zones.push(Zone {
+                        name: e.zone.clone(),
+                        ..Zone::default()
+                    });
+                    self.zones.len() - 1
+                }
+            };
+            if let Some(z) = self.zones.get_mut(zi) {
+                z.healthy.push(i);
+                z.load += e.load();
+                z.capacity += e.capacity;
+            }
+        }
+        self.zones.retain(|z| !z.healthy.is_empty());
+    }
+
+    /// Add `delta` to endpoint `i`'s local pending load (and to its zone's sum).
+    pub fn add_pending(&mut self, i: usize, delta: f64) {
+        let Some(e) = self.endpoints.get_mut(i) else {
+            return;
+        };
+        e.local_pending = (e.local_pending + delta).max(0.0);
+        self.add_zone_load(i, delta);
+    }
+
+    /// Remove a stream's contribution from endpoint `i`.
+    pub fn remove_stream_load(&mut self, i: usize, rate: f64, pending: f64) {
+        let Some(e) = self.endpoints.get_mut(i) else {
+            return;
+        };
+        e.local_rate = (e.local_rate - rate).max(0.0);
+        e.local_pending = (e.local_pending - pending).max(0.0);
+        e.local_active = e.local_active.saturating_sub(1);
+        self.add_zone_load(i, -(rate + pending));
+    }
+
+    /// Add a stream's contribution to endpoint `i`.
+    pub fn add_stream_load(&mut self, i: usize, rate: f64, pending: f64) {
+        let Some(e) = self.endpoints.get_mut(i) else {
+            return;
+        };
+        e.local_rate += rate;
+        e.local_pending += pending;
+        e.local_active += 1;
+        self.add_zone_load(i, rate + pending);
+    }
+
+    fn add_zone_load(&mut self, i: usize, delta: f64) {
+        let Some(e) = self.endpoints.get(i) else {
+            return;
+        };
+        if !e.eligible() {
+            return;
+        }
+        if let Some(z) = self.zones.iter_mut().find(|z| z.name == e.zone) {
+            z.load = (z.load + delta).max(0.0);
+        }
+    }
+
+    /// Record a failure against endpoint `i` and lower its capacity at once.
+    pub fn penalize(&mut self, cfg: &Config, now: Nanos, i: usize) {
+        let Some(e) = self.endpoints.get_mut(i) else {
+            return;
+        };
+        let before = e.capacity;
+        e.penalty
+            .add(now, 1.0, cfg.penalty.half_life_ms as f64 / 1000.0);
+        e.refresh_capacity(cfg, now);
+        let delta = e.capacity - before;
+        if e.eligible() {
+            let zone = e.zone.clone();
+            if let Some(z) = self.zones.iter_mut().find(|z| z.name == zone) {
+                z.capacity = (z.capacity + delta).max(0.0);
+            }
+        }
+    }
+
+    /// Σ load and Σ capacity over healthy endpoints.
+    pub fn totals(&self) -> (f64, f64) {
+        self.zones
+            .iter()
+            .fold((0.0, 0.0), |(l, c), z| (l + z.load, c + z.capacity))
+    }
+
+    pub fn has_eligible(&self) -> bool {
+        !self.zones.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::discovery::DiscoveredEndpoint;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const S: Nanos = 1_000_000_000;
+
+    pub(crate) fn snap(name: &str, eps: &[(&str, &str, bool, u32)]) -> ClusterSnapshot {
+        ClusterSnapshot {
+            name: name.into(),
+            endpoints: eps
+                .iter()
+                .map(|(a, z, h, w)| DiscoveredEndpoint {
+                    address: (*a).into(),
+                    zone: (*z).into(),
+                    healthy: *h,
+                    weight: *w,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn snapshot_replaces_table_and_keeps_known_state() {
+        let cfg = Config::default();
+        let mut c = Cluster::new("pods");
+        let remap = c.apply_snapshot(
+            &cfg,
+            S,
+            &snap(
+                "pods",
+                &[("10.0.0.1:80", "a", true, 1), ("10.0.0.2:80", "b", true, 2)],
+            ),
+        );
+        assert!(remap.is_empty());
+        assert_eq!(c.endpoints.len(), 2);
+        assert_eq!(c.endpoint(0).unwrap().first_seen, None); // first snapshot: not new
+        c.add_stream_load(1, 5.0, 1.0);
+        let remap = c.apply_snapshot(
+            &cfg,
+            10 * S,
+            &snap(
+                "pods",
+                &[
+                    ("10.0.0.3:80", "a", true, 1),
+                    ("10.0.0.2:80", "b", false, 2),
+                ],
+            ),
+        );
+        assert_eq!(remap, vec![None, Some(1)]);
+        let kept = c.endpoint(1).unwrap();
+        assert_eq!(kept.address, "10.0.0.2:80");
+        assert_eq!(kept.local_rate, 5.0);
+        assert!(!kept.healthy);
+        assert_eq!(c.endpoint(0).unwrap().first_seen, Some(10 * S)); // new after the first
+        assert_eq!(c.zones.len(), 1); // b has no healthy endpoint left
+        assert_eq!(c.zones[0].name, "a");
+    }
+
+    #[test]
+    fn zone_aggregates_follow_incremental_updates() {
+        let cfg = Config::default();
+        let mut c = Cluster::new("pods");
+        c.apply_snapshot(
+            &cfg,
+            0,
+            &snap(
+                "pods",
+                &[
+                    ("1.1.1.1:1", "a", true, 1),
+                    ("1.1.1.2:1", "a", true, 3),
+                    ("1.1.1.3:1", "b", true, 1),
+                ],
+            ),
+        );
+        assert_eq!(c.totals(), (0.0, 5.0));
+        c.add_pending(0, 2.0);
+        c.add_stream_load(2, 4.0, 0.5);
+        c.remove_stream_load(2, 1.0, 0.5);
+        let a = c.zones.iter().find(|z| z.name == "a").unwrap();
+        assert_eq!((a.load, a.capacity, a.healthy.len()), (2.0, 4.0, 2));
+        assert_eq!(c.totals().0, 5.0);
+        let fresh = {
+            let mut d = c.clone();
+            d.refresh(&cfg, 0);
+            d.totals()
+        };
+        assert_eq!(fresh, c.totals());
+        c.penalize(&cfg, 0, 1);
+        assert!((c.endpoint(1).unwrap().capacity - 1.5).abs() < 1e-12);
+        assert!((c.totals().1 - 3.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn passive_observation_learns_zone_but_never_makes_an_endpoint_nameable() {
+        let cfg = Config::default();
+        let mut c = Cluster::new("pods");
+        let i = c.observe_upstream(S, "10.0.0.9:80", "c");
+        assert_eq!(c.endpoint(i).unwrap().zone, "c");
+        assert!(!c.endpoint(i).unwrap().eligible());
+        assert_eq!(c.observe_upstream(S, "10.0.0.9:80", "x"), i);
+        c.apply_snapshot(&cfg, 2 * S, &snap("pods", &[("10.0.0.9:80", "", true, 1)]));
+        let e = c.endpoint(0).unwrap();
+        assert!(e.eligible());
+        assert_eq!(e.zone, "c"); // discovery without locality keeps the passive zone
+        assert_eq!(e.first_seen, None);
+    }
+}

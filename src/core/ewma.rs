@@ -15,6 +15,11 @@
 
 use super::{Nanos, NANOS_PER_SEC};
 
+/// `x > 0`, false for NaN.
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
 /// EWMA of an event rate (events per second).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RateEwma {
@@ -24,7 +29,7 @@ pub struct RateEwma {
 impl RateEwma {
     /// Fold in `count` events observed over the last `dt_secs` seconds.
     pub fn update(&mut self, count: f64, dt_secs: f64, tau_secs: f64) {
-        if !(dt_secs > 0.0) || !(tau_secs > 0.0) || !count.is_finite() {
+        if !positive(dt_secs) || !positive(tau_secs) || !count.is_finite() {
             return;
         }
         let alpha = 1.0 - (-dt_secs / tau_secs).exp();
@@ -38,7 +43,7 @@ impl RateEwma {
 
 /// `e^(−age/τ)`: the weight an EWMA started at age 0 still owes to its prior.
 pub fn prior_weight(age: Nanos, tau_secs: f64) -> f64 {
-    if !(tau_secs > 0.0) {
+    if !positive(tau_secs) {
         return 0.0;
     }
     (-(age as f64 / NANOS_PER_SEC) / tau_secs).exp()
@@ -53,7 +58,7 @@ pub struct Decaying {
 
 impl Decaying {
     pub fn value(&self, now: Nanos, half_life_secs: f64) -> f64 {
-        if self.value == 0.0 || !(half_life_secs > 0.0) {
+        if self.value == 0.0 || !positive(half_life_secs) {
             return self.value;
         }
         let dt = now.saturating_sub(self.at) as f64 / NANOS_PER_SEC;

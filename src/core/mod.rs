@@ -10,6 +10,7 @@ pub mod penalty;
 pub mod pick;
 pub mod rng;
 pub mod router;
+pub mod routes;
 pub mod shared_view;
 pub mod slow_start;
 pub mod streams;

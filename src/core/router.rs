@@ -1,1 +1,659 @@
-//! TODO
+//! The router: one per VM. It owns the endpoint tables of the configured clusters and the
+//! stream table, and answers "which endpoint gets this new stream?".
+//!
+//! A placement, for a stream of route r on cluster c:
+//! 1. expected rate `e` = learned mean rate per stream of (c, r), else of c, else
+//!    `load.default_stream_rate` (see [`Router::expected_rate`]);
+//! 2. zone by [`zone::choose`] (local / spill / no-local / fallback);
+//! 3. endpoint by [`pick::pick`] over the zone's healthy endpoints, scoring
+//!    `(load_j + e) / capacity_j` (blended with ORCA utilisation when `load.orca_weight > 0`);
+//! 4. the stream is recorded with prior `e` on the chosen endpoint, so the next placement sees it.
+
+use hashbrown::HashMap;
+
+use super::config::{Config, LoadSignal};
+use super::discovery::ClusterSnapshot;
+use super::endpoints::Cluster;
+use super::ewma::prior_weight;
+use super::orca::OrcaReport;
+use super::penalty::Outcome;
+use super::pick::pick;
+use super::rng::Rng;
+use super::routes::RouteNames;
+use super::streams::{Direction, Stream, StreamTable};
+use super::zone::{self, Reason, ZoneChoice};
+use super::{Nanos, NANOS_PER_SEC};
+
+/// The answer for one new stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub reason: Reason,
+    /// Zone of the primary endpoint ("" when unknown or on fallback).
+    pub zone: String,
+    pub primary: Option<String>,
+    /// Retry choice.
+    pub secondary: Option<String>,
+    /// Projected load per unit capacity of the primary, relative to the cluster mean
+    /// (1.0 = at the mean).
+    pub projected: f64,
+    pub expected_rate: f64,
+}
+
+impl Decision {
+    /// Value for the `override_host` header: `primary[,secondary]`.
+    pub fn header_value(&self) -> Option<String> {
+        let primary = self.primary.as_ref()?;
+        Some(match &self.secondary {
+            Some(s) => format!("{primary},{s}"),
+            None => primary.clone(),
+        })
+    }
+
+    /// Value for the debug response header.
+    pub fn debug_value(&self) -> String {
+        format!(
+            "zone={};endpoint={};reason={};load={:.3};expected={:.3}",
+            self.zone,
+            self.primary.as_deref().unwrap_or("-"),
+            self.reason.as_str(),
+            self.projected,
+            self.expected_rate
+        )
+    }
+}
+
+/// What a stream was, returned when it ends (for stats).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndedStream {
+    pub cluster: usize,
+    pub route: usize,
+    pub started: Nanos,
+    pub messages: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// Decision counters since the last [`Router::take_counters`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    /// (cluster, reason) → decisions.
+    pub decisions: HashMap<(usize, Reason), u64>,
+    /// (cluster, zone of the chosen endpoint) → decisions.
+    pub to_zone: HashMap<(usize, String), u64>,
+}
+
+pub struct Router {
+    cfg: Config,
+    local_zone: String,
+    clusters: Vec<Cluster>,
+    streams: StreamTable,
+    routes: RouteNames,
+    /// Learned mean rate per stream: (cluster, route) and per cluster.
+    route_rates: HashMap<(usize, usize), f64>,
+    cluster_rates: Vec<Option<f64>>,
+    rng: Rng,
+    last_tick: Option<Nanos>,
+    counters: Counters,
+}
+
+impl Router {
+    /// `local_zone`: from config, else the node's locality (the caller resolves it).
+    pub fn new(cfg: Config, local_zone: &str, seed: u64) -> Self {
+        let clusters: Vec<Cluster> = cfg.clusters.iter().map(|c| Cluster::new(c)).collect();
+        let n = clusters.len();
+        Router {
+            routes: RouteNames::new(cfg.max_routes),
+            cfg,
+            local_zone: local_zone.to_string(),
+            clusters,
+            streams: StreamTable::default(),
+            route_rates: HashMap::new(),
+            cluster_rates: vec![None; n],
+            rng: Rng::new(seed),
+            last_tick: None,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn local_zone(&self) -> &str {
+        &self.local_zone
+    }
+
+    pub fn clusters(&self) -> &[Cluster] {
+        &self.clusters
+    }
+
+    pub fn cluster_index(&self, name: &str) -> Option<usize> {
+        self.clusters.iter().position(|c| c.name == name)
+    }
+
+    pub fn routes(&self) -> &RouteNames {
+        &self.routes
+    }
+
+    pub fn streams(&self) -> &StreamTable {
+        &self.streams
+    }
+
+    fn tau_secs(&self) -> f64 {
+        self.cfg.load.tau_ms as f64 / 1000.0
+    }
+
+    /// Apply a discovery snapshot (clusters not configured are ignored).
+    pub fn apply_snapshot(&mut self, now: Nanos, snapshots: &[ClusterSnapshot]) {
+        for snap in snapshots {
+            let Some(ci) = self.cluster_index(&snap.name) else {
+                continue;
+            };
+            let Some(cluster) = self.clusters.get_mut(ci) else {
+                continue;
+            };
+            let remap = cluster.apply_snapshot(&self.cfg, now, snap);
+            for (_, s) in self.streams.iter_mut().filter(|(_, s)| s.cluster == ci) {
+                s.endpoint = s.endpoint.and_then(|old| remap.get(old).copied().flatten());
+            }
+        }
+    }
+
+    /// Expected rate of a new stream on (cluster, route): the learned mean rate per stream.
+    pub fn expected_rate(&self, cluster: usize, route: usize) -> f64 {
+        self.route_rates
+            .get(&(cluster, route))
+            .copied()
+            .or_else(|| self.cluster_rates.get(cluster).copied().flatten())
+            .unwrap_or(self.cfg.load.default_stream_rate)
+    }
+
+    /// Decide where stream `id` goes and record it. `None` when `cluster` is not configured.
+    pub fn place(&mut self, now: Nanos, id: u64, route: &str, cluster: &str) -> Option<Decision> {
+        let ci = self.cluster_index(cluster)?;
+        let ri = self.routes.intern(route);
+        let e = self.expected_rate(ci, ri);
+        let stale_after = self.cfg.discovery.stale_after_ms.saturating_mul(1_000_000);
+        let orca_weight = self.cfg.load.orca_weight;
+        let orca_age = self.cfg.load.orca_max_age_ms.saturating_mul(1_000_000);
+        let choices = self.cfg.pick.choices;
+        let c = self.clusters.get_mut(ci)?;
+        let fresh = c
+            .snapshot_at
+            .is_some_and(|t| now.saturating_sub(t) <= stale_after);
+        let choice = if fresh {
+            zone::choose(
+                &c.zones,
+                &self.local_zone,
+                self.cfg.zone.spill_threshold,
+                e,
+                &mut self.rng,
+            )
+        } else {
+            ZoneChoice::Any(Reason::Fallback)
+        };
+        let reason = match choice {
+            ZoneChoice::Zone(_, r) | ZoneChoice::Any(r) => r,
+        };
+        let mut decision = Decision {
+            reason,
+            zone: String::new(),
+            primary: None,
+            secondary: None,
+            projected: 0.0,
+            expected_rate: e,
+        };
+        let mut placed_on = None;
+        if reason != Reason::Fallback {
+            let candidates: Vec<usize> = match choice {
+                ZoneChoice::Zone(zi, _) => c
+                    .zones
+                    .get(zi)
+                    .map(|z| z.healthy.clone())
+                    .unwrap_or_default(),
+                ZoneChoice::Any(_) => c
+                    .zones
+                    .iter()
+                    .flat_map(|z| z.healthy.iter().copied())
+                    .collect(),
+            };
+            let (load, capacity) = c.totals();
+            let mean = if capacity > 0.0 {
+                (load + e) / capacity
+            } else {
+                0.0
+            };
+            let orca_mean = if orca_weight > 0.0 {
+                mean_orca(c, now, orca_age)
+            } else {
+                None
+            };
+            let score = |j: usize| -> f64 {
+                let Some(ep) = c.endpoint(j) else {
+                    return f64::INFINITY;
+                };
+                let own = if ep.capacity > 0.0 {
+                    (ep.load() + e) / ep.capacity
+                } else {
+                    f64::INFINITY
+                };
+                let relative = if mean > 0.0 { own / mean } else { own };
+                match (orca_mean, ep.orca_utilization(now, orca_age)) {
+                    (Some(m), Some(u)) if m > 0.0 => {
+                        (1.0 - orca_weight) * relative + orca_weight * (u / m)
+                    }
+                    _ => relative,
+                }
+            };
+            let (a, b) = pick(candidates.len(), choices, &mut self.rng, |k| {
+                candidates.get(k).map_or(f64::INFINITY, |&j| score(j))
+            });
+            let a = a.and_then(|k| candidates.get(k).copied());
+            let mut b = b.and_then(|k| candidates.get(k).copied());
+            if b.is_none() && a.is_some() {
+                // The zone has one endpoint: retry anywhere else that is healthy.
+                b = c
+                    .zones
+                    .iter()
+                    .flat_map(|z| z.healthy.iter().copied())
+                    .find(|&j| Some(j) != a);
+            }
+            if let Some((j, ep)) = a.and_then(|j| Some((j, c.endpoint(j)?))) {
+                decision.projected = score(j);
+                decision.zone.clone_from(&ep.zone);
+                decision.primary = Some(ep.address.clone());
+            }
+            decision.secondary = b.and_then(|j| c.endpoint(j)).map(|ep| ep.address.clone());
+            placed_on = a;
+        }
+        if let Some(j) = placed_on {
+            c.add_stream_load(j, 0.0, e);
+        } else {
+            decision.reason = Reason::Fallback;
+        }
+        if let Some(old) = self
+            .streams
+            .insert(id, Stream::new(ci, ri, placed_on, now, e))
+        {
+            self.forget(&old);
+        }
+        *self
+            .counters
+            .decisions
+            .entry((ci, decision.reason))
+            .or_default() += 1;
+        if decision.primary.is_some() {
+            *self
+                .counters
+                .to_zone
+                .entry((ci, decision.zone.clone()))
+                .or_default() += 1;
+        }
+        Some(decision)
+    }
+
+    /// The real upstream of stream `id` became known (`upstream.address`, `upstream.locality.zone`).
+    pub fn on_upstream(&mut self, now: Nanos, id: u64, address: &str, zone: &str) {
+        let Some(s) = self.streams.get_mut(id) else {
+            return;
+        };
+        let Some(c) = self.clusters.get_mut(s.cluster) else {
+            return;
+        };
+        let j = c.observe_upstream(now, address, zone);
+        if s.endpoint == Some(j) {
+            return;
+        }
+        let (rate, pending) = (s.rate.value(), s.pending);
+        if let Some(old) = s.endpoint {
+            c.remove_stream_load(old, rate, pending);
+        }
+        c.add_stream_load(j, rate, pending);
+        s.endpoint = Some(j);
+    }
+
+    /// An ORCA report arrived on stream `id`'s response.
+    pub fn on_orca(&mut self, now: Nanos, id: u64, report: &OrcaReport) {
+        let (Some(s), Some(u)) = (self.streams.get(id), report.utilization()) else {
+            return;
+        };
+        if let Some(ep) = self
+            .clusters
+            .get_mut(s.cluster)
+            .and_then(|c| s.endpoint.and_then(|j| c.endpoint_mut(j)))
+        {
+            ep.orca = Some((u, now));
+        }
+    }
+
+    /// Count `messages` and `bytes` that just passed on stream `id` in `dir`.
+    /// For non-gRPC traffic pass `messages = 0`: each request then counts as one message.
+    pub fn on_data(&mut self, id: u64, dir: Direction, messages: u64, bytes: u64) {
+        let signal = self.cfg.load.signal;
+        let Some(s) = self.streams.get_mut(id) else {
+            return;
+        };
+        let d = match dir {
+            Direction::Upstream => 0,
+            Direction::Downstream => 1,
+        };
+        if let (Some(m), Some(b)) = (s.messages.get_mut(d), s.bytes.get_mut(d)) {
+            *m += messages;
+            *b += bytes;
+        }
+        s.unticked += match signal {
+            LoadSignal::Messages => messages as f64,
+            LoadSignal::Bytes => bytes as f64,
+        };
+    }
+
+    /// Stream `id` ended with `outcome`; failures penalise its endpoint.
+    pub fn on_end(&mut self, now: Nanos, id: u64, outcome: Outcome) -> Option<EndedStream> {
+        let s = self.streams.remove(id)?;
+        self.forget(&s);
+        if outcome == Outcome::Failed {
+            if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster), s.endpoint) {
+                c.penalize(&self.cfg, now, j);
+            }
+        }
+        Some(EndedStream {
+            cluster: s.cluster,
+            route: s.route,
+            started: s.started,
+            messages: s.messages,
+            bytes: s.bytes,
+        })
+    }
+
+    fn forget(&mut self, s: &Stream) {
+        if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster), s.endpoint) {
+            c.remove_stream_load(j, s.rate.value(), s.pending);
+        }
+    }
+
+    /// Periodic update: fold counts into rates, recompute loads, learn expected rates.
+    pub fn tick(&mut self, now: Nanos) {
+        let tau = self.tau_secs();
+        let dt_all = self.last_tick.map(|t| now.saturating_sub(t)).unwrap_or(0);
+        self.last_tick = Some(now);
+        for c in &mut self.clusters {
+            for e in &mut c.endpoints {
+                e.local_rate = 0.0;
+                e.local_pending = 0.0;
+                e.local_active = 0;
+            }
+        }
+        // (cluster, route) → (Σ ewma, Σ evidence weight)
+        let mut learned: HashMap<(usize, usize), (f64, f64)> = HashMap::new();
+        for (_, s) in self.streams.iter_mut() {
+            let age = now.saturating_sub(s.started);
+            let dt = dt_all.min(age) as f64 / NANOS_PER_SEC;
+            if dt > 0.0 {
+                s.rate.update(s.unticked, dt, tau);
+                s.unticked = 0.0;
+            }
+            let w = prior_weight(age, tau);
+            s.pending = s.prior * w;
+            if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster), s.endpoint) {
+                if let Some(e) = c.endpoint_mut(j) {
+                    e.local_rate += s.rate.value();
+                    e.local_pending += s.pending;
+                    e.local_active += 1;
+                }
+            }
+            let acc = learned.entry((s.cluster, s.route)).or_default();
+            acc.0 += s.rate.value();
+            acc.1 += 1.0 - w;
+        }
+        let mut per_cluster: Vec<(f64, f64)> = vec![(0.0, 0.0); self.clusters.len()];
+        for (&(ci, ri), &(sum, weight)) in &learned {
+            if weight >= 0.5 {
+                self.route_rates.insert((ci, ri), sum / weight);
+            }
+            if let Some(acc) = per_cluster.get_mut(ci) {
+                acc.0 += sum;
+                acc.1 += weight;
+            }
+        }
+        for (slot, (sum, weight)) in self.cluster_rates.iter_mut().zip(per_cluster) {
+            if weight >= 0.5 {
+                *slot = Some(sum / weight);
+            }
+        }
+        for c in &mut self.clusters {
+            c.refresh(&self.cfg, now);
+        }
+    }
+
+    /// This VM's load per endpoint, for the shared cross-worker view:
+    /// (cluster, address, load, active streams).
+    pub fn local_loads(&self) -> Vec<(&str, &str, f64, u32)> {
+        self.clusters
+            .iter()
+            .flat_map(|c| {
+                c.endpoints
+                    .iter()
+                    .filter(|e| e.local_active > 0 || e.local_rate > 0.0)
+                    .map(move |e| {
+                        (
+                            c.name.as_str(),
+                            e.address.as_str(),
+                            e.local_rate + e.local_pending,
+                            e.local_active,
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// Replace the other workers' load with `loads` (cluster, address, load, active).
+    pub fn set_remote_loads<'a>(
+        &mut self,
+        now: Nanos,
+        loads: impl IntoIterator<Item = (&'a str, &'a str, f64, u32)>,
+    ) {
+        for c in &mut self.clusters {
+            for e in &mut c.endpoints {
+                e.remote_load = 0.0;
+                e.remote_active = 0;
+            }
+        }
+        for (cluster, address, load, active) in loads {
+            let Some(c) = self.clusters.iter_mut().find(|c| c.name == cluster) else {
+                continue;
+            };
+            let Some(j) = c.index_of(address) else {
+                continue;
+            };
+            if let Some(e) = c.endpoint_mut(j) {
+                e.remote_load += load.max(0.0);
+                e.remote_active += active;
+            }
+        }
+        for c in &mut self.clusters {
+            c.refresh(&self.cfg, now);
+        }
+    }
+
+    pub fn take_counters(&mut self) -> Counters {
+        std::mem::take(&mut self.counters)
+    }
+}
+
+fn mean_orca(c: &Cluster, now: Nanos, max_age: Nanos) -> Option<f64> {
+    let (sum, n) = c
+        .zones
+        .iter()
+        .flat_map(|z| z.healthy.iter())
+        .filter_map(|&j| c.endpoint(j)?.orca_utilization(now, max_age))
+        .fold((0.0, 0usize), |(s, n), u| (s + u, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::discovery::DiscoveredEndpoint;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const S: Nanos = 1_000_000_000;
+
+    fn cfg(json: &str) -> Config {
+        Config::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn snapshot(eps: &[(&str, &str, bool)]) -> Vec<ClusterSnapshot> {
+        vec![ClusterSnapshot {
+            name: "pods".into(),
+            endpoints: eps
+                .iter()
+                .map(|(a, z, h)| DiscoveredEndpoint {
+                    address: (*a).into(),
+                    zone: (*z).into(),
+                    healthy: *h,
+                    weight: 1,
+                })
+                .collect(),
+        }]
+    }
+
+    #[test]
+    fn names_only_healthy_endpoints_and_a_distinct_retry() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "a", 1);
+        r.apply_snapshot(
+            0,
+            &snapshot(&[
+                ("10.0.0.1:1", "a", true),
+                ("10.0.0.2:1", "a", false),
+                ("10.0.0.3:1", "b", true),
+            ]),
+        );
+        for id in 0..200 {
+            let d = r.place(S, id, "rt", "pods").unwrap();
+            let p = d.primary.clone().unwrap();
+            assert_ne!(p, "10.0.0.2:1");
+            assert_ne!(d.secondary.as_deref(), Some(p.as_str()));
+            assert_ne!(d.secondary.as_deref(), Some("10.0.0.2:1"));
+        }
+        assert!(r.place(S, 999, "rt", "other-cluster").is_none());
+    }
+
+    #[test]
+    fn no_fresh_snapshot_means_fallback() {
+        let mut r = Router::new(
+            cfg(r#"{"clusters":["pods"],"discovery":{"stale_after_ms":5000}}"#),
+            "a",
+            1,
+        );
+        let d = r.place(0, 1, "rt", "pods").unwrap();
+        assert_eq!((d.reason, d.header_value()), (Reason::Fallback, None));
+        r.apply_snapshot(0, &snapshot(&[("10.0.0.1:1", "a", true)]));
+        assert_eq!(r.place(S, 2, "rt", "pods").unwrap().reason, Reason::Local);
+        let d = r.place(6 * S, 3, "rt", "pods").unwrap();
+        assert_eq!(d.reason, Reason::Fallback);
+        assert_eq!(
+            r.take_counters().decisions.get(&(0, Reason::Fallback)),
+            Some(&2)
+        );
+    }
+
+    #[test]
+    fn placement_avoids_the_endpoint_carrying_heavy_streams() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"],"pick":{"choices":2}}"#), "", 7);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        // Two streams measured at 100/s on e1; then new streams must go to e2.
+        for id in [1, 2] {
+            r.place(0, id, "rt", "pods");
+            r.on_upstream(0, id, "e1:1", "");
+        }
+        let mut t = 0;
+        for _ in 0..10 {
+            t += S;
+            r.on_data(1, Direction::Upstream, 100, 1000);
+            r.on_data(2, Direction::Upstream, 100, 1000);
+            r.tick(t);
+        }
+        // e1 carries 200/s; each new stream is expected at ~100/s: the next two fill e2.
+        for id in 10..12 {
+            let d = r.place(t, id, "rt", "pods").unwrap();
+            assert_eq!(d.primary.as_deref(), Some("e2:1"), "{d:?}");
+        }
+        // Learned expected rate ≈ 100/s, not the default 1.
+        let rt = r.routes.intern("rt");
+        assert!((r.expected_rate(0, rt) - 100.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn failures_penalize_and_end_releases_load() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 3);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        r.place(0, 1, "rt", "pods");
+        r.on_upstream(0, 1, "e1:1", "");
+        let ended = r.on_end(S, 1, Outcome::Failed).unwrap();
+        assert_eq!(ended.cluster, 0);
+        let c = &r.clusters()[0];
+        let e1 = c.endpoint(c.index_of("e1:1").unwrap()).unwrap();
+        assert_eq!((e1.load(), e1.local_active), (0.0, 0));
+        assert!(e1.capacity < 0.6, "{}", e1.capacity);
+        assert!(r.on_end(S, 1, Outcome::Ok).is_none());
+    }
+
+    #[test]
+    fn remote_loads_steer_away_and_local_loads_report() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"],"pick":{"choices":2}}"#), "", 5);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        r.set_remote_loads(0, [("pods", "e1:1", 500.0, 10), ("nope", "e1:1", 1.0, 1)]);
+        for id in 0..5 {
+            assert_eq!(
+                r.place(S, id, "rt", "pods").unwrap().primary.as_deref(),
+                Some("e2:1")
+            );
+        }
+        let mine = r.local_loads();
+        assert_eq!(mine.len(), 1);
+        assert_eq!((mine[0].1, mine[0].3), ("e2:1", 5));
+    }
+
+    #[test]
+    fn shadow_style_reattribution_moves_load_to_the_real_upstream() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 5);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "z", true), ("e2:1", "z", true)]));
+        let d = r.place(0, 1, "rt", "pods").unwrap();
+        let other = if d.primary.as_deref() == Some("e1:1") {
+            "e2:1"
+        } else {
+            "e1:1"
+        };
+        r.on_upstream(0, 1, other, "z");
+        let c = &r.clusters()[0];
+        let moved = c.endpoint(c.index_of(other).unwrap()).unwrap();
+        assert_eq!(moved.local_active, 1);
+        assert_eq!(c.totals().0, 1.0); // the default expected rate, counted once
+    }
+
+    #[test]
+    fn orca_blend_prefers_the_less_utilised_endpoint() {
+        let mut r = Router::new(
+            cfg(r#"{"clusters":["pods"],"load":{"orca_weight":1.0}}"#),
+            "",
+            5,
+        );
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        r.place(0, 1, "rt", "pods");
+        r.on_upstream(0, 1, "e1:1", "");
+        r.place(0, 2, "rt", "pods");
+        r.on_upstream(0, 2, "e2:1", "");
+        let report = |u: f64| OrcaReport {
+            application_utilization: u,
+            ..OrcaReport::default()
+        };
+        r.on_orca(0, 1, &report(0.9));
+        r.on_orca(0, 2, &report(0.1));
+        for id in 10..20 {
+            assert_eq!(
+                r.place(S, id, "rt", "pods").unwrap().primary.as_deref(),
+                Some("e2:1")
+            );
+        }
+    }
+}

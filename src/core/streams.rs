@@ -1,1 +1,179 @@
-//! TODO
+//! The stream table: every open stream this VM placed or saw, with its measured rate.
+//!
+//! A stream's load estimate blends what was expected at placement with what has been measured:
+//!
+//! ```text
+//! estimate_s = ewma_s + prior_s · e^(−age_s/τ)
+//! ```
+//!
+//! The EWMA starts at 0 and, for a stream at constant rate r, equals r · (1 − e^(−age/τ)); the
+//! second term supplies exactly the part not yet learned, so the estimate is r at any age when the
+//! prior is right, and converges to the measurement when it is not.
+
+use hashbrown::HashMap;
+
+use super::ewma::RateEwma;
+use super::Nanos;
+
+/// Direction of a DATA frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to upstream.
+    Upstream,
+    /// Upstream to client.
+    Downstream,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stream {
+    pub cluster: usize,
+    pub route: usize,
+    /// Endpoint carrying the stream (named by us, then corrected by the real upstream).
+    pub endpoint: Option<usize>,
+    pub started: Nanos,
+    /// Expected rate at placement (signal units per second).
+    pub prior: f64,
+    pub rate: RateEwma,
+    /// `prior · e^(−age/τ)` as of the last tick (what `local_pending` holds for this stream).
+    pub pending: f64,
+    /// Signal units counted since the last tick.
+    pub unticked: f64,
+    pub messages: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+impl Stream {
+    pub fn new(
+        cluster: usize,
+        route: usize,
+        endpoint: Option<usize>,
+        now: Nanos,
+        prior: f64,
+    ) -> Self {
+        Stream {
+            cluster,
+            route,
+            endpoint,
+            started: now,
+            prior,
+            rate: RateEwma::default(),
+            pending: prior,
+            unticked: 0.0,
+            messages: [0; 2],
+            bytes: [0; 2],
+        }
+    }
+
+    pub fn estimate(&self) -> f64 {
+        self.rate.value() + self.pending
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct StreamTable {
+    map: HashMap<u64, Stream>,
+}
+
+impl StreamTable {
+    pub fn insert(&mut self, id: u64, s: Stream) -> Option<Stream> {
+        self.map.insert(id, s)
+    }
+    pub fn get(&self, id: u64) -> Option<&Stream> {
+        self.map.get(&id)
+    }
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Stream> {
+        self.map.get_mut(&id)
+    }
+    pub fn remove(&mut self, id: u64) -> Option<Stream> {
+        self.map.remove(&id)
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &Stream)> {
+        self.map.iter()
+    }
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut Stream)> {
+        self.map.iter_mut()
+    }
+
+    /// Streams on (`cluster`, `endpoint`) to move so as to shed `excess` load with the fewest
+    /// moves: only streams at least `min_age` old, largest estimate that still fits the
+    /// remaining excess first, at most `max_moves`. Returns (stream id, estimate) pairs.
+    pub fn select_moves(
+        &self,
+        cluster: usize,
+        endpoint: usize,
+        excess: f64,
+        now: Nanos,
+        min_age: Nanos,
+        max_moves: usize,
+    ) -> Vec<(u64, f64)> {
+        let mut eligible: Vec<(u64, f64)> = self
+            .map
+            .iter()
+            .filter(|(_, s)| {
+                s.cluster == cluster
+                    && s.endpoint == Some(endpoint)
+                    && now.saturating_sub(s.started) >= min_age
+            })
+            .map(|(&id, s)| (id, s.estimate()))
+            .collect();
+        eligible.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut left = excess;
+        let mut chosen = Vec::new();
+        for (id, est) in eligible {
+            if chosen.len() >= max_moves || left <= 0.0 {
+                break;
+            }
+            if est > 0.0 && est <= left {
+                chosen.push((id, est));
+                left -= est;
+            }
+        }
+        chosen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn estimate_is_prior_then_measurement() {
+        let mut s = Stream::new(0, 0, Some(0), 0, 10.0);
+        assert_eq!(s.estimate(), 10.0);
+        // Measured at 30/s for 3 τ: pending decays, EWMA approaches 30.
+        let tau = 1.0;
+        s.rate.update(90.0, 3.0, tau);
+        s.pending = 10.0 * (-3.0f64).exp();
+        let truth = 30.0 * (1.0 - (-3.0f64).exp()) + 10.0 * (-3.0f64).exp();
+        assert!((s.estimate() - truth).abs() < 1e-9);
+    }
+
+    #[test]
+    fn moves_fit_the_excess_with_few_streams() {
+        let mut t = StreamTable::default();
+        for (id, rate, started) in [
+            (1, 50.0, 0),
+            (2, 30.0, 0),
+            (3, 20.0, 0),
+            (4, 5.0, 0),
+            (5, 25.0, 900),
+        ] {
+            let mut s = Stream::new(0, 0, Some(7), started, rate);
+            s.pending = rate;
+            t.insert(id, s);
+        }
+        t.insert(6, Stream::new(0, 0, Some(8), 0, 100.0)); // other endpoint
+        let m = t.select_moves(0, 7, 36.0, 1000, 500, 10);
+        assert_eq!(m, vec![(2, 30.0), (4, 5.0)]); // 50 too big, 25 too young
+        assert_eq!(t.select_moves(0, 7, 36.0, 1000, 500, 1), vec![(2, 30.0)]);
+        assert!(t.select_moves(0, 7, 0.0, 1000, 500, 10).is_empty());
+    }
+}

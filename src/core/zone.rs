@@ -1,1 +1,220 @@
-//! TODO
+//! Zone policy: stay in the local zone while it has headroom, spill only the excess.
+//!
+//! With `L_z`, `C_z` the load and capacity of zone z's healthy endpoints, `ū = ΣL / ΣC` the
+//! cluster-wide load per unit capacity and θ = `zone.spill_threshold`:
+//!
+//! - **local**: `L_local ≤ (1 + θ) · ū · C_local + e` — the stream stays in the local zone
+//!   (`ū` counts the new stream's expected rate `e`; the `+ e` slack keeps a zone with only a
+//!   few streams from spilling, and gives local streams priority over other zones' spill);
+//! - **spill**: otherwise — a remote zone is drawn with probability proportional to its headroom
+//!   `max(0, (1 + θ) · ū · C_z − L_z)` (the least loaded one if none has headroom), so only the
+//!   local excess crosses zones and it lands where there is room;
+//! - **no-local**: the proxy has no zone, or no healthy endpoint in it: all zones are candidates;
+//! - **fallback**: no usable endpoint data at all; Envoy's own policy decides.
+//!
+//! In steady state the local zone runs at most `(1 + θ)` times the mean, which is the minimum
+//! cross-zone share `Σ_z max(0, d_z − (1 + θ) · c_z)` of ANCHORS.md.
+
+use super::endpoints::Zone;
+use super::rng::Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Local,
+    Spill,
+    NoLocal,
+    Fallback,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 4] = [
+        Reason::Local,
+        Reason::Spill,
+        Reason::NoLocal,
+        Reason::Fallback,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Local => "local",
+            Reason::Spill => "spill",
+            Reason::NoLocal => "no-local",
+            Reason::Fallback => "fallback",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Where to look for an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZoneChoice {
+    /// One zone (index into the cluster's zones).
+    Zone(usize, Reason),
+    /// Every healthy endpoint of every zone.
+    Any(Reason),
+}
+
+/// `expected`: the new stream's expected rate, counted in the mean it is compared with.
+pub fn choose(
+    zones: &[Zone],
+    local: &str,
+    threshold: f64,
+    expected: f64,
+    rng: &mut Rng,
+) -> ZoneChoice {
+    if zones.is_empty() {
+        return ZoneChoice::Any(Reason::Fallback);
+    }
+    let Some(li) = (!local.is_empty())
+        .then(|| zones.iter().position(|z| z.name == local))
+        .flatten()
+    else {
+        return ZoneChoice::Any(Reason::NoLocal);
+    };
+    let (load, capacity) = zones
+        .iter()
+        .fold((0.0, 0.0), |(l, c), z| (l + z.load, c + z.capacity));
+    let mean = if capacity > 0.0 {
+        (load + expected.max(0.0)) / capacity
+    } else {
+        0.0
+    };
+    let limit = (1.0 + threshold) * mean;
+    let Some(lz) = zones.get(li) else {
+        return ZoneChoice::Any(Reason::NoLocal);
+    };
+    // One expected stream of slack above the limit: a handful of streams never spills, and
+    // the local zone's own streams win over spill from other zones (whose target is the limit).
+    if zones.len() == 1 || lz.load <= limit * lz.capacity + expected.max(0.0) {
+        return ZoneChoice::Zone(li, Reason::Local);
+    }
+    let headroom = |z: &Zone| (limit * z.capacity - z.load).max(0.0);
+    let total: f64 = zones
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != li)
+        .map(|(_, z)| headroom(z))
+        .sum();
+    if total > 0.0 {
+        let mut x = rng.next_f64() * total;
+        let mut last = li;
+        for (i, z) in zones.iter().enumerate().filter(|(i, _)| *i != li) {
+            let h = headroom(z);
+            if h <= 0.0 {
+                continue;
+            }
+            last = i;
+            if x < h {
+                return ZoneChoice::Zone(i, Reason::Spill);
+            }
+            x -= h;
+        }
+        return ZoneChoice::Zone(last, Reason::Spill);
+    }
+    let per_capacity = |z: &Zone| {
+        if z.capacity > 0.0 {
+            z.load / z.capacity
+        } else {
+            f64::INFINITY
+        }
+    };
+    let least = zones
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != li)
+        .min_by(|a, b| per_capacity(a.1).total_cmp(&per_capacity(b.1)))
+        .map(|(i, _)| i)
+        .unwrap_or(li);
+    ZoneChoice::Zone(least, Reason::Spill)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn zone(name: &str, load: f64, capacity: f64) -> Zone {
+        Zone {
+            name: name.into(),
+            healthy: vec![0],
+            load,
+            capacity,
+        }
+    }
+
+    #[test]
+    fn stays_local_within_threshold() {
+        let mut rng = Rng::new(1);
+        let zs = [
+            zone("a", 10.0, 1.0),
+            zone("b", 9.0, 1.0),
+            zone("c", 8.0, 1.0),
+        ];
+        assert_eq!(
+            choose(&zs, "a", 0.2, 0.0, &mut rng),
+            ZoneChoice::Zone(0, Reason::Local)
+        );
+        assert_eq!(
+            choose(&zs, "c", 0.0, 0.0, &mut rng),
+            ZoneChoice::Zone(2, Reason::Local)
+        );
+        assert_eq!(
+            choose(&[], "a", 0.1, 0.0, &mut rng),
+            ZoneChoice::Any(Reason::Fallback)
+        );
+        assert_eq!(
+            choose(&zs, "", 0.1, 0.0, &mut rng),
+            ZoneChoice::Any(Reason::NoLocal)
+        );
+        assert_eq!(
+            choose(&zs, "d", 0.1, 0.0, &mut rng),
+            ZoneChoice::Any(Reason::NoLocal)
+        );
+    }
+
+    #[test]
+    fn spills_in_proportion_to_headroom() {
+        let mut rng = Rng::new(2);
+        // mean = 60/3 = 20, limit 22: headroom b = 22-10 = 12, c = 22-18 = 4.
+        let zs = [
+            zone("a", 32.0, 1.0),
+            zone("b", 10.0, 1.0),
+            zone("c", 18.0, 1.0),
+        ];
+        let mut counts = [0; 3];
+        for _ in 0..8000 {
+            match choose(&zs, "a", 0.1, 0.0, &mut rng) {
+                ZoneChoice::Zone(i, Reason::Spill) => counts[i] += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(counts[0], 0);
+        let share_b = counts[1] as f64 / 8000.0;
+        assert!((share_b - 0.75).abs() < 0.03, "{counts:?}");
+    }
+
+    #[test]
+    fn spill_without_headroom_goes_to_least_loaded() {
+        let mut rng = Rng::new(3);
+        // threshold 0: limit = mean = 10; nobody remote below it except c at 9.99 per unit.
+        let zs = [
+            zone("a", 20.0, 1.0),
+            zone("b", 30.0, 3.0),
+            zone("c", 29.97, 3.0),
+        ];
+        let got = choose(&zs, "a", 0.0, 0.0, &mut rng);
+        assert!(
+            matches!(got, ZoneChoice::Zone(1 | 2, Reason::Spill)),
+            "{got:?}"
+        );
+        let zs = [zone("a", 20.0, 1.0), zone("b", 40.0, 1.0)];
+        assert_eq!(
+            choose(&zs, "a", 0.0, 0.0, &mut rng),
+            ZoneChoice::Zone(0, Reason::Local)
+        );
+    }
+}

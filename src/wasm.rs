@@ -1,0 +1,1 @@
+//! The proxy-wasm adapter (wasm32-wasip1 only).
