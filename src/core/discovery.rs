@@ -288,8 +288,9 @@ fn endpoint_of(host: RawHost<'_>) -> Option<DiscoveredEndpoint> {
 //   magic "SLBD" (4 bytes), version 1 (1 byte), generation (u64 little-endian, 8 bytes),
 //   cluster count, then per cluster: name (len + UTF-8), endpoint count, then per endpoint:
 //   address (len + UTF-8), zone (len + UTF-8), flags (1 byte: bit 0 = healthy), weight.
-// Decoding rejects trailing bytes, unknown flag bits, zero weights and counts that the
-// remaining input cannot hold (so it never allocates more than the input justifies).
+// Decoding rejects trailing bytes, unknown flag bits, zero weights, overlong varints and counts
+// the remaining input cannot hold (never allocates more than the input justifies), so a decoded
+// snapshot re-encodes to exactly the same bytes.
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"SLBD";
 /// Version of the snapshot encoding; bump on any layout change.
@@ -372,6 +373,10 @@ impl<'a> Reader<'a> {
             }
             v |= bits << shift;
             if b & 0x80 == 0 {
+                // Canonical only (no trailing zero groups): one encoding per value.
+                if b == 0 && shift > 0 {
+                    return Err(DiscoveryError::Snapshot("overlong varint"));
+                }
                 return Ok(v);
             }
         }
@@ -682,6 +687,13 @@ mod tests {
         overflow.extend_from_slice(&0u64.to_le_bytes());
         overflow.extend_from_slice(&[0xff; 11]);
         assert!(decode_snapshot(&overflow).is_err());
+        let mut overlong = b"SLBD\x01".to_vec();
+        overlong.extend_from_slice(&0u64.to_le_bytes());
+        overlong.extend_from_slice(&[0x80, 0x00]);
+        assert_eq!(
+            decode_snapshot(&overlong),
+            Err(DiscoveryError::Snapshot("overlong varint"))
+        );
     }
 
     #[test]
