@@ -1,1 +1,17 @@
-//! Envoy glue over the host traits.
+//! Envoy glue: the proxy-wasm callbacks' logic, written against the [`host::Host`] trait so it
+//! runs natively under [`mock::MockHost`] in tests. `crate::wasm` adapts it to proxy-wasm.
+//!
+//! - [`vm`]: per-VM state (root context): config, router, discovery poll, shared view, stats flush.
+//! - [`stream`]: per-HTTP-stream logic (HTTP context): placement, counting, outcome.
+//! - [`metrics`]: stat names with tags encoded for Envoy's tag extraction, flushed on the tick.
+
+pub mod host;
+pub mod metrics;
+pub mod stream;
+pub mod vm;
+
+#[cfg(test)]
+pub mod mock;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,251 @@
+//! Per-HTTP-stream logic (the HTTP context).
+//!
+//! - Request headers: strip any client-supplied endpoint header, resolve route and cluster, ask
+//!   the router, and (in `steer` mode) name `primary,secondary` in the endpoint header.
+//! - Bodies: count gRPC messages and bytes per direction. Pure payload chunks are skipped
+//!   without copying; otherwise the chunk is read once from the first prefix on — at most one
+//!   host call per DATA frame, none per message.
+//! - Response headers/trailers: the real upstream, ORCA reports, statuses.
+//! - Done: the outcome updates load and penalties.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use super::host::{string_property, Body, HeaderMap, Host};
+use super::vm::Vm;
+use crate::core::config::Mode;
+use crate::core::grpc_framing::FrameCounter;
+use crate::core::orca;
+use crate::core::penalty;
+use crate::core::streams::Direction;
+
+pub const ORCA_HEADER: &str = "endpoint-load-metrics";
+
+pub struct StreamFilter {
+    vm: Rc<RefCell<Vm>>,
+    id: u64,
+    /// (route, cluster) indices when the stream is covered by the config.
+    tracked: Option<(usize, usize)>,
+    grpc: bool,
+    up: FrameCounter,
+    down: FrameCounter,
+    debug: Option<(String, String)>,
+    http_status: Option<u32>,
+    grpc_status: Option<u32>,
+    ended: bool,
+}
+
+impl StreamFilter {
+    pub fn new(vm: Rc<RefCell<Vm>>, id: u64) -> Self {
+        StreamFilter {
+            vm,
+            id,
+            tracked: None,
+            grpc: false,
+            up: FrameCounter::plain(),
+            down: FrameCounter::plain(),
+            debug: None,
+            http_status: None,
+            grpc_status: None,
+            ended: false,
+        }
+    }
+
+    pub fn is_tracked(&self) -> bool {
+        self.tracked.is_some()
+    }
+
+    pub fn on_request_headers(&mut self, host: &dyn Host) {
+        let Ok(mut vm) = self.vm.try_borrow_mut() else {
+            return;
+        };
+        let vm = &mut *vm;
+        let header = vm.config().endpoint_header.clone();
+        // A client must never choose its own pod: remove whatever it sent, always.
+        match host.header(HeaderMap::Request, &header) {
+            Ok(Some(_)) => {
+                vm.health.endpoint_headers_stripped += 1;
+                if let Err(e) = host.set_header(HeaderMap::Request, &header, None) {
+                    vm.host_error(host, "remove endpoint header", &e);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => vm.host_error(host, "get request header", &e),
+        }
+        let (route, cluster) = match (
+            string_property(host, &["xds", "route_name"]),
+            string_property(host, &["xds", "cluster_name"]),
+        ) {
+            (Ok(r), Ok(Some(c))) => (r.unwrap_or_default(), c),
+            (Ok(_), Ok(None)) => return, // no route or cluster (e.g. direct response)
+            (Err(e), _) | (_, Err(e)) => return vm.host_error(host, "get_property (xds)", &e),
+        };
+        if !vm.config().covers(&route, &cluster) {
+            return;
+        }
+        let now = match host.now() {
+            Ok(t) => t,
+            Err(e) => return vm.host_error(host, "get_current_time", &e),
+        };
+        self.grpc = matches!(
+            host.header(HeaderMap::Request, "content-type"),
+            Ok(Some(ct)) if ct.starts_with("application/grpc")
+        );
+        if self.grpc {
+            self.up = FrameCounter::grpc();
+            self.down = FrameCounter::grpc();
+        }
+        let Some(decision) = vm.router.place(now, self.id, &route, &cluster) else {
+            return;
+        };
+        let Some(ci) = vm.router.cluster_index(&cluster) else {
+            return;
+        };
+        let ri = vm.router.streams().get(self.id).map_or(0, |s| s.route);
+        self.tracked = Some((ri, ci));
+        *vm.active.entry((ri, ci)).or_default() += 1;
+        let traffic = vm.traffic.entry((ri, ci)).or_default();
+        traffic.streams_started += 1;
+        if !self.grpc {
+            // Non-gRPC traffic: each request counts as one message.
+            traffic.messages[0] += 1;
+            vm.router.on_data(self.id, Direction::Upstream, 1, 0);
+        }
+        if vm.config().mode == Mode::Steer {
+            if let Some(value) = decision.header_value() {
+                if let Err(e) = host.set_header(HeaderMap::Request, &header, Some(&value)) {
+                    vm.host_error(host, "set endpoint header", &e);
+                }
+            }
+        }
+        if let Some(name) = &vm.config().debug_header {
+            self.debug = Some((name.clone(), decision.debug_value()));
+        }
+    }
+
+    pub fn on_request_body(&mut self, host: &dyn Host, size: usize) {
+        self.count(host, Direction::Upstream, size);
+    }
+
+    pub fn on_response_body(&mut self, host: &dyn Host, size: usize) {
+        self.count(host, Direction::Downstream, size);
+    }
+
+    fn count(&mut self, host: &dyn Host, dir: Direction, size: usize) {
+        let Some((ri, ci)) = self.tracked else {
+            return;
+        };
+        let (counter, which) = match dir {
+            Direction::Upstream => (&mut self.up, Body::Request),
+            Direction::Downstream => (&mut self.down, Body::Response),
+        };
+        let (m0, b0) = (counter.messages(), counter.bytes());
+        let size64 = size as u64;
+        let skip = counter.skippable().min(size64);
+        counter.skip(skip);
+        let mut read_error = None;
+        if skip < size64 {
+            let start = skip as usize;
+            match host.body(which, start, size - start) {
+                Ok(Some(bytes)) => {
+                    counter.feed(&bytes);
+                }
+                Ok(None) => {}
+                Err(e) => read_error = Some(e),
+            }
+        }
+        let (dm, db) = (counter.messages() - m0, counter.bytes() - b0);
+        let Ok(mut vm) = self.vm.try_borrow_mut() else {
+            return;
+        };
+        if let Some(e) = read_error {
+            vm.host_error(host, "get body", &e);
+        }
+        vm.router.on_data(self.id, dir, dm, db);
+        let d = match dir {
+            Direction::Upstream => 0,
+            Direction::Downstream => 1,
+        };
+        let t = vm.traffic.entry((ri, ci)).or_default();
+        if let (Some(m), Some(b)) = (t.messages.get_mut(d), t.bytes.get_mut(d)) {
+            *m += dm;
+            *b += db;
+        }
+    }
+
+    pub fn on_response_headers(&mut self, host: &dyn Host) {
+        if self.tracked.is_none() {
+            return;
+        }
+        let Ok(mut vm) = self.vm.try_borrow_mut() else {
+            return;
+        };
+        let vm = &mut *vm;
+        self.http_status = host
+            .header(HeaderMap::Response, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse().ok());
+        if let Ok(Some(s)) = host.header(HeaderMap::Response, "grpc-status") {
+            self.grpc_status = s.parse().ok(); // trailers-only response
+        }
+        let now = host.now().unwrap_or(0);
+        match string_property(host, &["upstream", "address"]) {
+            Ok(Some(address)) => {
+                let zone = string_property(host, &["upstream", "locality", "zone"])
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                vm.router.on_upstream(now, self.id, &address, &zone);
+            }
+            Ok(None) => {}
+            Err(e) => vm.host_error(host, "get_property (upstream)", &e),
+        }
+        if let Ok(Some(v)) = host.header(HeaderMap::Response, ORCA_HEADER) {
+            if let Ok(report) = orca::parse(&v) {
+                vm.router.on_orca(now, self.id, &report);
+            }
+        }
+        if let Some((name, value)) = &self.debug {
+            if let Err(e) = host.set_header(HeaderMap::Response, name, Some(value)) {
+                vm.host_error(host, "set debug header", &e);
+            }
+        }
+    }
+
+    pub fn on_response_trailers(&mut self, host: &dyn Host) {
+        if self.tracked.is_none() {
+            return;
+        }
+        if let Ok(Some(s)) = host.header(HeaderMap::ResponseTrailers, "grpc-status") {
+            self.grpc_status = s.parse().ok();
+        }
+        if let Ok(Some(v)) = host.header(HeaderMap::ResponseTrailers, ORCA_HEADER) {
+            if let (Ok(report), Ok(mut vm)) = (orca::parse(&v), self.vm.try_borrow_mut()) {
+                let now = host.now().unwrap_or(0);
+                vm.router.on_orca(now, self.id, &report);
+            }
+        }
+    }
+
+    /// The stream is over (Envoy's `on_log` / `on_done`); idempotent.
+    pub fn on_done(&mut self, host: &dyn Host) {
+        let Some((ri, ci)) = self.tracked else {
+            return;
+        };
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let Ok(mut vm) = self.vm.try_borrow_mut() else {
+            return;
+        };
+        let now = host.now().unwrap_or(0);
+        let outcome = penalty::classify(self.http_status, self.grpc_status);
+        vm.router.on_end(now, self.id, outcome);
+        vm.traffic.entry((ri, ci)).or_default().streams_ended += 1;
+        if let Some(n) = vm.active.get_mut(&(ri, ci)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}

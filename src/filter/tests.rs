@@ -1,0 +1,260 @@
+//! The glue under a mock host: configuration, discovery lease and snapshot, steering, counting,
+//! host failures.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use super::host::{Body, HeaderMap, LogLevel};
+use super::mock::{MockHost, SharedStore};
+use super::stream::StreamFilter;
+use super::vm::{Vm, LEASE_KEY, LOAD_KEY, SNAPSHOT_KEY};
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+const SEC: u64 = 1_000_000_000;
+const HEADER: &str = "x-gateway-destination-endpoint";
+
+const ADMIN: &str = r#"{"cluster_statuses":[
+ {"name":"unrelated","host_statuses":[{"address":{"socket_address":{"address":"10.9.9.9","port_value":1}}}]},
+ {"name":"pods","added_via_api":false,"host_statuses":[
+  {"address":{"socket_address":{"address":"10.0.0.1","port_value":8080}},"locality":{"zone":"a"},
+   "health_status":{"eds_health_status":"HEALTHY"},"weight":1,"stats":[{"name":"rq_active","type":"GAUGE"}]},
+  {"address":{"socket_address":{"address":"10.0.0.2","port_value":8080}},"locality":{"zone":"a"},
+   "health_status":{"eds_health_status":"HEALTHY","failed_active_health_check":true},"weight":1},
+  {"address":{"socket_address":{"address":"10.0.0.3","port_value":8080}},"locality":{"zone":"b"},
+   "health_status":{"eds_health_status":"HEALTHY"},"weight":1}]}]}"#;
+
+fn host(store: &SharedStore) -> MockHost {
+    let h = MockHost::with_store(store.clone());
+    h.set_property("xds.node.locality.zone", "a");
+    h.set_property("xds.route_name", "telemetry");
+    h.set_property("xds.cluster_name", "pods");
+    h.time.set(10 * SEC);
+    h
+}
+
+fn vm(h: &MockHost, config: &str) -> Rc<RefCell<Vm>> {
+    Rc::new(RefCell::new(Vm::configure(h, config.as_bytes()).unwrap()))
+}
+
+/// Tick until this VM's discovery call is answered with `ADMIN`.
+fn discover(h: &MockHost, vm: &Rc<RefCell<Vm>>) {
+    vm.borrow_mut().on_tick(h);
+    let (token, cluster, headers) = h.calls.borrow().last().cloned().expect("a discovery call");
+    assert_eq!(cluster, "streamlb_admin");
+    assert!(headers.contains(&(":path".into(), "/clusters?format=json".into())));
+    vm.borrow_mut()
+        .on_http_call_response(h, token, Some("200"), Some(ADMIN.as_bytes()));
+}
+
+#[test]
+fn invalid_config_names_the_field() {
+    let h = host(&SharedStore::default());
+    let err = Vm::configure(
+        &h,
+        br#"{"clusters":["pods"],"zone":{"spill_threshold":1.7}}"#,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(err, "zone.spill_threshold: must be in [0, 1], got 1.7");
+    let ok = Vm::configure(&h, br#"{"clusters":["pods"]}"#).unwrap();
+    assert_eq!(ok.router.local_zone(), "a"); // from the node locality
+}
+
+#[test]
+fn one_vm_polls_and_every_vm_gets_the_snapshot() {
+    let store = SharedStore::default();
+    let (h1, h2) = (host(&store), host(&store));
+    let (v1, v2) = (
+        vm(&h1, r#"{"clusters":["pods"]}"#),
+        vm(&h2, r#"{"clusters":["pods"]}"#),
+    );
+    assert_ne!(v1.borrow().id, v2.borrow().id);
+    discover(&h1, &v1);
+    v2.borrow_mut().on_tick(&h2);
+    assert!(
+        h2.calls.borrow().is_empty(),
+        "the second VM must not poll while the lease is held"
+    );
+    assert!(store.borrow().contains_key(LEASE_KEY) && store.borrow().contains_key(SNAPSHOT_KEY));
+    let v2 = v2.borrow();
+    let pods = &v2.router.clusters()[0];
+    assert_eq!(pods.endpoints.len(), 3); // `unrelated` not parsed in
+    assert!(pods
+        .endpoint(pods.index_of("10.0.0.1:8080").unwrap())
+        .unwrap()
+        .eligible());
+    assert!(!pods
+        .endpoint(pods.index_of("10.0.0.2:8080").unwrap())
+        .unwrap()
+        .eligible());
+}
+
+#[test]
+fn lease_moves_when_the_holder_stops() {
+    let store = SharedStore::default();
+    let (h1, h2) = (host(&store), host(&store));
+    let (v1, v2) = (
+        vm(&h1, r#"{"clusters":["pods"]}"#),
+        vm(&h2, r#"{"clusters":["pods"]}"#),
+    );
+    discover(&h1, &v1);
+    h2.time.set(10 * SEC + 3 * 2 * SEC + 1); // past 3 poll periods
+    v2.borrow_mut().on_tick(&h2);
+    assert_eq!(h2.calls.borrow().len(), 1);
+}
+
+#[test]
+fn steers_to_healthy_endpoints_and_strips_client_header() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(
+        &h,
+        r#"{"clusters":["pods"],"debug_header":"x-streamlb-decision"}"#,
+    );
+    discover(&h, &v);
+    for id in 0..50 {
+        h.headers.borrow_mut().clear();
+        h.set_request_header(HEADER, "10.0.0.2:8080"); // a client trying to pick its pod
+        h.set_request_header("content-type", "application/grpc");
+        let mut s = StreamFilter::new(v.clone(), id);
+        s.on_request_headers(&h);
+        let named = h.get(HeaderMap::Request, HEADER).unwrap();
+        let first = named.split(',').next().unwrap();
+        assert!(
+            first == "10.0.0.1:8080" || first == "10.0.0.3:8080",
+            "{named}"
+        );
+        assert!(
+            !named.contains("10.0.0.2"),
+            "unhealthy endpoint named: {named}"
+        );
+        s.on_response_headers(&h);
+        let debug = h.get(HeaderMap::Response, "x-streamlb-decision").unwrap();
+        assert!(debug.contains(&format!("endpoint={first}")), "{debug}");
+    }
+    v.borrow_mut().flush(&h);
+    assert_eq!(h.metric("streamlb_endpoint_header_stripped_total"), 50);
+    let local = h.metric("streamlb_decisions_total.cluster=.=pods;.;reason=.=local;.;");
+    let spill = h.metric("streamlb_decisions_total.cluster=.=pods;.;reason=.=spill;.;");
+    assert_eq!(local + spill, 50);
+    assert!(local > 0);
+}
+
+#[test]
+fn uncovered_traffic_passes_untouched_and_shadow_never_sets_the_header() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["other"]}"#);
+    let mut s = StreamFilter::new(v, 1);
+    s.on_request_headers(&h);
+    assert!(!s.is_tracked());
+    assert_eq!(h.get(HeaderMap::Request, HEADER), None);
+
+    let v = vm(&h, r#"{"clusters":["pods"],"mode":"shadow"}"#);
+    discover(&h, &v);
+    h.set_request_header(HEADER, "10.0.0.3:8080");
+    let mut s = StreamFilter::new(v.clone(), 2);
+    s.on_request_headers(&h);
+    assert!(s.is_tracked());
+    assert_eq!(h.get(HeaderMap::Request, HEADER), None); // stripped, not set
+    v.borrow_mut().flush(&h);
+    assert_eq!(
+        h.metric("streamlb_decisions_total.cluster=.=pods;.;reason=.=local;.;"),
+        1
+    );
+}
+
+fn grpc_frames(sizes: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &n in sizes {
+        out.push(0);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+        out.extend(std::iter::repeat_n(7u8, n));
+    }
+    out
+}
+
+#[test]
+fn counts_grpc_messages_across_chunks_without_reading_pure_payload() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["pods"]}"#);
+    discover(&h, &v);
+    h.set_request_header("content-type", "application/grpc");
+    let mut s = StreamFilter::new(v.clone(), 7);
+    s.on_request_headers(&h);
+    // 3 small messages, then one of 100 KB over 16 KB chunks.
+    let stream = grpc_frames(&[10, 20, 0, 100_000, 5]);
+    let chunks: Vec<&[u8]> = stream.chunks(16_384).collect();
+    for c in &chunks {
+        h.bodies.borrow_mut().insert(Body::Request, c.to_vec());
+        s.on_request_body(&h, c.len());
+    }
+    // Chunks 2..6 hold only payload of the big message: never read.
+    assert!(h.body_reads.get() <= 2, "{} body reads", h.body_reads.get());
+    h.set_property("upstream.address", "10.0.0.3:8080");
+    h.set_property("upstream.locality.zone", "b");
+    s.on_response_headers(&h);
+    h.time.set(11 * SEC);
+    v.borrow_mut().on_tick(&h);
+    let tags = "route=.=telemetry;.;cluster=.=pods;.;direction=.=upstream;.;";
+    assert_eq!(
+        h.metric(&format!("streamlb_route_messages_total.{tags}")),
+        5
+    );
+    assert_eq!(
+        h.metric(&format!("streamlb_route_bytes_total.{tags}")),
+        stream.len() as i64
+    );
+    let active = "streamlb_route_streams_active.route=.=telemetry;.;cluster=.=pods;.;";
+    assert_eq!(h.metric(active), 1);
+    // The load view in shared data carries this stream on the real upstream.
+    assert!(store.borrow().get(LOAD_KEY).is_some());
+    s.on_done(&h);
+    s.on_done(&h); // idempotent
+    v.borrow_mut().flush(&h);
+    assert_eq!(h.metric(active), 0);
+}
+
+#[test]
+fn host_failures_are_counted_logged_once_and_never_panic() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["pods"]}"#);
+    discover(&h, &v);
+    h.failing.borrow_mut().insert("property");
+    for id in 0..3 {
+        let mut s = StreamFilter::new(v.clone(), id);
+        s.on_request_headers(&h);
+        assert!(!s.is_tracked());
+    }
+    h.failing.borrow_mut().clear();
+    for m in [
+        "shared_get",
+        "shared_set",
+        "http_call",
+        "set_header",
+        "header",
+        "body",
+        "now",
+    ] {
+        h.failing.borrow_mut().insert(m);
+    }
+    let mut s = StreamFilter::new(v.clone(), 9);
+    s.on_request_headers(&h);
+    s.on_request_body(&h, 100);
+    s.on_response_headers(&h);
+    s.on_done(&h);
+    v.borrow_mut().on_tick(&h);
+    h.failing.borrow_mut().clear();
+    v.borrow_mut().flush(&h);
+    assert!(h.metric("streamlb_host_errors_total") >= 3);
+    let warnings = h
+        .logs
+        .borrow()
+        .iter()
+        .filter(|(l, m)| *l == LogLevel::Warn && m.contains("get_property (xds)"))
+        .count();
+    assert_eq!(warnings, 1);
+}

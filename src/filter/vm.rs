@@ -1,0 +1,448 @@
+//! Per-VM state (the root context's logic). Envoy runs one VM per worker plus one on the main
+//! thread; each has its own [`Vm`].
+//!
+//! On every tick a VM:
+//! 1. contends for the discovery lease in shared data; the holder polls the admin `/clusters`
+//!    endpoint (off the request path) and publishes a compact snapshot of the configured clusters;
+//! 2. applies the newest published snapshot to its router;
+//! 3. folds counted traffic into rates (`Router::tick`), publishes its per-endpoint load in the
+//!    shared view with compare-and-swap and takes the other VMs' load from it;
+//! 4. flushes its accumulated stats.
+
+use hashbrown::{HashMap, HashSet};
+
+use super::host::{string_property, Host, HostError, LogLevel};
+use super::metrics::{tagged, Metrics};
+use crate::core::config::Config;
+use crate::core::discovery;
+use crate::core::router::Router;
+use crate::core::shared_view::{self, Slot};
+use crate::core::Nanos;
+
+pub const VM_SEQ_KEY: &str = "streamlb.vm_seq";
+pub const LEASE_KEY: &str = "streamlb.discovery.lease";
+pub const SNAPSHOT_KEY: &str = "streamlb.discovery.snapshot";
+pub const LOAD_KEY: &str = "streamlb.load";
+const CAS_ATTEMPTS: usize = 8;
+const MS: Nanos = 1_000_000;
+
+/// Traffic of one (route, cluster) since the last flush.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Traffic {
+    pub streams_started: u64,
+    pub streams_ended: u64,
+    /// [upstream, downstream]
+    pub messages: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// Filter-health counters since the last flush.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Health {
+    pub polls_ok: u64,
+    pub polls_failed: u64,
+    pub host_errors: u64,
+    pub cas_retries: u64,
+    pub endpoint_headers_stripped: u64,
+}
+
+pub struct Vm {
+    pub router: Router,
+    pub id: u64,
+    pub traffic: HashMap<(usize, usize), Traffic>,
+    pub health: Health,
+    /// (streams active per (route, cluster)) — gauges, not deltas.
+    pub active: HashMap<(usize, usize), u64>,
+    metrics: Metrics,
+    logged: HashSet<&'static str>,
+    configured_logged: bool,
+    poll: Option<(u32, Nanos)>,
+    next_poll: Nanos,
+    snapshot_cas: Option<u32>,
+}
+
+impl Vm {
+    /// Parse the plugin configuration and set the VM up. The error names the field.
+    pub fn configure(host: &dyn Host, config: &[u8]) -> Result<Vm, String> {
+        let cfg = Config::from_json(config).map_err(|e| e.to_string())?;
+        let local_zone = match &cfg.local_zone {
+            Some(z) => z.clone(),
+            None => string_property(host, &["xds", "node", "locality", "zone"])
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        };
+        let now = host.now().unwrap_or(0);
+        let id = allocate_vm_id(host, now);
+        host.set_tick_period_ms(cfg.tick_ms)
+            .map_err(|e| format!("cannot set the tick period: {e:?}"))?;
+        let seed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now;
+        Ok(Vm {
+            router: Router::new(cfg, &local_zone, seed),
+            id,
+            traffic: HashMap::new(),
+            health: Health::default(),
+            active: HashMap::new(),
+            metrics: Metrics::default(),
+            logged: HashSet::new(),
+            configured_logged: false,
+            poll: None,
+            next_poll: 0,
+            snapshot_cas: None,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        self.router.config()
+    }
+
+    /// Count a host-call failure; log the first of each kind.
+    pub fn host_error(&mut self, host: &dyn Host, what: &'static str, err: &HostError) {
+        self.health.host_errors += 1;
+        if self.logged.insert(what) {
+            host.log(
+                LogLevel::Warn,
+                &format!(
+                    "streamlb: host call failed: {what}: {err:?} (logged once; traffic continues)"
+                ),
+            );
+        }
+    }
+
+    pub fn on_tick(&mut self, host: &dyn Host) {
+        let now = match host.now() {
+            Ok(t) => t,
+            Err(e) => return self.host_error(host, "get_current_time", &e),
+        };
+        self.discovery_tick(host, now);
+        self.read_snapshot(host, now);
+        self.router.tick(now);
+        self.share_load(host, now);
+        self.flush(host);
+    }
+
+    fn discovery_tick(&mut self, host: &dyn Host, now: Nanos) {
+        let d = &self.router.config().discovery;
+        let (poll_ms, timeout_ms) = (d.poll_ms, d.timeout_ms);
+        if let Some((_, started)) = self.poll {
+            if now.saturating_sub(started) <= (timeout_ms + 1000) * MS {
+                return; // in flight
+            }
+            self.poll = None; // the host never answered: count and retry
+            self.health.polls_failed += 1;
+        }
+        if now < self.next_poll || !self.hold_lease(host, now, poll_ms) {
+            return;
+        }
+        let d = &self.router.config().discovery;
+        let headers = [
+            (":method", "GET"),
+            (":path", d.path.as_str()),
+            (":authority", d.authority.as_str()),
+        ];
+        match host.http_call(&d.admin_cluster, &headers, timeout_ms) {
+            Ok(token) => {
+                self.poll = Some((token, now));
+                self.next_poll = now + poll_ms * MS;
+            }
+            Err(e) => {
+                self.health.polls_failed += 1;
+                self.next_poll = now + poll_ms * MS;
+                self.release_lease(host);
+                self.host_error(host, "dispatch_http_call (discovery)", &e);
+            }
+        }
+    }
+
+    /// Take or renew the discovery lease: `vm id (u64 LE) | expiry ns (u64 LE)`.
+    fn hold_lease(&mut self, host: &dyn Host, now: Nanos, poll_ms: u64) -> bool {
+        let (current, cas) = match host.shared_get(LEASE_KEY) {
+            Ok(v) => v,
+            Err(e) => {
+                self.host_error(host, "get_shared_data (lease)", &e);
+                return false;
+            }
+        };
+        if let Some((holder, until)) = current.as_deref().and_then(decode_lease) {
+            if holder != self.id && until > now {
+                return false;
+            }
+        }
+        let mut lease = self.id.to_le_bytes().to_vec();
+        lease.extend_from_slice(&(now + 3 * poll_ms * MS).to_le_bytes());
+        match host.shared_set(LEASE_KEY, &lease, cas) {
+            Ok(()) => true,
+            Err(HostError::CasMismatch) => false,
+            Err(e) => {
+                self.host_error(host, "set_shared_data (lease)", &e);
+                false
+            }
+        }
+    }
+
+    fn release_lease(&mut self, host: &dyn Host) {
+        if let Ok((Some(v), cas)) = host.shared_get(LEASE_KEY) {
+            if decode_lease(&v).is_some_and(|(holder, _)| holder == self.id) {
+                let _ = host.shared_set(LEASE_KEY, &[], cas);
+            }
+        }
+    }
+
+    /// The admin call answered (`body` is None on failure).
+    pub fn on_http_call_response(
+        &mut self,
+        host: &dyn Host,
+        token: u32,
+        status: Option<&str>,
+        body: Option<&[u8]>,
+    ) {
+        if self.poll.map(|(t, _)| t) != Some(token) {
+            return;
+        }
+        self.poll = None;
+        let now = host.now().unwrap_or(0);
+        let parsed = match (status, body) {
+            (Some("200"), Some(body)) => {
+                let cfg = self.router.config();
+                discovery::parse_admin_clusters(body, |name| cfg.clusters.iter().any(|c| c == name))
+                    .map_err(|e| e.to_string())
+            }
+            (status, _) => Err(format!(
+                "admin answered status {}",
+                status.unwrap_or("none")
+            )),
+        };
+        let clusters = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                self.health.polls_failed += 1;
+                if self.logged.insert("discovery") {
+                    host.log(
+                        LogLevel::Warn,
+                        &format!("streamlb: discovery poll failed: {e} (logged once)"),
+                    );
+                }
+                return;
+            }
+        };
+        self.health.polls_ok += 1;
+        let missing: Vec<&String> = (self.router.config().clusters.iter())
+            .filter(|w| !clusters.iter().any(|c| &c.name == *w))
+            .collect();
+        if !missing.is_empty() && !self.logged.contains("missing cluster") {
+            host.log(
+                LogLevel::Warn,
+                &format!("streamlb: configured clusters {missing:?} are not in the admin /clusters output (logged once)"),
+            );
+            self.logged.insert("missing cluster");
+        }
+        let encoded = discovery::encode_snapshot(now, &clusters);
+        if let Err(e) = host.shared_set(SNAPSHOT_KEY, &encoded, None) {
+            self.host_error(host, "set_shared_data (snapshot)", &e);
+        }
+        self.router.apply_snapshot(now, &clusters);
+    }
+
+    fn read_snapshot(&mut self, host: &dyn Host, now: Nanos) {
+        let (bytes, cas) = match host.shared_get(SNAPSHOT_KEY) {
+            Ok(v) => v,
+            Err(e) => return self.host_error(host, "get_shared_data (snapshot)", &e),
+        };
+        let Some(bytes) = bytes else { return };
+        if cas.is_some() && cas == self.snapshot_cas {
+            return;
+        }
+        self.snapshot_cas = cas;
+        match discovery::decode_snapshot(&bytes) {
+            Ok((_generation, clusters)) => self.router.apply_snapshot(now, &clusters),
+            Err(e) => {
+                self.health.host_errors += 1;
+                if self.logged.insert("snapshot decode") {
+                    host.log(
+                        LogLevel::Warn,
+                        &format!("streamlb: bad discovery snapshot in shared data: {e}"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn share_load(&mut self, host: &dyn Host, now: Nanos) {
+        let expire = 3 * self.router.config().tick_ms * MS;
+        let mine = Slot {
+            vm: self.id,
+            updated_at: now,
+            entries: self
+                .router
+                .local_loads()
+                .into_iter()
+                .map(|(cluster, address, load, active)| shared_view::Entry {
+                    cluster: cluster.to_string(),
+                    address: address.to_string(),
+                    load: load as f32,
+                    active,
+                })
+                .collect(),
+        };
+        for _ in 0..CAS_ATTEMPTS {
+            let (current, cas) = match host.shared_get(LOAD_KEY) {
+                Ok(v) => v,
+                Err(e) => return self.host_error(host, "get_shared_data (load)", &e),
+            };
+            let (record, corrupt) =
+                shared_view::merge(current.as_deref(), mine.clone(), now, expire);
+            if corrupt.is_some() {
+                self.health.host_errors += 1;
+            }
+            match host.shared_set(LOAD_KEY, &record, cas) {
+                Ok(()) => {
+                    if let Ok(slots) = shared_view::decode(&record) {
+                        let others: Vec<_> = shared_view::others(&slots, self.id, now, expire)
+                            .map(|e| {
+                                (
+                                    e.cluster.as_str(),
+                                    e.address.as_str(),
+                                    f64::from(e.load),
+                                    e.active,
+                                )
+                            })
+                            .collect();
+                        self.router.set_remote_loads(now, others);
+                    }
+                    return;
+                }
+                Err(HostError::CasMismatch) => self.health.cas_retries += 1,
+                Err(e) => return self.host_error(host, "set_shared_data (load)", &e),
+            }
+        }
+    }
+
+    /// Write accumulated stats to Envoy.
+    pub fn flush(&mut self, host: &dyn Host) {
+        let mut failed: Option<HostError> = None;
+        let mut note = |r: Result<(), HostError>| {
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+        };
+        if !self.configured_logged {
+            self.configured_logged = true;
+            note(self.metrics.count(host, "streamlb_config_loads_total", 1));
+        }
+        let counters = self.router.take_counters();
+        let local_zone = self.router.local_zone().to_string();
+        let cluster_name = |r: &Router, i: usize| {
+            r.clusters()
+                .get(i)
+                .map(|c| c.name.clone())
+                .unwrap_or_default()
+        };
+        for ((ci, reason), n) in counters.decisions {
+            let c = cluster_name(&self.router, ci);
+            let name = tagged(
+                "streamlb_decisions_total",
+                &[("cluster", &c), ("reason", reason.as_str())],
+            );
+            note(self.metrics.count(host, &name, n));
+        }
+        for ((ci, to_zone), n) in counters.to_zone {
+            let c = cluster_name(&self.router, ci);
+            let name = tagged(
+                "streamlb_decisions_by_zone_total",
+                &[
+                    ("cluster", &c),
+                    ("from_zone", &local_zone),
+                    ("to_zone", &to_zone),
+                ],
+            );
+            note(self.metrics.count(host, &name, n));
+        }
+        for ((ri, ci), t) in std::mem::take(&mut self.traffic) {
+            let route = self.router.routes().name(ri).to_string();
+            let c = cluster_name(&self.router, ci);
+            let base = [("route", route.as_str()), ("cluster", c.as_str())];
+            note(self.metrics.count(
+                host,
+                &tagged("streamlb_route_streams_total", &base),
+                t.streams_started,
+            ));
+            for (d, dir) in ["upstream", "downstream"].iter().enumerate() {
+                let tags = [base[0], base[1], ("direction", dir)];
+                let (m, b) = (t.messages.get(d).copied(), t.bytes.get(d).copied());
+                note(self.metrics.count(
+                    host,
+                    &tagged("streamlb_route_messages_total", &tags),
+                    m.unwrap_or(0),
+                ));
+                note(self.metrics.count(
+                    host,
+                    &tagged("streamlb_route_bytes_total", &tags),
+                    b.unwrap_or(0),
+                ));
+            }
+        }
+        for (&(ri, ci), &n) in &self.active {
+            let route = self.router.routes().name(ri).to_string();
+            let c = cluster_name(&self.router, ci);
+            let name = tagged(
+                "streamlb_route_streams_active",
+                &[("route", &route), ("cluster", &c)],
+            );
+            note(self.metrics.gauge(host, &name, n));
+        }
+        let h = std::mem::take(&mut self.health);
+        note(
+            self.metrics
+                .count(host, "streamlb_discovery_polls_ok_total", h.polls_ok),
+        );
+        note(self.metrics.count(
+            host,
+            "streamlb_discovery_polls_failed_total",
+            h.polls_failed,
+        ));
+        note(
+            self.metrics
+                .count(host, "streamlb_host_errors_total", h.host_errors),
+        );
+        note(
+            self.metrics
+                .count(host, "streamlb_cas_retries_total", h.cas_retries),
+        );
+        note(self.metrics.count(
+            host,
+            "streamlb_endpoint_header_stripped_total",
+            h.endpoint_headers_stripped,
+        ));
+        if let Some(e) = failed {
+            self.host_error(host, "metrics", &e);
+        }
+    }
+}
+
+fn decode_lease(v: &[u8]) -> Option<(u64, Nanos)> {
+    let holder = u64::from_le_bytes(v.get(0..8)?.try_into().ok()?);
+    let until = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+    Some((holder, until))
+}
+
+/// A VM id unique within this Envoy: a counter in shared data, incremented with CAS (falls back
+/// to the time if shared data fails).
+fn allocate_vm_id(host: &dyn Host, now: Nanos) -> u64 {
+    for _ in 0..CAS_ATTEMPTS {
+        let Ok((current, cas)) = host.shared_get(VM_SEQ_KEY) else {
+            break;
+        };
+        let next = current
+            .as_deref()
+            .and_then(|b| b.get(0..8)?.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+            + 1;
+        match host.shared_set(VM_SEQ_KEY, &next.to_le_bytes(), cas) {
+            Ok(()) => return next,
+            Err(HostError::CasMismatch) => continue,
+            Err(_) => break,
+        }
+    }
+    now | (1 << 63)
+}
