@@ -625,6 +625,7 @@ def devices_argv(
     seed: int = 1,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
+    """`lab devices` command line. headers: ("name", "value") pairs or "name:value" strings."""
     argv = [
         str(lab_bin()),
         "devices",
@@ -632,9 +633,9 @@ def devices_argv(
         target,
         "--streams",
         str(streams),
-        "--rate",
+        "--mean-rate",
         str(mean_rate),
-        "--dist",
+        "--rate-dist",
         dist,
         "--duration",
         str(duration),
@@ -646,7 +647,7 @@ def devices_argv(
         str(out),
     ]
     for header in headers:
-        argv += ["--header", header if isinstance(header, str) else f"{header[0]}={header[1]}"]
+        argv += ["--header", header if isinstance(header, str) else f"{header[0]}:{header[1]}"]
     for name in record_headers:
         argv += ["--record-header", name]
     if reconnect:
