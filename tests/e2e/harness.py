@@ -327,18 +327,20 @@ def _policy(name: str, type_name: str, **config: Any) -> dict[str, Any]:
 
 
 def pod_endpoints(pods: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One locality per zone, in first-seen order; each pod an endpoint at its host:port."""
+    """One locality per zone, in first-seen order; each pod an endpoint at its host:port, with
+    load_balancing_weight when the pod has a "weight"."""
     by_zone: dict[str, list[dict[str, Any]]] = {}
     for pod in pods:
         host, _, port = str(pod["address"]).rpartition(":")
-        by_zone.setdefault(pod["zone"], []).append(
-            {
-                "endpoint": {
-                    "address": {"socket_address": {"address": host, "port_value": int(port)}},
-                    "hostname": pod.get("name", ""),
-                }
+        lb_endpoint: dict[str, Any] = {
+            "endpoint": {
+                "address": {"socket_address": {"address": host, "port_value": int(port)}},
+                "hostname": pod.get("name", ""),
             }
-        )
+        }
+        if pod.get("weight") is not None:
+            lb_endpoint["load_balancing_weight"] = int(pod["weight"])
+        by_zone.setdefault(pod["zone"], []).append(lb_endpoint)
     return [{"locality": {"zone": zone}, "lb_endpoints": eps} for zone, eps in by_zone.items()]
 
 
@@ -356,13 +358,15 @@ def render_config(
     listen_address: str = "127.0.0.1",
     admin_address: str = "127.0.0.1",
     pods_cluster_type: str = "STATIC",
+    health_checks: bool = True,
 ) -> dict[str, Any]:
     """The Envoy bootstrap as a dict, from envoy/envoy.yaml.tmpl.
 
     filter_config None: no wasm filter (baseline). lb: "override_host" (the template),
     "least_request", "round_robin", "zone_aware" (least_request with zone-aware routing; the
     local cluster `gateways` says one gateway per zone in `gateway_zones`, default the pod
-    zones), or a LoadBalancingPolicy dict used as is.
+    zones), or a LoadBalancingPolicy dict used as is. health_checks False drops the pods'
+    active TCP health check.
     """
     values = {
         "admin_port": admin_port,
@@ -385,6 +389,8 @@ def render_config(
     clusters = config["static_resources"]["clusters"]
     pods_cluster = next(c for c in clusters if c["name"] == "pods")
     pods_cluster["type"] = pods_cluster_type
+    if not health_checks:
+        pods_cluster.pop("health_checks", None)
     if isinstance(lb, Mapping):
         pods_cluster["load_balancing_policy"] = copy.deepcopy(dict(lb))
     elif lb == "override_host":
@@ -467,7 +473,9 @@ class Envoy:
         workdir: Path | None = None,
         start_timeout: float = 60.0,
         gateway_zones: Sequence[str] | None = None,
+        health_checks: bool = True,
     ):
+        self.health_checks = health_checks
         self.pod_list = list(pods.pods if isinstance(pods, Pods) else pods)
         self.filter_config = filter_config
         self.lb = lb
@@ -506,6 +514,7 @@ class Envoy:
             lb=self.lb,
             endpoint_header=self.endpoint_header,
             gateway_zones=self.gateway_zones,
+            health_checks=self.health_checks,
         )
 
     def write_config(self) -> Path:

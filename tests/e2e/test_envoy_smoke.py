@@ -70,3 +70,50 @@ def test_zone_aware_keeps_streams_in_node_zone(pods, make_envoy):
     envoy = make_envoy(pods, filter_config=None, lb="zone_aware", node_zone="b")
     served = {open_stream(envoy) for _ in range(8)}
     assert {pods.by_name(name)["zone"] for name in served} == {"b"}, served
+
+
+def host_health(envoy, cluster="pods"):
+    """address -> (failed_active_health_check, weight) from /clusters?format=json."""
+    out = {}
+    for status in envoy.clusters()["cluster_statuses"]:
+        if status["name"] != cluster:
+            continue
+        for host in status.get("host_statuses", []):
+            sock = host["address"]["socket_address"]
+            address = f"{sock['address']}:{sock['port_value']}"
+            out[address] = (bool(host["health_status"].get("failed_active_health_check")), host.get("weight", 1))
+    return out
+
+
+def wait_until(predicate, timeout=10.0, step=0.2):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_stopped_pod_fails_health_check_and_gets_no_streams(pods, make_envoy):
+    envoy = make_envoy(pods, filter_config=None, lb="round_robin")
+    victim = pods.by_name("b-0")
+    assert not any(failed for failed, _ in host_health(envoy).values())
+    pods.stop("b-0")
+    assert wait_until(lambda: host_health(envoy)[victim["address"]][0]), host_health(envoy)
+    served = {open_stream(envoy) for _ in range(12)}
+    assert "b-0" not in served and len(served) == 5, served
+    pods.start("b-0")
+    assert wait_until(lambda: not host_health(envoy)[victim["address"]][0]), host_health(envoy)
+
+
+def test_pod_weight_is_rendered_and_used(pods, make_envoy):
+    weighted = [dict(p, weight=5 if p["name"] == "c-1" else 1) for p in pods.pods]
+    envoy = make_envoy(weighted, filter_config=None, lb="round_robin")
+    weights = {addr: w for addr, (_, w) in host_health(envoy).items()}
+    assert weights[pods.by_name("c-1")["address"]] == 5
+    assert sorted(weights.values()) == [1, 1, 1, 1, 1, 5]
+    served = collections.Counter(open_stream(envoy, count=1) for _ in range(30))
+    # Weighted round robin: c-1 gets 5/10 of the streams, every other pod 1/10.
+    assert served["c-1"] >= 10, served
