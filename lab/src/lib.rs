@@ -1,7 +1,9 @@
 //! streamlb lab: gRPC test pods and a device simulator for exercising the streamlb filter.
 
+pub mod devices;
 pub mod hist;
 pub mod ledger;
+pub mod pods;
 pub mod proto;
 pub mod rates;
 pub mod rng;

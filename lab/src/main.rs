@@ -1,1 +1,226 @@
-fn main() {}
+//! `lab`: gRPC test pods (`lab pods`) and an IoT device simulator (`lab devices`).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::time::Duration;
+use streamlb_lab::devices::{self, DevicesConfig, Header, Kind};
+use streamlb_lab::pods::{self, Fleet, PodsConfig};
+use streamlb_lab::rates::RateDist;
+
+#[derive(Parser)]
+#[command(
+    name = "lab",
+    about = "streamlb lab: gRPC test pods and a device simulator"
+)]
+struct Cli {
+    /// Tokio worker threads.
+    #[arg(long, global = true, default_value_t = 2)]
+    workers: usize,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run N gRPC pods (h2c on 127.0.0.1) plus a JSON control API; prints one ready line.
+    Pods {
+        /// Pods per zone, e.g. a=2,b=2,c=2 (names a-0, a-1, b-0, ...).
+        #[arg(long)]
+        zones: String,
+        /// Messages/s per pod before acks are delayed (0 = unlimited).
+        #[arg(long, default_value_t = 0.0)]
+        capacity: f64,
+        /// Report load in `endpoint-load-metrics` (initial metadata and trailers).
+        #[arg(long)]
+        orca: bool,
+        /// Request header echoed back as `x-pod-saw-endpoint-header` when a request carries it.
+        #[arg(long, default_value = pods::DEFAULT_ENDPOINT_HEADER)]
+        endpoint_header: String,
+        /// Do not exit when stdin reaches EOF (by default a closed stdin stops the pods).
+        #[arg(long)]
+        ignore_stdin: bool,
+    },
+    /// Simulate devices: one long-lived gRPC stream each, open-loop at per-stream rates.
+    Devices {
+        /// host:port of the gRPC server or proxy (h2c).
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        streams: usize,
+        /// Mean messages/s per stream.
+        #[arg(long)]
+        mean_rate: f64,
+        /// constant | zipf:S | pareto:A
+        #[arg(long, default_value = "constant")]
+        rate_dist: RateDist,
+        /// Seconds of sending (then half-close and wait up to 5 s for acks).
+        #[arg(long)]
+        duration: f64,
+        /// bidi (Stream) | upload (Upload)
+        #[arg(long, default_value = "bidi")]
+        kind: Kind,
+        /// Payload bytes per reading.
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Seed for rates and phases (default: from the clock; echoed in the report).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Extra request header NAME:VALUE (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<Header>,
+        /// Response header to record per stream besides x-pod and x-pod-zone (repeatable).
+        #[arg(long = "record-header")]
+        record_headers: Vec<String>,
+        /// Reconnect on UNAVAILABLE/INTERNAL/UNKNOWN with backoff 50 ms doubling to 2 s,
+        /// resending unacked readings first.
+        #[arg(long)]
+        reconnect: bool,
+        #[arg(long, default_value = "dev")]
+        device_prefix: String,
+        /// Spread stream starts evenly over this many seconds.
+        #[arg(long, default_value_t = 0.0)]
+        ramp: f64,
+        /// One status line per second on stderr.
+        #[arg(long)]
+        progress: bool,
+        /// Also write the report to this file.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .with_context(|| format!("{flag} must be a non-negative number of seconds"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.workers.max(1))
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let result = match cli.command {
+        Command::Pods {
+            zones,
+            capacity,
+            orca,
+            endpoint_header,
+            ignore_stdin,
+        } => {
+            if !(capacity.is_finite() && capacity >= 0.0) {
+                anyhow::bail!("--capacity must be >= 0");
+            }
+            let config = PodsConfig {
+                zones: pods::parse_zones(&zones)?,
+                capacity,
+                orca,
+                endpoint_header: http::HeaderName::from_bytes(
+                    endpoint_header.to_ascii_lowercase().as_bytes(),
+                )
+                .with_context(|| format!("bad --endpoint-header {endpoint_header:?}"))?,
+            };
+            runtime.block_on(run_pods(config, !ignore_stdin))
+        }
+        Command::Devices {
+            target,
+            streams,
+            mean_rate,
+            rate_dist,
+            duration,
+            kind,
+            payload,
+            seed,
+            headers,
+            record_headers,
+            reconnect,
+            device_prefix,
+            ramp,
+            progress,
+            out,
+        } => {
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+            let config = DevicesConfig {
+                target,
+                streams,
+                mean_rate,
+                rate_dist,
+                duration: seconds(duration, "--duration")?,
+                kind,
+                payload,
+                seed,
+                headers,
+                record_headers: record_headers
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+                reconnect,
+                device_prefix,
+                ramp: seconds(ramp, "--ramp")?,
+                progress,
+            };
+            runtime.block_on(run_devices(config, out))
+        }
+    };
+    // Do not wait for the blocking stdin reader or lingering connection tasks.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+async fn run_pods(config: PodsConfig, watch_stdin: bool) -> anyhow::Result<()> {
+    let fleet = Fleet::launch(&config).await?;
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{}", fleet.ready_line()).context("writing the ready line")?;
+        stdout.flush().context("flushing stdout")?;
+    }
+    eprintln!(
+        "lab pods: {} pods, control http://{}, capacity {}, orca {}",
+        fleet.pods.len(),
+        fleet.control,
+        config.capacity,
+        config.orca
+    );
+    let (stdin_closed_tx, stdin_closed) = tokio::sync::oneshot::channel::<()>();
+    if watch_stdin {
+        // A plain thread: its blocking read must not hold up runtime shutdown.
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 4096];
+            let mut stdin = std::io::stdin();
+            while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+            let _ = stdin_closed_tx.send(());
+        });
+    } else {
+        std::mem::forget(stdin_closed_tx);
+    }
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let reason = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = sigterm.recv() => "SIGTERM",
+        _ = stdin_closed => "stdin closed",
+    };
+    eprintln!("lab pods: stopping ({reason})");
+    fleet.shutdown();
+    Ok(())
+}
+
+async fn run_devices(config: DevicesConfig, out: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let report = devices::run(config).await?;
+    let json = serde_json::to_string(&report).context("serialising the report")?;
+    if let Some(path) = out {
+        std::fs::write(&path, format!("{json}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{json}").context("writing the report")?;
+    stdout.flush().context("flushing stdout")?;
+    Ok(())
+}

@@ -1,0 +1,826 @@
+//! `lab pods`: N gRPC test pods (h2c, one listener each) plus an HTTP/1.1 control API.
+//!
+//! Each pod counts its streams and messages, tags every response with `x-pod` / `x-pod-zone`
+//! and, with ORCA on, `endpoint-load-metrics` in initial metadata and trailers. A request that
+//! still carries the endpoint-override header (default `x-gateway-destination-endpoint`) is
+//! answered with `x-pod-saw-endpoint-header: <its value>`, so tests can check a proxy strips it.
+//!
+//! Overload model (`capacity` C msgs/s, 0 = unlimited): with r the pod's message rate over
+//! the last second, each ack of the bidi `Stream` is held back by
+//! `delay = min((r - C) / C, 5) seconds` when r > C, else 0 (acks stay in order; reading
+//! is not blocked). `Upload` is not delayed.
+
+use crate::proto::telemetry_server::{Telemetry, TelemetryServer};
+use crate::proto::{Ack, Reading, UploadSummary};
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tonic::codegen::Service;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Cap of the overload ack delay.
+const MAX_ACK_DELAY: Duration = Duration::from_secs(5);
+/// Utilisation denominator when capacity is unlimited.
+const UNLIMITED_UTILIZATION_BASE: f64 = 1000.0;
+const WINDOW_BUCKETS: usize = 10;
+const WINDOW_BUCKET_MS: u64 = 100;
+
+/// Message rate over the last second: 10 buckets of 100 ms (the current one partial).
+#[derive(Debug)]
+pub struct RateWindow {
+    origin: Instant,
+    /// (bucket number since origin, count in it)
+    buckets: Mutex<[(u64, u64); WINDOW_BUCKETS]>,
+}
+
+impl RateWindow {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            buckets: Mutex::new([(u64::MAX, 0); WINDOW_BUCKETS]),
+        }
+    }
+
+    fn slot(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_millis() as u64 / WINDOW_BUCKET_MS
+    }
+
+    pub fn record(&self, now: Instant) {
+        let slot = self.slot(now);
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return;
+        };
+        if let Some(bucket) = buckets.get_mut((slot % WINDOW_BUCKETS as u64) as usize) {
+            if bucket.0 != slot {
+                *bucket = (slot, 0);
+            }
+            bucket.1 += 1;
+        }
+    }
+
+    /// Messages seen in the last 1 s (= msgs/s).
+    pub fn rate(&self, now: Instant) -> f64 {
+        let slot = self.slot(now);
+        let Ok(buckets) = self.buckets.lock() else {
+            return 0.0;
+        };
+        buckets
+            .iter()
+            .filter(|(s, _)| *s != u64::MAX && slot.saturating_sub(*s) < WINDOW_BUCKETS as u64)
+            .map(|(_, count)| *count)
+            .sum::<u64>() as f64
+    }
+}
+
+/// Counters for one RPC kind.
+#[derive(Debug, Default)]
+pub struct KindStats {
+    pub streams_total: AtomicU64,
+    pub messages: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct PodStats {
+    pub streams_active: AtomicU64,
+    pub streams_total: AtomicU64,
+    pub messages: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Inbound streams that ended in a decode error (truncated or malformed message).
+    pub truncated: AtomicU64,
+    /// Inbound streams that ended in any other error (reset, cancel, connection loss).
+    pub stream_errors: AtomicU64,
+    pub bidi: KindStats,
+    pub upload: KindStats,
+    pub window: RateWindow,
+}
+
+impl PodStats {
+    fn new() -> Self {
+        Self {
+            streams_active: AtomicU64::new(0),
+            streams_total: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            truncated: AtomicU64::new(0),
+            stream_errors: AtomicU64::new(0),
+            bidi: KindStats::default(),
+            upload: KindStats::default(),
+            window: RateWindow::new(),
+        }
+    }
+
+    fn record_message(&self, kind: &KindStats, reading: &Reading, now: Instant) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        kind.messages.fetch_add(1, Ordering::Relaxed);
+        self.bytes
+            .fetch_add(reading.payload.len() as u64, Ordering::Relaxed);
+        self.window.record(now);
+    }
+
+    fn record_inbound_error(&self, status: &Status) {
+        // tonic reports a truncated body ("Unexpected EOF decoding stream") and prost
+        // decode failures as INTERNAL; resets/cancels map to other codes.
+        if status.code() == tonic::Code::Internal {
+            self.truncated.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stream_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Decrements `streams_active` when a stream's handler state is dropped, however it ends.
+struct ActiveStream(Arc<Pod>);
+
+impl ActiveStream {
+    fn open(pod: &Arc<Pod>, kind: &KindStats) -> Self {
+        pod.stats.streams_active.fetch_add(1, Ordering::Relaxed);
+        pod.stats.streams_total.fetch_add(1, Ordering::Relaxed);
+        kind.streams_total.fetch_add(1, Ordering::Relaxed);
+        Self(pod.clone())
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.stats.streams_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct PodRun {
+    accept: JoinHandle<()>,
+    /// Dropping it (or sending true) ends every open stream of this run.
+    _stop: watch::Sender<bool>,
+}
+
+impl Drop for PodRun {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub zone: String,
+    pub address: SocketAddr,
+    /// msgs/s; 0 = unlimited.
+    pub capacity: f64,
+    pub orca: bool,
+    /// Request header echoed back as `x-pod-saw-endpoint-header` when present.
+    pub endpoint_header: http::HeaderName,
+    pub stats: PodStats,
+    run: Mutex<Option<PodRun>>,
+}
+
+fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = TcpSocket::new_v4().context("creating a TCP socket")?;
+    socket.set_reuseaddr(true).context("setting SO_REUSEADDR")?;
+    socket
+        .bind(address)
+        .with_context(|| format!("binding {address}"))?;
+    socket
+        .listen(1024)
+        .with_context(|| format!("listening on {address}"))
+}
+
+impl Pod {
+    /// Binds 127.0.0.1:0 and starts serving.
+    pub async fn launch(
+        name: String,
+        zone: String,
+        config: &PodsConfig,
+    ) -> anyhow::Result<Arc<Self>> {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let address = listener.local_addr().context("reading the bound address")?;
+        let pod = Arc::new(Self {
+            name,
+            zone,
+            address,
+            capacity: config.capacity,
+            orca: config.orca,
+            endpoint_header: config.endpoint_header.clone(),
+            stats: PodStats::new(),
+            run: Mutex::new(None),
+        });
+        pod.serve(listener)?;
+        Ok(pod)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.run.lock().map(|run| run.is_some()).unwrap_or(false)
+    }
+
+    fn serve(self: &Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(self.clone(), listener, stop_rx));
+        let mut run = self
+            .run
+            .lock()
+            .map_err(|_| anyhow::anyhow!("pod {} state lock poisoned", self.name))?;
+        *run = Some(PodRun {
+            accept,
+            _stop: stop_tx,
+        });
+        Ok(())
+    }
+
+    /// Serves again on the same address; Ok(false) if it was already up.
+    pub fn start(self: &Arc<Self>) -> anyhow::Result<bool> {
+        if self.is_up() {
+            return Ok(false);
+        }
+        let listener = bind(self.address)?;
+        self.serve(listener)?;
+        Ok(true)
+    }
+
+    /// Closes the listener, drops every connection and ends every open stream with an
+    /// error; returns false if it was already stopped.
+    pub fn stop(&self) -> bool {
+        let run = self.run.lock().ok().and_then(|mut run| run.take());
+        run.is_some()
+    }
+
+    /// Message rate over the last second.
+    pub fn rate(&self) -> f64 {
+        self.stats.window.rate(Instant::now())
+    }
+
+    /// ORCA-style utilisation: rate / capacity, or rate / 1000 when unlimited.
+    pub fn utilization(&self, rate: f64) -> f64 {
+        if self.capacity > 0.0 {
+            rate / self.capacity
+        } else {
+            rate / UNLIMITED_UTILIZATION_BASE
+        }
+    }
+
+    /// The `endpoint-load-metrics` header value (Envoy's TEXT format).
+    pub fn load_report(&self) -> String {
+        let rate = self.rate();
+        format!(
+            "TEXT application_utilization={:.4}, rps_fractional={:.2}",
+            self.utilization(rate),
+            rate
+        )
+    }
+
+    /// Overload delay for an ack right now (see the module doc).
+    fn ack_delay(&self, now: Instant) -> Duration {
+        if self.capacity <= 0.0 {
+            return Duration::ZERO;
+        }
+        let rate = self.stats.window.rate(now);
+        if rate <= self.capacity {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((rate - self.capacity) / self.capacity).min(MAX_ACK_DELAY)
+    }
+
+    pub fn snapshot(&self) -> PodSnapshot {
+        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let kind = |k: &KindStats| KindSnapshot {
+            streams_total: load(&k.streams_total),
+            messages: load(&k.messages),
+        };
+        let rate = self.rate();
+        PodSnapshot {
+            name: self.name.clone(),
+            zone: self.zone.clone(),
+            address: self.address.to_string(),
+            up: self.is_up(),
+            streams_active: load(&self.stats.streams_active),
+            streams_total: load(&self.stats.streams_total),
+            messages: load(&self.stats.messages),
+            bytes: load(&self.stats.bytes),
+            truncated: load(&self.stats.truncated),
+            stream_errors: load(&self.stats.stream_errors),
+            rate_1s: rate,
+            utilization: self.utilization(rate),
+            kinds: KindsSnapshot {
+                bidi: kind(&self.stats.bidi),
+                upload: kind(&self.stats.upload),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct KindSnapshot {
+    pub streams_total: u64,
+    pub messages: u64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct KindsSnapshot {
+    pub bidi: KindSnapshot,
+    pub upload: KindSnapshot,
+}
+
+/// `GET /stats` body.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Stats {
+    pub pods: Vec<PodSnapshot>,
+}
+
+/// One pod in `GET /stats`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct PodSnapshot {
+    pub name: String,
+    pub zone: String,
+    pub address: String,
+    pub up: bool,
+    pub streams_active: u64,
+    pub streams_total: u64,
+    pub messages: u64,
+    pub bytes: u64,
+    pub truncated: u64,
+    pub stream_errors: u64,
+    pub rate_1s: f64,
+    pub utilization: f64,
+    pub kinds: KindsSnapshot,
+}
+
+async fn accept_loop(pod: Arc<Pod>, listener: TcpListener, stop: watch::Receiver<bool>) {
+    // Owned here: aborting this task drops the set, which aborts every connection task.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    connections.spawn(serve_connection(pod.clone(), tcp, stop.clone()));
+                }
+                Err(error) => {
+                    eprintln!("pod {}: accept failed: {error}", pod.name);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(pod: Arc<Pod>, tcp: TcpStream, stop: watch::Receiver<bool>) {
+    let _ = tcp.set_nodelay(true);
+    let grpc = TelemetryServer::new(PodService {
+        pod: pod.clone(),
+        stop,
+    });
+    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+        let mut grpc = grpc.clone();
+        let pod = pod.clone();
+        async move {
+            let saw_endpoint = request.headers().get(&pod.endpoint_header).cloned();
+            std::future::poll_fn(|cx| {
+                <TelemetryServer<PodService> as Service<http::Request<Incoming>>>::poll_ready(
+                    &mut grpc, cx,
+                )
+            })
+            .await?;
+            let response = grpc.call(request).await?;
+            let mut response = decorate(&pod, response);
+            if let Some(value) = saw_endpoint {
+                response.headers_mut().insert(SAW_ENDPOINT_HEADER, value);
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tcp), service)
+        .await;
+    if let Err(error) = served {
+        eprintln!("connection error: {error}");
+    }
+}
+
+fn header_value(text: &str) -> http::HeaderValue {
+    http::HeaderValue::from_str(text).unwrap_or_else(|_| http::HeaderValue::from_static("invalid"))
+}
+
+/// Adds `x-pod`, `x-pod-zone` (and ORCA) to the response headers; ORCA also to trailers.
+fn decorate(
+    pod: &Arc<Pod>,
+    response: http::Response<tonic::body::Body>,
+) -> http::Response<PodBody> {
+    let (mut parts, body) = response.into_parts();
+    parts.headers.insert("x-pod", header_value(&pod.name));
+    parts.headers.insert("x-pod-zone", header_value(&pod.zone));
+    if pod.orca {
+        parts
+            .headers
+            .insert("endpoint-load-metrics", header_value(&pod.load_report()));
+    }
+    let orca = pod.orca.then(|| pod.clone());
+    http::Response::from_parts(parts, PodBody { inner: body, orca })
+}
+
+/// Response body that stamps ORCA load into the trailers.
+pub struct PodBody {
+    inner: tonic::body::Body,
+    orca: Option<Arc<Pod>>,
+}
+
+impl http_body::Body for PodBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let orca = self.orca.clone();
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match (frame.into_trailers(), orca) {
+                    (Ok(mut trailers), Some(pod)) => {
+                        trailers.insert("endpoint-load-metrics", header_value(&pod.load_report()));
+                        http_body::Frame::trailers(trailers)
+                    }
+                    (Ok(trailers), None) => http_body::Frame::trailers(trailers),
+                    (Err(data_frame), _) => data_frame,
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[derive(Clone)]
+struct PodService {
+    pod: Arc<Pod>,
+    stop: watch::Receiver<bool>,
+}
+
+fn stopped_status() -> Status {
+    Status::unavailable("pod stopped")
+}
+
+/// Resolves when the pod's run is stopped (sender sent true or was dropped).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+type AckStream = Pin<Box<dyn futures_util::Stream<Item = Result<Ack, Status>> + Send>>;
+
+/// State of one bidi stream: inbound readings and acks waiting for their release time.
+struct AckState {
+    pod: Arc<Pod>,
+    inbound: Streaming<Reading>,
+    inbound_done: bool,
+    finished: bool,
+    queue: VecDeque<(Instant, Ack)>,
+    stop: watch::Receiver<bool>,
+    _active: ActiveStream,
+}
+
+impl AckState {
+    async fn next_ack(&mut self) -> Option<Result<Ack, Status>> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            let release = self.queue.front().map(|(at, _)| *at);
+            if let Some(at) = release {
+                if at <= Instant::now() {
+                    return self.queue.pop_front().map(|(_, ack)| Ok(ack));
+                }
+            } else if self.inbound_done {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.stop) => {
+                    self.finished = true;
+                    return Some(Err(stopped_status()));
+                }
+                _ = tokio::time::sleep_until(release.unwrap_or_else(Instant::now).into()), if release.is_some() => {}
+                message = self.inbound.message(), if !self.inbound_done => match message {
+                    Ok(Some(reading)) => {
+                        let now = Instant::now();
+                        self.pod.stats.record_message(&self.pod.stats.bidi, &reading, now);
+                        let mut at = now + self.pod.ack_delay(now);
+                        // Keep acks in order when the delay shrinks.
+                        if let Some((last, _)) = self.queue.back() {
+                            at = at.max(*last);
+                        }
+                        self.queue.push_back((at, Ack {
+                            seq: reading.seq,
+                            pod: self.pod.name.clone(),
+                            sent_unix_nanos: reading.sent_unix_nanos,
+                        }));
+                    }
+                    Ok(None) => self.inbound_done = true,
+                    Err(status) => {
+                        self.pod.stats.record_inbound_error(&status);
+                        self.finished = true;
+                        return Some(Err(status));
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Telemetry for PodService {
+    async fn upload(
+        &self,
+        request: Request<Streaming<Reading>>,
+    ) -> Result<Response<UploadSummary>, Status> {
+        let _active = ActiveStream::open(&self.pod, &self.pod.stats.upload);
+        let mut inbound = request.into_inner();
+        let mut stop = self.stop.clone();
+        let mut received = 0;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => return Err(stopped_status()),
+                message = inbound.message() => match message {
+                    Ok(Some(reading)) => {
+                        self.pod.stats.record_message(&self.pod.stats.upload, &reading, Instant::now());
+                        received += 1;
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        self.pod.stats.record_inbound_error(&status);
+                        return Err(status);
+                    }
+                },
+            }
+        }
+        Ok(Response::new(UploadSummary {
+            received,
+            pod: self.pod.name.clone(),
+        }))
+    }
+
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<Reading>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let state = AckState {
+            pod: self.pod.clone(),
+            inbound: request.into_inner(),
+            inbound_done: false,
+            finished: false,
+            queue: VecDeque::new(),
+            stop: self.stop.clone(),
+            _active: ActiveStream::open(&self.pod, &self.pod.stats.bidi),
+        };
+        let acks = futures_util::stream::unfold(state, |mut state| async move {
+            let next = state.next_ack().await?;
+            Some((next, state))
+        });
+        Ok(Response::new(Box::pin(acks)))
+    }
+}
+
+/// `--zones a=2,b=1` → [("a", 2), ("b", 1)] in the given order.
+pub fn parse_zones(text: &str) -> anyhow::Result<Vec<(String, usize)>> {
+    let mut zones = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((zone, count)) = part.split_once('=') else {
+            bail!("bad zone spec {part:?}: expected ZONE=COUNT");
+        };
+        let zone = zone.trim();
+        if zone.is_empty()
+            || !zone
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!("bad zone name {zone:?}: use letters, digits, '-' or '_'");
+        }
+        let count: usize = count
+            .trim()
+            .parse()
+            .with_context(|| format!("bad pod count in {part:?}"))?;
+        if zones.iter().any(|(z, _): &(String, usize)| z == zone) {
+            bail!("zone {zone:?} given twice");
+        }
+        zones.push((zone.to_string(), count));
+    }
+    if zones.iter().map(|(_, n)| n).sum::<usize>() == 0 {
+        bail!("--zones names no pods");
+    }
+    Ok(zones)
+}
+
+#[derive(Debug, Clone)]
+pub struct PodsConfig {
+    pub zones: Vec<(String, usize)>,
+    pub capacity: f64,
+    pub orca: bool,
+    /// Request header to echo as `x-pod-saw-endpoint-header` (see the module doc).
+    pub endpoint_header: http::HeaderName,
+}
+
+/// The Gateway API Inference Extension endpoint-picker header (what override_host reads).
+pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
+/// Response header naming the endpoint header value a pod received.
+pub const SAW_ENDPOINT_HEADER: &str = "x-pod-saw-endpoint-header";
+
+/// All pods plus the control server.
+pub struct Fleet {
+    pub pods: Vec<Arc<Pod>>,
+    pub control: SocketAddr,
+    control_task: JoinHandle<()>,
+}
+
+#[derive(Serialize)]
+struct ReadyPod<'a> {
+    name: &'a str,
+    zone: &'a str,
+    address: String,
+}
+
+#[derive(Serialize)]
+struct Ready<'a> {
+    control: String,
+    pods: Vec<ReadyPod<'a>>,
+}
+
+impl Fleet {
+    pub async fn launch(config: &PodsConfig) -> anyhow::Result<Self> {
+        let mut pods = Vec::new();
+        for (zone, count) in &config.zones {
+            for index in 0..*count {
+                let name = format!("{zone}-{index}");
+                pods.push(Pod::launch(name, zone.clone(), config).await?);
+            }
+        }
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let control = listener
+            .local_addr()
+            .context("reading the control address")?;
+        let control_task = tokio::spawn(control_loop(listener, pods.clone()));
+        Ok(Self {
+            pods,
+            control,
+            control_task,
+        })
+    }
+
+    /// The one JSON line printed when everything is ready.
+    pub fn ready_line(&self) -> String {
+        let ready = Ready {
+            control: self.control.to_string(),
+            pods: self
+                .pods
+                .iter()
+                .map(|p| ReadyPod {
+                    name: &p.name,
+                    zone: &p.zone,
+                    address: p.address.to_string(),
+                })
+                .collect(),
+        };
+        serde_json::to_string(&ready).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    pub fn shutdown(self) {
+        self.control_task.abort();
+        for pod in &self.pods {
+            pod.stop();
+        }
+    }
+}
+
+async fn control_loop(listener: TcpListener, pods: Vec<Arc<Pod>>) {
+    let pods = Arc::new(pods);
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    let pods = pods.clone();
+                    connections.spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            let pods = pods.clone();
+                            async move { Ok::<_, Infallible>(control(&pods, request).await) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), service)
+                            .await;
+                    });
+                }
+                Err(error) => {
+                    eprintln!("control: accept failed: {error}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+fn json_response(status: http::StatusCode, body: impl Serialize) -> http::Response<Full<Bytes>> {
+    let text = serde_json::to_string(&body)
+        .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string());
+    let mut response = http::Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+async fn control(
+    pods: &[Arc<Pod>],
+    request: http::Request<Incoming>,
+) -> http::Response<Full<Bytes>> {
+    use http::{Method, StatusCode};
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    // Drain the request body (ignored).
+    let _ = request.into_body().collect().await;
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["stats"]) => {
+            let stats = Stats {
+                pods: pods.iter().map(|p| p.snapshot()).collect(),
+            };
+            json_response(StatusCode::OK, stats)
+        }
+        (&Method::POST, ["pods", name, action @ ("stop" | "start")]) => {
+            let Some(pod) = pods.iter().find(|p| p.name == *name) else {
+                return json_response(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({ "error": format!("unknown pod {name:?}") }),
+                );
+            };
+            let changed = if *action == "stop" {
+                Ok(pod.stop())
+            } else {
+                pod.start()
+            };
+            match changed {
+                Ok(changed) => {
+                    eprintln!("pod {name}: {action} (changed: {changed})");
+                    json_response(
+                        StatusCode::OK,
+                        serde_json::json!({ "pod": name, "up": pod.is_up(), "changed": changed }),
+                    )
+                }
+                Err(error) => json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({ "error": format!("{action} {name}: {error:#}") }),
+                ),
+            }
+        }
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": format!("no route {method} {path}; use GET /stats, POST /pods/NAME/stop|start") }),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_window_counts_the_last_second_only() {
+        let window = RateWindow::new();
+        let t0 = window.origin;
+        for i in 0..50 {
+            window.record(t0 + Duration::from_millis(i * 10)); // 50 msgs in 0..0.5 s
+        }
+        assert_eq!(window.rate(t0 + Duration::from_millis(600)), 50.0);
+        // 1.55 s later the buckets of 0..0.5 s have left the window.
+        assert_eq!(window.rate(t0 + Duration::from_millis(1550)), 0.0);
+    }
+
+    #[test]
+    fn zones_parse_in_order_and_reject_garbage() {
+        let zones = parse_zones("a=2,b=1").ok();
+        assert_eq!(zones, Some(vec![("a".into(), 2), ("b".into(), 1)]));
+        for bad in ["a", "a=x", "a=1,a=2", "=1", "a=0", "a b=1"] {
+            assert!(parse_zones(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
