@@ -27,6 +27,8 @@ import harness  # noqa: E402
 CLEAR = "\x1b[H\x1b[2J"
 BAR = "█"
 STREAMLB_STAT = re.compile(r"^(?:wasmcustom\.)?streamlb")
+# The filter's first successful endpoint discovery: devices start after it (or after 15 s).
+DISCOVERY_STAT = "wasmcustom.streamlb_discovery_polls_ok_total"
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--filter-config", default=json.dumps(harness.DEFAULT_FILTER_CONFIG), help="JSON")
     parser.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
+    parser.add_argument("--ramp", type=float, default=0, help="spread stream starts over this many seconds")
     parser.add_argument("--seed", type=int, default=1)
     return parser.parse_args()
 
@@ -108,7 +111,8 @@ class View:
             )
 
     def _draw(self, t, rates, mean, max_over_mean, cross, counters, devices_running) -> None:
-        width = max(10, shutil.get_terminal_size((100, 30)).columns - 34)
+        columns, rows = shutil.get_terminal_size((100, 30))
+        width = max(10, columns - 34)
         top = max(rates.values(), default=0.0) or 1.0
         lines = [
             f"streamlb demo  t={t:5.1f}s  Envoy zone {self.node_zone}"
@@ -131,6 +135,8 @@ class View:
         if counters:
             lines += ["", "streamlb counters:"]
             lines += [f"  {short_stat_name(n)} = {v:g}" for n, v in sorted(counters.items())]
+        if len(lines) > rows - 1:  # never scroll: that would break the redraw
+            lines = lines[: rows - 2] + ["  …"]
         sys.stdout.write(CLEAR + "\n".join(lines) + "\n")
         sys.stdout.flush()
 
@@ -186,8 +192,16 @@ def main() -> int:
             f"filter {'off' if filter_config is None else 'on'}",
             flush=True,
         )
+        if filter_config is not None and not envoy.wait_for_counter(DISCOVERY_STAT, timeout=15):
+            print(f"warning: no {DISCOVERY_STAT} after 15 s; starting devices anyway", flush=True)
         devices = harness.start_devices(
-            envoy.listen_addr, args.streams, args.rate, args.dist, args.duration, seed=args.seed
+            envoy.listen_addr,
+            args.streams,
+            args.rate,
+            args.dist,
+            args.duration,
+            seed=args.seed,
+            extra_args=["--ramp", str(args.ramp)] if args.ramp else [],
         )
         view = View(pods, args.node_zone, interactive)
         deadline = time.monotonic() + args.duration

@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -605,6 +606,16 @@ class Envoy:
         if filter_regex:
             path += "&filter=" + urllib.request.quote(filter_regex)
         return json.loads(self.admin(path))
+
+    def wait_for_counter(self, name: str, at_least: float = 1, timeout: float = 15.0) -> bool:
+        """Waits until stat `name` (full name, e.g. wasmcustom.streamlb_discovery_polls_ok_total)
+        reaches `at_least`; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.stats(f"^{re.escape(name)}$").get(name, 0) >= at_least:
+                return True
+            time.sleep(0.2)
+        return False
 
     def prometheus(self) -> str:
         return self.admin("/stats/prometheus")
