@@ -36,11 +36,11 @@ STREAMS ?= 60
 RATE ?= 20
 DIST ?= zipf:0.8
 
-.PHONY: deps apt rust-targets venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
+.PHONY: deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
 	test-unit-native test-unit-wasm test-e2e fuzz-smoke fuzz test run clean distclean
 
 ## deps: everything the other targets use.
-deps: apt rust-targets venv wasm-bindgen-cli
+deps: apt rust-targets rust-nightly venv wasm-bindgen-cli
 
 apt:
 	@tools/ensure_apt.sh $(APT_PACKAGES)
@@ -52,6 +52,10 @@ $(STAMPS)/rust-targets:
 	@mkdir -p $(@D) && touch $@
 
 # The stamp lives inside the venv: deleting .venv reinstalls.
+# cargo-fuzz needs nightly (fuzz/run.sh installs cargo-fuzz itself).
+rust-nightly:
+	@cargo +nightly --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
+
 venv: $(VENV)/.requirements-installed
 $(VENV)/.requirements-installed: tests/requirements.txt | apt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -95,10 +99,10 @@ test-unit-wasm: $(STAMPS)/rust-targets wasm-bindgen-cli apt
 test-e2e: venv build
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e
 
-fuzz-smoke:
+fuzz-smoke: rust-nightly
 	@if [ -f fuzz/run.sh ]; then bash fuzz/run.sh 10; else echo "fuzz/run.sh not present: fuzz-smoke skipped"; fi
 
-fuzz:
+fuzz: rust-nightly
 	bash fuzz/run.sh 60
 
 ## test: what CI runs (.ci/run).
