@@ -64,6 +64,12 @@ impl Metrics {
         host.record_metric(id, value)
     }
 
+    /// Add `delta` (may be negative) to a gauge shared by all VMs.
+    pub fn gauge_add(&mut self, host: &dyn Host, name: &str, delta: i64) -> HostResult<()> {
+        let id = self.id(host, MetricKind::Gauge, name)?;
+        host.increment_metric(id, delta)
+    }
+
     /// Record one histogram sample.
     pub fn sample(&mut self, host: &dyn Host, name: &str, value: u64) -> HostResult<()> {
         let id = self.id(host, MetricKind::Histogram, name)?;

@@ -3,10 +3,12 @@
 //!
 //! - [`vm`]: per-VM state (root context): config, router, discovery poll, shared view, stats flush.
 //! - [`stream`]: per-HTTP-stream logic (HTTP context): placement, counting, outcome.
-//! - [`metrics`]: stat names with tags encoded for Envoy's tag extraction, flushed on the tick.
+//! - [`stats`]: what is counted between ticks and flushed as Envoy stats;
+//!   [`metrics`]: stat names with tags encoded for Envoy's tag extraction.
 
 pub mod host;
 pub mod metrics;
+pub mod stats;
 pub mod stream;
 pub mod vm;
 

@@ -12,12 +12,14 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use super::host::{string_property, Body, HeaderMap, Host};
+use super::stats::{StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US};
 use super::vm::Vm;
 use crate::core::config::Mode;
 use crate::core::grpc_framing::FrameCounter;
 use crate::core::orca;
 use crate::core::penalty;
 use crate::core::streams::Direction;
+use crate::core::Nanos;
 
 pub const ORCA_HEADER: &str = "endpoint-load-metrics";
 
@@ -32,6 +34,11 @@ pub struct StreamFilter {
     debug: Option<(String, String)>,
     http_status: Option<u32>,
     grpc_status: Option<u32>,
+    started: Nanos,
+    /// The endpoint is in another zone than this proxy (known from the decision, then from the
+    /// real upstream).
+    cross_zone: bool,
+    first_byte_seen: bool,
     ended: bool,
 }
 
@@ -47,6 +54,9 @@ impl StreamFilter {
             debug: None,
             http_status: None,
             grpc_status: None,
+            started: 0,
+            cross_zone: false,
+            first_byte_seen: false,
             ended: false,
         }
     }
@@ -64,7 +74,7 @@ impl StreamFilter {
         // A client must never choose its own pod: remove whatever it sent, always.
         match host.header(HeaderMap::Request, &header) {
             Ok(Some(_)) => {
-                vm.health.endpoint_headers_stripped += 1;
+                vm.stats.health.endpoint_headers_stripped += 1;
                 if let Err(e) = host.set_header(HeaderMap::Request, &header, None) {
                     vm.host_error(host, "remove endpoint header", &e);
                 }
@@ -103,12 +113,14 @@ impl StreamFilter {
         };
         let ri = vm.router.streams().get(self.id).map_or(0, |s| s.route);
         self.tracked = Some((ri, ci));
-        *vm.active.entry((ri, ci)).or_default() += 1;
-        let traffic = vm.traffic.entry((ri, ci)).or_default();
-        traffic.streams_started += 1;
+        self.started = now;
+        self.cross_zone = is_cross_zone(vm.router.local_zone(), &decision.zone);
+        let stats = vm.stats.route(ri, ci);
+        stats.started += 1;
+        stats.active_delta += 1;
         if !self.grpc {
             // Non-gRPC traffic: each request counts as one message.
-            traffic.messages[0] += 1;
+            stats.messages[0] += 1;
             vm.router.on_data(self.id, Direction::Upstream, 1, 0);
         }
         if vm.config().mode == Mode::Steer {
@@ -166,17 +178,20 @@ impl StreamFilter {
             Direction::Upstream => 0,
             Direction::Downstream => 1,
         };
-        let t = vm.traffic.entry((ri, ci)).or_default();
+        let t = vm.stats.route(ri, ci);
         if let (Some(m), Some(b)) = (t.messages.get_mut(d), t.bytes.get_mut(d)) {
             *m += dm;
             *b += db;
         }
+        if self.cross_zone && dm > 0 {
+            *vm.stats.cross_zone_messages.entry(ci).or_default() += dm;
+        }
     }
 
     pub fn on_response_headers(&mut self, host: &dyn Host) {
-        if self.tracked.is_none() {
+        let Some(key) = self.tracked else {
             return;
-        }
+        };
         let Ok(mut vm) = self.vm.try_borrow_mut() else {
             return;
         };
@@ -197,6 +212,9 @@ impl StreamFilter {
                     .flatten()
                     .unwrap_or_default();
                 vm.router.on_upstream(now, self.id, &address, &zone);
+                if !zone.is_empty() {
+                    self.cross_zone = is_cross_zone(vm.router.local_zone(), &zone);
+                }
             }
             Ok(None) => {}
             Err(e) => vm.host_error(host, "get_property (upstream)", &e),
@@ -204,6 +222,16 @@ impl StreamFilter {
         if let Ok(Some(v)) = host.header(HeaderMap::Response, ORCA_HEADER) {
             if let Ok(report) = orca::parse(&v) {
                 vm.router.on_orca(now, self.id, &report);
+            }
+        }
+        if !self.first_byte_seen {
+            self.first_byte_seen = true;
+            let micros = now.saturating_sub(self.started) / 1000;
+            let r = vm
+                .stats
+                .sample(host, &vm.router, FIRST_BYTE_US, key, micros);
+            if let Err(e) = r {
+                vm.host_error(host, "histogram", &e);
             }
         }
         if let Some((name, value)) = &self.debug {
@@ -240,12 +268,30 @@ impl StreamFilter {
         let Ok(mut vm) = self.vm.try_borrow_mut() else {
             return;
         };
+        let vm = &mut *vm;
         let now = host.now().unwrap_or(0);
         let outcome = penalty::classify(self.http_status, self.grpc_status);
         vm.router.on_end(now, self.id, outcome);
-        vm.traffic.entry((ri, ci)).or_default().streams_ended += 1;
-        if let Some(n) = vm.active.get_mut(&(ri, ci)) {
-            *n = n.saturating_sub(1);
+        let class = StatusClass::of(self.http_status, self.grpc_status);
+        let stats = vm.stats.route(ri, ci);
+        stats.active_delta -= 1;
+        *stats.ended.entry(class).or_default() += 1;
+        let micros = now.saturating_sub(self.started) / 1000;
+        let unary = !self.grpc || (self.up.messages() <= 1 && self.down.messages() <= 1);
+        let mut result = vm
+            .stats
+            .sample(host, &vm.router, DURATION_US, (ri, ci), micros);
+        if unary && result.is_ok() {
+            result = vm
+                .stats
+                .sample(host, &vm.router, REQUEST_LATENCY_US, (ri, ci), micros);
+        }
+        if let Err(e) = result {
+            vm.host_error(host, "histogram", &e);
         }
     }
+}
+
+fn is_cross_zone(local: &str, endpoint: &str) -> bool {
+    !local.is_empty() && !endpoint.is_empty() && local != endpoint
 }

@@ -258,3 +258,97 @@ fn host_failures_are_counted_logged_once_and_never_panic() {
         .count();
     assert_eq!(warnings, 1);
 }
+
+#[test]
+fn ten_thousand_route_names_make_at_most_cap_plus_one_series() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["pods"],"max_routes":16}"#);
+    discover(&h, &v);
+    for id in 0..10_000u64 {
+        h.set_property("xds.route_name", &format!("route-{id}"));
+        let mut s = StreamFilter::new(v.clone(), id);
+        s.on_request_headers(&h);
+        s.on_done(&h);
+    }
+    v.borrow_mut().flush(&h);
+    let routes: hashbrown::HashSet<String> = h
+        .metric_names
+        .borrow()
+        .values()
+        .filter(|(_, n)| n.starts_with("streamlb_route_streams_total."))
+        .map(|(_, n)| n.split(";.;").next().unwrap().to_string())
+        .collect();
+    assert_eq!(routes.len(), 17, "{routes:?}");
+    assert!(routes.contains("streamlb_route_streams_total.route=.=other"));
+    let total: i64 = h
+        .metric_names
+        .borrow()
+        .iter()
+        .filter(|(_, (_, n))| n.starts_with("streamlb_route_streams_total."))
+        .map(|(id, _)| h.metric_values.borrow().get(id).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 10_000); // folded, not dropped
+}
+
+#[test]
+fn stream_end_records_status_class_latency_and_cross_zone_messages() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["pods"],"local_zone":"a"}"#);
+    discover(&h, &v);
+    h.set_request_header("content-type", "application/grpc");
+    let mut s = StreamFilter::new(v.clone(), 1);
+    s.on_request_headers(&h);
+    h.time.set(10 * SEC + 3_000_000); // 3 ms to first byte
+    h.set_property("upstream.address", "10.0.0.3:8080");
+    h.set_property("upstream.locality.zone", "b");
+    h.headers
+        .borrow_mut()
+        .insert((HeaderMap::Response, ":status".into()), "200".into());
+    s.on_response_headers(&h);
+    let frames = grpc_frames(&[8, 8]);
+    h.bodies.borrow_mut().insert(Body::Request, frames.clone());
+    s.on_request_body(&h, frames.len());
+    h.headers.borrow_mut().insert(
+        (HeaderMap::ResponseTrailers, "grpc-status".into()),
+        "14".into(),
+    );
+    s.on_response_trailers(&h);
+    h.time.set(12 * SEC);
+    s.on_done(&h);
+    v.borrow_mut().flush(&h);
+    let rc = "route=.=telemetry;.;cluster=.=pods;.;";
+    assert_eq!(
+        h.metric(&format!(
+            "streamlb_route_streams_ended_total.{rc}status_class=.=server_error;.;"
+        )),
+        1
+    );
+    assert_eq!(
+        h.metric("streamlb_cross_zone_messages_total.cluster=.=pods;.;"),
+        2
+    );
+    assert_eq!(
+        h.metric(&format!("streamlb_route_first_byte_us.{rc}")),
+        3_000
+    );
+    assert_eq!(
+        h.metric(&format!("streamlb_route_duration_us.{rc}")),
+        2_000_000
+    );
+    // Two messages up: a stream, not a unary call.
+    assert_eq!(
+        h.metric(&format!("streamlb_route_request_latency_us.{rc}")),
+        0
+    );
+    // UNAVAILABLE penalises the endpoint.
+    let vm = v.borrow();
+    let c = &vm.router.clusters()[0];
+    assert!(
+        c.endpoint(c.index_of("10.0.0.3:8080").unwrap())
+            .unwrap()
+            .capacity
+            < 1.0
+    );
+}

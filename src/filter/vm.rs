@@ -9,10 +9,10 @@
 //!    shared view with compare-and-swap and takes the other VMs' load from it;
 //! 4. flushes its accumulated stats.
 
-use hashbrown::{HashMap, HashSet};
+use hashbrown::HashSet;
 
 use super::host::{string_property, Host, HostError, LogLevel};
-use super::metrics::{tagged, Metrics};
+use super::stats::Stats;
 use crate::core::config::Config;
 use crate::core::discovery;
 use crate::core::router::Router;
@@ -26,36 +26,11 @@ pub const LOAD_KEY: &str = "streamlb.load";
 const CAS_ATTEMPTS: usize = 8;
 const MS: Nanos = 1_000_000;
 
-/// Traffic of one (route, cluster) since the last flush.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct Traffic {
-    pub streams_started: u64,
-    pub streams_ended: u64,
-    /// [upstream, downstream]
-    pub messages: [u64; 2],
-    pub bytes: [u64; 2],
-}
-
-/// Filter-health counters since the last flush.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct Health {
-    pub polls_ok: u64,
-    pub polls_failed: u64,
-    pub host_errors: u64,
-    pub cas_retries: u64,
-    pub endpoint_headers_stripped: u64,
-}
-
 pub struct Vm {
     pub router: Router,
     pub id: u64,
-    pub traffic: HashMap<(usize, usize), Traffic>,
-    pub health: Health,
-    /// (streams active per (route, cluster)) — gauges, not deltas.
-    pub active: HashMap<(usize, usize), u64>,
-    metrics: Metrics,
+    pub stats: Stats,
     logged: HashSet<&'static str>,
-    configured_logged: bool,
     poll: Option<(u32, Nanos)>,
     next_poll: Nanos,
     snapshot_cas: Option<u32>,
@@ -80,12 +55,8 @@ impl Vm {
         Ok(Vm {
             router: Router::new(cfg, &local_zone, seed),
             id,
-            traffic: HashMap::new(),
-            health: Health::default(),
-            active: HashMap::new(),
-            metrics: Metrics::default(),
+            stats: Stats::loaded(),
             logged: HashSet::new(),
-            configured_logged: false,
             poll: None,
             next_poll: 0,
             snapshot_cas: None,
@@ -98,7 +69,7 @@ impl Vm {
 
     /// Count a host-call failure; log the first of each kind.
     pub fn host_error(&mut self, host: &dyn Host, what: &'static str, err: &HostError) {
-        self.health.host_errors += 1;
+        self.stats.health.host_errors += 1;
         if self.logged.insert(what) {
             host.log(
                 LogLevel::Warn,
@@ -129,7 +100,7 @@ impl Vm {
                 return; // in flight
             }
             self.poll = None; // the host never answered: count and retry
-            self.health.polls_failed += 1;
+            self.stats.health.polls_failed += 1;
         }
         if now < self.next_poll || !self.hold_lease(host, now, poll_ms) {
             return;
@@ -146,7 +117,7 @@ impl Vm {
                 self.next_poll = now + poll_ms * MS;
             }
             Err(e) => {
-                self.health.polls_failed += 1;
+                self.stats.health.polls_failed += 1;
                 self.next_poll = now + poll_ms * MS;
                 self.release_lease(host);
                 self.host_error(host, "dispatch_http_call (discovery)", &e);
@@ -215,7 +186,7 @@ impl Vm {
         let clusters = match parsed {
             Ok(c) => c,
             Err(e) => {
-                self.health.polls_failed += 1;
+                self.stats.health.polls_failed += 1;
                 if self.logged.insert("discovery") {
                     host.log(
                         LogLevel::Warn,
@@ -225,7 +196,7 @@ impl Vm {
                 return;
             }
         };
-        self.health.polls_ok += 1;
+        self.stats.health.polls_ok += 1;
         let missing: Vec<&String> = (self.router.config().clusters.iter())
             .filter(|w| !clusters.iter().any(|c| &c.name == *w))
             .collect();
@@ -256,7 +227,7 @@ impl Vm {
         match discovery::decode_snapshot(&bytes) {
             Ok((_generation, clusters)) => self.router.apply_snapshot(now, &clusters),
             Err(e) => {
-                self.health.host_errors += 1;
+                self.stats.health.host_errors += 1;
                 if self.logged.insert("snapshot decode") {
                     host.log(
                         LogLevel::Warn,
@@ -292,7 +263,7 @@ impl Vm {
             let (record, corrupt) =
                 shared_view::merge(current.as_deref(), mine.clone(), now, expire);
             if corrupt.is_some() {
-                self.health.host_errors += 1;
+                self.stats.health.host_errors += 1;
             }
             match host.shared_set(LOAD_KEY, &record, cas) {
                 Ok(()) => {
@@ -311,7 +282,7 @@ impl Vm {
                     }
                     return;
                 }
-                Err(HostError::CasMismatch) => self.health.cas_retries += 1,
+                Err(HostError::CasMismatch) => self.stats.health.cas_retries += 1,
                 Err(e) => return self.host_error(host, "set_shared_data (load)", &e),
             }
         }
@@ -319,101 +290,7 @@ impl Vm {
 
     /// Write accumulated stats to Envoy.
     pub fn flush(&mut self, host: &dyn Host) {
-        let mut failed: Option<HostError> = None;
-        let mut note = |r: Result<(), HostError>| {
-            if let Err(e) = r {
-                failed.get_or_insert(e);
-            }
-        };
-        if !self.configured_logged {
-            self.configured_logged = true;
-            note(self.metrics.count(host, "streamlb_config_loads_total", 1));
-        }
-        let counters = self.router.take_counters();
-        let local_zone = self.router.local_zone().to_string();
-        let cluster_name = |r: &Router, i: usize| {
-            r.clusters()
-                .get(i)
-                .map(|c| c.name.clone())
-                .unwrap_or_default()
-        };
-        for ((ci, reason), n) in counters.decisions {
-            let c = cluster_name(&self.router, ci);
-            let name = tagged(
-                "streamlb_decisions_total",
-                &[("cluster", &c), ("reason", reason.as_str())],
-            );
-            note(self.metrics.count(host, &name, n));
-        }
-        for ((ci, to_zone), n) in counters.to_zone {
-            let c = cluster_name(&self.router, ci);
-            let name = tagged(
-                "streamlb_decisions_by_zone_total",
-                &[
-                    ("cluster", &c),
-                    ("from_zone", &local_zone),
-                    ("to_zone", &to_zone),
-                ],
-            );
-            note(self.metrics.count(host, &name, n));
-        }
-        for ((ri, ci), t) in std::mem::take(&mut self.traffic) {
-            let route = self.router.routes().name(ri).to_string();
-            let c = cluster_name(&self.router, ci);
-            let base = [("route", route.as_str()), ("cluster", c.as_str())];
-            note(self.metrics.count(
-                host,
-                &tagged("streamlb_route_streams_total", &base),
-                t.streams_started,
-            ));
-            for (d, dir) in ["upstream", "downstream"].iter().enumerate() {
-                let tags = [base[0], base[1], ("direction", dir)];
-                let (m, b) = (t.messages.get(d).copied(), t.bytes.get(d).copied());
-                note(self.metrics.count(
-                    host,
-                    &tagged("streamlb_route_messages_total", &tags),
-                    m.unwrap_or(0),
-                ));
-                note(self.metrics.count(
-                    host,
-                    &tagged("streamlb_route_bytes_total", &tags),
-                    b.unwrap_or(0),
-                ));
-            }
-        }
-        for (&(ri, ci), &n) in &self.active {
-            let route = self.router.routes().name(ri).to_string();
-            let c = cluster_name(&self.router, ci);
-            let name = tagged(
-                "streamlb_route_streams_active",
-                &[("route", &route), ("cluster", &c)],
-            );
-            note(self.metrics.gauge(host, &name, n));
-        }
-        let h = std::mem::take(&mut self.health);
-        note(
-            self.metrics
-                .count(host, "streamlb_discovery_polls_ok_total", h.polls_ok),
-        );
-        note(self.metrics.count(
-            host,
-            "streamlb_discovery_polls_failed_total",
-            h.polls_failed,
-        ));
-        note(
-            self.metrics
-                .count(host, "streamlb_host_errors_total", h.host_errors),
-        );
-        note(
-            self.metrics
-                .count(host, "streamlb_cas_retries_total", h.cas_retries),
-        );
-        note(self.metrics.count(
-            host,
-            "streamlb_endpoint_header_stripped_total",
-            h.endpoint_headers_stripped,
-        ));
-        if let Some(e) = failed {
+        if let Err(e) = self.stats.flush(host, &mut self.router) {
             self.host_error(host, "metrics", &e);
         }
     }

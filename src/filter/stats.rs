@@ -1,0 +1,268 @@
+//! What the filter counts between two ticks, and how it is written to Envoy stats.
+//!
+//! The per-message path only adds to these fields; [`Stats::flush`] turns them into host calls
+//! once per tick. Every label is bounded: routes are capped (`max_routes`, the rest fold into
+//! `other`), clusters come from the config, zones from discovery, the rest are fixed sets.
+//! Every VM adds to the same Envoy stats, so counters and the active-stream gauge are written as
+//! deltas; cluster gauges are computed from the merged cross-worker view and set.
+
+use hashbrown::HashMap;
+
+use super::host::{Host, HostError};
+use super::metrics::{tagged, Metrics};
+use crate::core::router::Router;
+
+/// How a stream ended, as a bounded label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatusClass {
+    Ok,
+    ClientError,
+    ServerError,
+    /// No status at all: reset, or the client went away.
+    Reset,
+}
+
+impl StatusClass {
+    pub const ALL: [StatusClass; 4] = [
+        StatusClass::Ok,
+        StatusClass::ClientError,
+        StatusClass::ServerError,
+        StatusClass::Reset,
+    ];
+
+    /// gRPC status when present, else HTTP status: `ok` = gRPC OK or HTTP 1xx–3xx;
+    /// `client_error` = CANCELLED, INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
+    /// PERMISSION_DENIED, FAILED_PRECONDITION, OUT_OF_RANGE, UNAUTHENTICATED or HTTP 4xx;
+    /// `server_error` = every other gRPC code or HTTP 5xx; `reset` = neither.
+    pub fn of(http: Option<u32>, grpc: Option<u32>) -> StatusClass {
+        match (grpc, http) {
+            (Some(0), _) => StatusClass::Ok,
+            (Some(1 | 3 | 5 | 6 | 7 | 9 | 11 | 16), _) => StatusClass::ClientError,
+            (Some(_), _) => StatusClass::ServerError,
+            (None, Some(s)) if s < 400 => StatusClass::Ok,
+            (None, Some(s)) if s < 500 => StatusClass::ClientError,
+            (None, Some(_)) => StatusClass::ServerError,
+            (None, None) => StatusClass::Reset,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusClass::Ok => "ok",
+            StatusClass::ClientError => "client_error",
+            StatusClass::ServerError => "server_error",
+            StatusClass::Reset => "reset",
+        }
+    }
+}
+
+/// Traffic of one (route, cluster) since the last flush.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RouteStats {
+    pub started: u64,
+    /// Change of the active-stream count.
+    pub active_delta: i64,
+    pub ended: HashMap<StatusClass, u64>,
+    /// [upstream, downstream]
+    pub messages: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// Filter-health counters since the last flush.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Health {
+    pub polls_ok: u64,
+    pub polls_failed: u64,
+    pub host_errors: u64,
+    pub cas_retries: u64,
+    pub endpoint_headers_stripped: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// (route, cluster) → traffic.
+    pub routes: HashMap<(usize, usize), RouteStats>,
+    /// cluster → messages (both directions) on streams whose endpoint is in another zone.
+    pub cross_zone_messages: HashMap<usize, u64>,
+    pub health: Health,
+    pub config_loads: u64,
+    metrics: Metrics,
+}
+
+/// Histogram names (values in microseconds; buckets in envoy/envoy.yaml.tmpl).
+pub const FIRST_BYTE_US: &str = "streamlb_route_first_byte_us";
+pub const DURATION_US: &str = "streamlb_route_duration_us";
+pub const REQUEST_LATENCY_US: &str = "streamlb_route_request_latency_us";
+
+impl Stats {
+    /// Fresh stats of a VM whose configuration just loaded.
+    pub fn loaded() -> Self {
+        Stats {
+            config_loads: 1,
+            ..Stats::default()
+        }
+    }
+
+    pub fn route(&mut self, route: usize, cluster: usize) -> &mut RouteStats {
+        self.routes.entry((route, cluster)).or_default()
+    }
+
+    /// Record one histogram sample now (once per stream event, never per message).
+    pub fn sample(
+        &mut self,
+        host: &dyn Host,
+        router: &Router,
+        name: &str,
+        (route, cluster): (usize, usize),
+        micros: u64,
+    ) -> Result<(), HostError> {
+        let tags = route_tags(router, route, cluster);
+        let name = tagged(name, &[("route", &tags.0), ("cluster", &tags.1)]);
+        self.metrics.sample(host, &name, micros)
+    }
+
+    /// Write everything accumulated since the last flush. Returns the first host error.
+    pub fn flush(&mut self, host: &dyn Host, router: &mut Router) -> Result<(), HostError> {
+        let mut first_error = None;
+        let mut note = |r: Result<(), HostError>| {
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        };
+        let m = &mut self.metrics;
+        let counters = router.take_counters();
+        let local_zone = router.local_zone().to_string();
+        for ((ci, reason), n) in counters.decisions {
+            let c = cluster_name(router, ci);
+            let tags = [("cluster", c.as_str()), ("reason", reason.as_str())];
+            note(m.count(host, &tagged("streamlb_decisions_total", &tags), n));
+        }
+        for ((ci, to_zone), n) in counters.to_zone {
+            let c = cluster_name(router, ci);
+            let tags = [
+                ("cluster", c.as_str()),
+                ("from_zone", local_zone.as_str()),
+                ("to_zone", to_zone.as_str()),
+            ];
+            note(m.count(host, &tagged("streamlb_decisions_by_zone_total", &tags), n));
+        }
+        for ((ri, ci), t) in self.routes.iter_mut() {
+            let (route, c) = route_tags(router, *ri, *ci);
+            let base = [("route", route.as_str()), ("cluster", c.as_str())];
+            note(m.count(
+                host,
+                &tagged("streamlb_route_streams_total", &base),
+                t.started,
+            ));
+            if t.active_delta != 0 {
+                let name = tagged("streamlb_route_streams_active", &base);
+                note(m.gauge_add(host, &name, t.active_delta));
+            }
+            for (class, n) in t.ended.drain() {
+                let tags = [base[0], base[1], ("status_class", class.as_str())];
+                note(m.count(
+                    host,
+                    &tagged("streamlb_route_streams_ended_total", &tags),
+                    n,
+                ));
+            }
+            for (d, dir) in ["upstream", "downstream"].into_iter().enumerate() {
+                let tags = [base[0], base[1], ("direction", dir)];
+                let msgs = t.messages.get(d).copied().unwrap_or(0);
+                let bytes = t.bytes.get(d).copied().unwrap_or(0);
+                note(m.count(host, &tagged("streamlb_route_messages_total", &tags), msgs));
+                note(m.count(host, &tagged("streamlb_route_bytes_total", &tags), bytes));
+            }
+            *t = RouteStats::default();
+        }
+        for (ci, c) in router.clusters().iter().enumerate() {
+            let tags = [("cluster", c.name.as_str())];
+            let cross = self.cross_zone_messages.remove(&ci).unwrap_or(0);
+            note(m.count(
+                host,
+                &tagged("streamlb_cross_zone_messages_total", &tags),
+                cross,
+            ));
+            let rates: Vec<f64> = c
+                .zones
+                .iter()
+                .flat_map(|z| z.healthy.iter())
+                .filter_map(|&j| c.endpoint(j))
+                .map(|e| e.local_rate + e.remote_load)
+                .collect();
+            let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+            let max = rates.iter().copied().fold(0.0, f64::max);
+            let imbalance = if mean > 0.0 { max / mean } else { 0.0 };
+            let name = tagged("streamlb_cluster_imbalance_permille", &tags);
+            note(m.gauge(host, &name, (imbalance * 1000.0).round() as u64));
+            for z in &c.zones {
+                let rate: f64 = (z.healthy.iter())
+                    .filter_map(|&j| c.endpoint(j))
+                    .map(|e| e.local_rate + e.remote_load)
+                    .sum();
+                let tags = [("cluster", c.name.as_str()), ("zone", z.name.as_str())];
+                let name = tagged("streamlb_zone_messages_per_second", &tags);
+                note(m.gauge(host, &name, rate.round() as u64));
+            }
+        }
+        let h = std::mem::take(&mut self.health);
+        let loads = std::mem::take(&mut self.config_loads);
+        for (name, n) in [
+            ("streamlb_config_loads_total", loads),
+            ("streamlb_discovery_polls_ok_total", h.polls_ok),
+            ("streamlb_discovery_polls_failed_total", h.polls_failed),
+            ("streamlb_host_errors_total", h.host_errors),
+            ("streamlb_cas_retries_total", h.cas_retries),
+            (
+                "streamlb_endpoint_header_stripped_total",
+                h.endpoint_headers_stripped,
+            ),
+        ] {
+            note(m.count(host, name, n));
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn cluster_name(router: &Router, ci: usize) -> String {
+    router
+        .clusters()
+        .get(ci)
+        .map(|c| c.name.clone())
+        .unwrap_or_default()
+}
+
+fn route_tags(router: &Router, ri: usize, ci: usize) -> (String, String) {
+    (
+        router.routes().name(ri).to_string(),
+        cluster_name(router, ci),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(StatusClass::of(Some(200), Some(0)), StatusClass::Ok);
+        assert_eq!(
+            StatusClass::of(Some(200), Some(1)),
+            StatusClass::ClientError
+        );
+        assert_eq!(
+            StatusClass::of(Some(200), Some(14)),
+            StatusClass::ServerError
+        );
+        assert_eq!(
+            StatusClass::of(Some(200), Some(13)),
+            StatusClass::ServerError
+        );
+        assert_eq!(StatusClass::of(Some(204), None), StatusClass::Ok);
+        assert_eq!(StatusClass::of(Some(429), None), StatusClass::ClientError);
+        assert_eq!(StatusClass::of(Some(503), None), StatusClass::ServerError);
+        assert_eq!(StatusClass::of(None, None), StatusClass::Reset);
+    }
+}
