@@ -85,10 +85,10 @@ def run_skew(pods, envoy_kwargs, seed):
     with harness.Envoy(pods, **envoy_kwargs) as envoy:
         if envoy_kwargs.get("filter_config"):
             wait_for_discovery(envoy)
-        with harness.start_devices(envoy.listen_addr, streams=90, mean_rate=20, dist="zipf:0.8", duration=30,
-                                   seed=seed, extra_args=["--ramp", "15"]) as devices:
-            time.sleep(20)  # the ramp, plus a few seconds
-            rates = pod_rates(pods, 8)
+        with harness.start_devices(envoy.listen_addr, streams=300, mean_rate=5, dist="zipf:0.8", duration=40,
+                                   seed=seed, extra_args=["--ramp", "20"]) as devices:
+            time.sleep(24)  # the ramp, plus a few seconds
+            rates = pod_rates(pods, 10)
             devices.stop()
     return rates
 
