@@ -21,7 +21,7 @@ LAB := $(CARGO_TARGET_DIR)/release/lab
 
 # Debian packages, installed with apt-get only when missing. An entry is `package`
 # (checked with dpkg) or `command:package` (present when `command` is on PATH).
-APT_PACKAGES := curl:curl node:nodejs cc:gcc
+APT_PACKAGES := curl:curl node:nodejs cc:gcc prometheus:prometheus
 # A Python without the venv module (Debian's python3 without python3-venv) gets it from apt.
 ifneq ($(shell python3 -c 'import ensurepip, venv' 2>/dev/null && echo ok),ok)
 APT_PACKAGES += python3:python3 python3-venv

@@ -5,6 +5,9 @@
 //! `other`), clusters come from the config, zones from discovery, the rest are fixed sets.
 //! Every VM adds to the same Envoy stats, so counters and the active-stream gauge are written as
 //! deltas; cluster gauges are computed from the merged cross-worker view and set.
+//!
+//! No label name may end with another one (`from_zone` would contain `zone=`, and Envoy's tag
+//! regexes would match inside it): hence `from`/`to` for the zones of a decision.
 
 use hashbrown::HashMap;
 
@@ -141,8 +144,8 @@ impl Stats {
             let c = cluster_name(router, ci);
             let tags = [
                 ("cluster", c.as_str()),
-                ("from_zone", local_zone.as_str()),
-                ("to_zone", to_zone.as_str()),
+                ("from", local_zone.as_str()),
+                ("to", to_zone.as_str()),
             ];
             note(m.count(host, &tagged("streamlb_decisions_by_zone_total", &tags), n));
         }
