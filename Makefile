@@ -22,6 +22,8 @@ LAB := $(CARGO_TARGET_DIR)/release/lab
 # Debian packages, installed with apt-get only when missing. An entry is `package`
 # (checked with dpkg) or `command:package` (present when `command` is on PATH).
 APT_PACKAGES := curl:curl node:nodejs cc:gcc prometheus:prometheus
+# make image / test-deploy: OCI image without Docker, its inspection, a loopback registry, YAML lint.
+APT_PACKAGES += buildah:buildah skopeo:skopeo docker-registry:docker-registry yamllint:yamllint
 # A Python without the venv module (Debian's python3 without python3-venv) gets it from apt.
 ifneq ($(shell python3 -c 'import ensurepip, venv' 2>/dev/null && echo ok),ok)
 APT_PACKAGES += python3:python3 python3-venv
@@ -36,7 +38,7 @@ STREAMS ?= 60
 RATE ?= 20
 DIST ?= zipf:0.8
 
-.PHONY: deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
+.PHONY: image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
 	test-unit-native test-unit-wasm test-e2e fuzz-smoke fuzz test run clean distclean
 
 ## deps: everything the other targets use.
@@ -99,6 +101,15 @@ test-unit-wasm: $(STAMPS)/rust-targets wasm-bindgen-cli apt
 test-e2e: venv build
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e
 
+## image: the Istio-compatible wasm OCI image (build/image/oci, one layer with /plugin.wasm), its
+## digest and build/image/istio (istio/base pinned to it). No Docker: buildah (vfs) + skopeo.
+image: build-wasm | apt
+	tools/image.sh $(WASM) build/image
+
+## test-deploy: Istio manifests (CRD schemas, Envoy-validated fragments), OCI image, compose.
+test-deploy: venv build-wasm | apt
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/deploy
+
 fuzz-smoke: rust-nightly
 	@if [ -f fuzz/run.sh ]; then bash fuzz/run.sh 10; else echo "fuzz/run.sh not present: fuzz-smoke skipped"; fi
 
@@ -106,7 +117,7 @@ fuzz: rust-nightly
 	bash fuzz/run.sh 60
 
 ## test: what CI runs (.ci/run).
-test: deps lint test-unit fuzz-smoke test-e2e
+test: deps lint test-unit fuzz-smoke test-e2e test-deploy
 
 ## run: live demo: pods in zones a,b,c, Envoy with the filter, simulated devices.
 run: deps build
