@@ -33,11 +33,14 @@ mkdir -p "$ctx" "$OUT/istio"
 cp "$WASM" "$ctx/plugin.wasm"
 printf 'FROM scratch\nCOPY plugin.wasm /plugin.wasm\n' >"$ctx/Containerfile"
 
+# buildah's own storage is scratch space: gone when the script ends, whatever happens.
+trap 'rm -rf "$OUT/storage" "$OUT/run"' EXIT
 buildah=(buildah --root "$OUT/storage" --runroot "$OUT/run" --storage-driver vfs)
 local_name="localhost/streamlb-wasm:$TAG"
 "${buildah[@]}" bud --quiet --timestamp 0 --format oci --layers=false -t "$local_name" -f "$ctx/Containerfile" "$ctx" >/dev/null
 "${buildah[@]}" push --quiet "$local_name" "oci:$OUT/oci:$TAG"
 "${buildah[@]}" rmi --all --force >/dev/null 2>&1 || true
+rm -rf "$OUT/storage" "$OUT/run" "$ctx"
 
 digest="$(skopeo inspect --format '{{.Digest}}' "oci:$OUT/oci:$TAG")"
 hex="${digest#sha256:}"
