@@ -49,6 +49,12 @@ def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_everything_at_exit():
+    yield
+    harness.stop_all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Istio CRD schemas
 
