@@ -7,3 +7,5 @@ pub mod pods;
 pub mod proto;
 pub mod rates;
 pub mod rng;
+pub mod scenario;
+pub mod sim;

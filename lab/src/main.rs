@@ -88,6 +88,25 @@ enum Command {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Fleet-scale placement in simulated time over the real routing core and the peers'
+    /// algorithms (bench/README.md); JSON report on stdout.
+    Sim {
+        /// Scenario file (bench/scenarios/*.json); its `sim` section is merged over the rest.
+        #[arg(long)]
+        scenario: std::path::PathBuf,
+        /// Comma-separated policies (default: all).
+        #[arg(long, value_delimiter = ',')]
+        policies: Vec<String>,
+        /// Workers (routers sharing load) per proxy for streamlb.
+        #[arg(long = "proxy-workers", default_value_t = 1)]
+        proxy_workers: usize,
+        /// Also write the report to this file.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Progress lines on stderr.
+        #[arg(long)]
+        progress: bool,
+    },
 }
 
 fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -102,7 +121,24 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    if let Command::Sim {
+        scenario,
+        policies,
+        proxy_workers,
+        out,
+        progress,
+    } = &cli.command
+    {
+        return run_sim(
+            scenario,
+            policies,
+            *proxy_workers,
+            out.as_deref(),
+            *progress,
+        );
+    }
     let result = match cli.command {
+        Command::Sim { .. } => Ok(()),
         Command::Pods {
             zones,
             capacity,
@@ -222,5 +258,32 @@ async fn run_devices(config: DevicesConfig, out: Option<std::path::PathBuf>) -> 
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{json}").context("writing the report")?;
     stdout.flush().context("flushing stdout")?;
+    Ok(())
+}
+
+fn run_sim(
+    scenario: &std::path::Path,
+    policies: &[String],
+    workers: usize,
+    out: Option<&std::path::Path>,
+    progress: bool,
+) -> anyhow::Result<()> {
+    let sc = streamlb_lab::scenario::Scenario::load(scenario, true)?;
+    let policies: Vec<String> = if policies.is_empty() {
+        streamlb_lab::sim::POLICIES
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    } else {
+        policies.to_vec()
+    };
+    let report = streamlb_lab::sim::run(&sc, &policies, workers, progress)?;
+    let json = serde_json::to_string(&report).context("serialising the report")?;
+    if let Some(path) = out {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{json}").context("writing the report")?;
     Ok(())
 }
