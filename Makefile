@@ -107,7 +107,7 @@ image: build-wasm | apt
 	tools/image.sh $(WASM) build/image
 
 ## test-deploy: Istio manifests (CRD schemas, Envoy-validated fragments), OCI image, compose.
-test-deploy: venv build-wasm | apt
+test-deploy: venv build | apt
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/deploy
 
 fuzz-smoke: rust-nightly

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import REPO, SCHEMAS, envoy_validate, harness
+from deploy_helpers import REPO, SCHEMAS, envoy_validate, harness
 
 COMPOSE = REPO / "envoy" / "docker-compose.yaml"
 BUILT_BY_MAKE = {REPO / "target" / "wasm32-wasip1" / "release" / "streamlb.wasm"}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import (
+from deploy_helpers import (
     ISTIO_ADMIN_PORT,
     by_kind,
     cluster_named,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, harness, kustomize, one, require_tool, validation_errors
+from deploy_helpers import REPO, harness, kustomize, one, require_tool, validation_errors
 
 TAG = "test"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"

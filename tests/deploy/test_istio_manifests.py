@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-from conftest import (
+from deploy_helpers import (
     ISTIO,
     KUSTOMIZATIONS,
     REPO,

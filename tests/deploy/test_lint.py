@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import REPO, require_tool
+from deploy_helpers import REPO, require_tool
 
 
 def test_yamllint_is_clean():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ISTIO, REPO, harness, kustomize, one, reference_config
+from deploy_helpers import ISTIO, REPO, harness, kustomize, one, reference_config
 
 DEPLOYMENT = """\
 apiVersion: apps/v1
