@@ -53,6 +53,8 @@ pub struct Config {
     pub pick: PickConfig,
     pub slow_start: SlowStartConfig,
     pub penalty: PenaltyConfig,
+    pub rate_memory: RateMemoryConfig,
+    pub rebalance: RebalanceConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -122,6 +124,76 @@ pub struct PenaltyConfig {
     pub weight: f64,
 }
 
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateMemoryConfig {
+    /// Request header identifying a stream's source (device); empty disables rate memory.
+    pub header: String,
+    /// Without the header, key by the downstream IP (last resort: devices behind one NAT share it).
+    pub fallback_to_source_ip: bool,
+    /// Entries remembered (fixed memory: 16 bytes each, in Envoy shared data).
+    pub capacity: usize,
+    /// A remembered rate older than this is forgotten.
+    pub max_age_ms: u64,
+}
+
+/// `off`, `shadow` (plan and report moves, end nothing) or `on` (end the chosen streams).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RebalanceMode {
+    Off,
+    #[default]
+    Shadow,
+    On,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RebalanceConfig {
+    pub mode: RebalanceMode,
+    /// An endpoint is hot above `mean × (1 + tolerance)` load per unit capacity.
+    pub tolerance: f64,
+    /// Moves bring a hot endpoint down to `mean × (1 + tolerance − hysteresis)`, and only to
+    /// endpoints that stay below that level, so nothing oscillates.
+    pub hysteresis: f64,
+    /// Streams younger than this are never moved.
+    pub min_age_ms: u64,
+    /// Budget per proxy (split across its workers).
+    pub max_moves_per_tick: u32,
+    pub max_moves_per_minute: u32,
+    /// At most this share of the proxy's streams is moved per minute.
+    pub max_share_per_minute: f64,
+    /// Allow ending streams whose response has started: the client sees a reset (`INTERNAL`).
+    /// Off: only streams still awaiting response headers are moved (clean `UNAVAILABLE`).
+    pub allow_reset: bool,
+}
+
+impl Default for RateMemoryConfig {
+    fn default() -> Self {
+        RateMemoryConfig {
+            header: "x-device-id".into(),
+            fallback_to_source_ip: false,
+            capacity: 65_536,
+            max_age_ms: 24 * 3_600_000,
+        }
+    }
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        RebalanceConfig {
+            mode: RebalanceMode::Shadow,
+            tolerance: 0.1,
+            hysteresis: 0.05,
+            min_age_ms: 10_000,
+            max_moves_per_tick: 2,
+            max_moves_per_minute: 30,
+            max_share_per_minute: 0.1,
+            allow_reset: false,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -139,6 +211,8 @@ impl Default for Config {
             pick: PickConfig::default(),
             slow_start: SlowStartConfig::default(),
             penalty: PenaltyConfig::default(),
+            rate_memory: RateMemoryConfig::default(),
+            rebalance: RebalanceConfig::default(),
         }
     }
 }
@@ -308,6 +382,39 @@ impl Config {
         let p = &self.penalty;
         int_in("penalty.half_life_ms", p.half_life_ms, 100, 3_600_000)?;
         float_in("penalty.weight", p.weight, 0.0, 1000.0)?;
+        let m = &self.rate_memory;
+        if !m.header.is_empty() {
+            header_name("rate_memory.header", &m.header)?;
+        }
+        int_in("rate_memory.capacity", m.capacity as u64, 64, 16_777_216)?;
+        int_in(
+            "rate_memory.max_age_ms",
+            m.max_age_ms,
+            1000,
+            30 * 24 * 3_600_000,
+        )?;
+        let r = &self.rebalance;
+        float_in("rebalance.tolerance", r.tolerance, 0.01, 10.0)?;
+        float_in("rebalance.hysteresis", r.hysteresis, 0.0, r.tolerance)?;
+        int_in("rebalance.min_age_ms", r.min_age_ms, 0, 86_400_000)?;
+        int_in(
+            "rebalance.max_moves_per_tick",
+            u64::from(r.max_moves_per_tick),
+            0,
+            10_000,
+        )?;
+        int_in(
+            "rebalance.max_moves_per_minute",
+            u64::from(r.max_moves_per_minute),
+            0,
+            100_000,
+        )?;
+        float_in(
+            "rebalance.max_share_per_minute",
+            r.max_share_per_minute,
+            0.0,
+            1.0,
+        )?;
         Ok(())
     }
 

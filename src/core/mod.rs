@@ -8,6 +8,8 @@ pub mod grpc_framing;
 pub mod orca;
 pub mod penalty;
 pub mod pick;
+pub mod rate_memory;
+pub mod rebalance;
 pub mod rng;
 pub mod router;
 pub mod routes;

@@ -18,6 +18,7 @@ use super::ewma::prior_weight;
 use super::orca::OrcaReport;
 use super::penalty::Outcome;
 use super::pick::pick;
+use super::rebalance::{self, Budget, Plan};
 use super::rng::Rng;
 use super::routes::RouteNames;
 use super::streams::{Direction, Stream, StreamTable};
@@ -93,7 +94,22 @@ pub struct Router {
     rng: Rng,
     last_tick: Option<Nanos>,
     counters: Counters,
+    budget: Budget,
+    /// (key hash, measured rate) to write to the rate memory.
+    rate_updates: Vec<(u64, f64)>,
 }
+
+/// What is known of a new stream's source (rate memory).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Source {
+    pub key: u64,
+    /// Its remembered rate, if any.
+    pub rate: Option<f64>,
+}
+
+/// Seconds a stream must run before its rate is worth remembering, and between two updates.
+const REMEMBER_AFTER: Nanos = 2_000_000_000;
+const REMEMBER_EVERY: Nanos = 10_000_000_000;
 
 impl Router {
     /// `local_zone`: from config, else the node's locality (the caller resolves it).
@@ -111,6 +127,8 @@ impl Router {
             rng: Rng::new(seed),
             last_tick: None,
             counters: Counters::default(),
+            budget: Budget::default(),
+            rate_updates: Vec::new(),
         }
     }
 
@@ -169,9 +187,25 @@ impl Router {
 
     /// Decide where stream `id` goes and record it. `None` when `cluster` is not configured.
     pub fn place(&mut self, now: Nanos, id: u64, route: &str, cluster: &str) -> Option<Decision> {
+        self.place_from(now, id, route, cluster, None)
+    }
+
+    /// [`Router::place`] for a stream whose source is known: a remembered rate replaces the
+    /// learned mean as the expected rate.
+    pub fn place_from(
+        &mut self,
+        now: Nanos,
+        id: u64,
+        route: &str,
+        cluster: &str,
+        source: Option<Source>,
+    ) -> Option<Decision> {
         let ci = self.cluster_index(cluster)?;
         let ri = self.routes.intern(route);
-        let e = self.expected_rate(ci, ri);
+        let e = source
+            .and_then(|s| s.rate)
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .unwrap_or_else(|| self.expected_rate(ci, ri));
         let stale_after = self.cfg.discovery.stale_after_ms.saturating_mul(1_000_000);
         let orca_weight = self.cfg.load.orca_weight;
         let orca_age = self.cfg.load.orca_max_age_ms.saturating_mul(1_000_000);
@@ -270,10 +304,9 @@ impl Router {
         } else {
             decision.reason = Reason::Fallback;
         }
-        if let Some(old) = self
-            .streams
-            .insert(id, Stream::new(ci, ri, placed_on, now, e))
-        {
+        let mut stream = Stream::new(ci, ri, placed_on, now, e);
+        stream.key = source.map(|s| s.key);
+        if let Some(old) = self.streams.insert(id, stream) {
             self.forget(&old);
         }
         *self
@@ -350,6 +383,13 @@ impl Router {
     pub fn on_end(&mut self, now: Nanos, id: u64, outcome: Outcome) -> Option<EndedStream> {
         let s = self.streams.remove(id)?;
         self.forget(&s);
+        if let Some(key) = s
+            .key
+            .filter(|_| now.saturating_sub(s.started) >= REMEMBER_AFTER)
+        {
+            self.rate_updates
+                .push((key, s.measured_rate(now, self.tau_secs())));
+        }
         if outcome == Outcome::Failed {
             if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster), s.endpoint) {
                 c.penalize(&self.cfg, now, j);
@@ -398,6 +438,12 @@ impl Router {
                     e.local_rate += s.rate.value();
                     e.local_pending += s.pending;
                     e.local_active += 1;
+                }
+            }
+            if let Some(key) = s.key {
+                if age >= REMEMBER_AFTER && now.saturating_sub(s.remembered_at) >= REMEMBER_EVERY {
+                    s.remembered_at = now;
+                    self.rate_updates.push((key, s.measured_rate(now, tau)));
                 }
             }
             let acc = learned.entry((s.cluster, s.route)).or_default();
@@ -476,6 +522,42 @@ impl Router {
 
     pub fn take_counters(&mut self) -> Counters {
         std::mem::take(&mut self.counters)
+    }
+
+    /// Rates to remember since the last call: (key hash, measured rate).
+    pub fn take_rate_updates(&mut self) -> Vec<(u64, f64)> {
+        std::mem::take(&mut self.rate_updates)
+    }
+
+    /// Plan stream moves off hot endpoints (see [`rebalance`]); the planned streams are marked
+    /// and not planned again. `workers` share the proxy's churn budget.
+    pub fn plan_moves(&mut self, now: Nanos, workers: usize) -> Plan {
+        let cfg = self.cfg.rebalance.clone();
+        let mut allowance = self
+            .budget
+            .allowance(&cfg, now, workers, self.streams.len());
+        let mut plan = Plan::default();
+        for (ci, c) in self.clusters.iter().enumerate() {
+            rebalance::plan_cluster(&cfg, ci, c, &self.streams, now, &mut allowance, &mut plan);
+        }
+        for m in &plan.moves {
+            self.budget.spend(now);
+            if let Some(s) = self.streams.get_mut(m.stream) {
+                s.move_planned = true;
+            }
+        }
+        plan
+    }
+
+    pub fn move_planned(&self, id: u64) -> bool {
+        self.streams.get(id).is_some_and(|s| s.move_planned)
+    }
+
+    /// The stream's response started and resets are not allowed: never plan to move it.
+    pub fn set_unmovable(&mut self, id: u64) {
+        if let Some(s) = self.streams.get_mut(id) {
+            s.unmovable = true;
+        }
     }
 }
 
@@ -655,5 +737,72 @@ mod tests {
                 Some("e2:1")
             );
         }
+    }
+
+    #[test]
+    fn remembered_rates_place_known_streams_and_ends_are_remembered() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 5);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        r.tick(0);
+        let heavy = Source {
+            key: 77,
+            rate: Some(100.0),
+        };
+        let d = r.place_from(0, 1, "rt", "pods", Some(heavy)).unwrap();
+        assert_eq!(d.expected_rate, 100.0);
+        // Light streams with unknown rates (default 1/s) all avoid the heavy one's endpoint.
+        for id in 2..20 {
+            let e = r.place(0, id, "rt", "pods").unwrap();
+            assert_ne!(e.primary, d.primary);
+        }
+        r.on_data(1, Direction::Upstream, 300, 0);
+        r.tick(3 * S);
+        r.on_end(3 * S, 1, Outcome::Cancelled);
+        let updates = r.take_rate_updates();
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].0, 77);
+        assert!((updates[0].1 - 100.0).abs() < 1.0, "{updates:?}"); // bias-corrected
+        assert!(r.take_rate_updates().is_empty());
+    }
+
+    #[test]
+    fn rebalancer_plans_moves_off_a_hot_endpoint_once() {
+        let mut r = Router::new(
+            cfg(
+                r#"{"clusters":["pods"],"rebalance":{"mode":"on","min_age_ms":1000,"max_share_per_minute":0.5}}"#,
+            ),
+            "",
+            5,
+        );
+        let eps: Vec<(String, &str, bool)> =
+            (0..3).map(|i| (format!("e{i}:1"), "", true)).collect();
+        let eps: Vec<(&str, &str, bool)> =
+            eps.iter().map(|(a, z, h)| (a.as_str(), *z, *h)).collect();
+        r.apply_snapshot(0, &snapshot(&eps));
+        // Six 10/s streams forced onto e0 (as if placed by another policy).
+        for id in 0..6 {
+            r.place(0, id, "rt", "pods");
+            r.on_upstream(0, id, "e0:1", "");
+        }
+        let mut t = 0;
+        for _ in 0..20 {
+            t += S;
+            for id in 0..6 {
+                r.on_data(id, Direction::Upstream, 10, 0);
+            }
+            r.tick(t);
+        }
+        let plan = r.plan_moves(t, 1);
+        assert_eq!(plan.moves.len(), 2, "{plan:?}"); // max_moves_per_tick
+        assert!(plan
+            .moves
+            .iter()
+            .all(|m| m.from == 0 && r.move_planned(m.stream)));
+        assert!(plan.excess_after[0] < plan.excess_before[0]);
+        let again = r.plan_moves(t + S, 1);
+        assert!(again
+            .moves
+            .iter()
+            .all(|m| !plan.moves.iter().any(|p| p.stream == m.stream)));
     }
 }

@@ -40,6 +40,14 @@ pub struct Stream {
     pub unticked: f64,
     pub messages: [u64; 2],
     pub bytes: [u64; 2],
+    /// Hash of the stream's source key (rate memory), if any.
+    pub key: Option<u64>,
+    /// When its rate was last written to the rate memory.
+    pub remembered_at: Nanos,
+    /// Chosen by the rebalancer to move.
+    pub move_planned: bool,
+    /// Its response has started and resets are not allowed: it cannot be moved.
+    pub unmovable: bool,
 }
 
 impl Stream {
@@ -61,6 +69,20 @@ impl Stream {
             unticked: 0.0,
             messages: [0; 2],
             bytes: [0; 2],
+            key: None,
+            remembered_at: now,
+            move_planned: false,
+            unmovable: false,
+        }
+    }
+
+    /// Measured rate, bias-corrected for the EWMA's start at 0: `ewma / (1 − e^(−age/τ))`.
+    pub fn measured_rate(&self, now: Nanos, tau_secs: f64) -> f64 {
+        let learned = 1.0 - super::ewma::prior_weight(now.saturating_sub(self.started), tau_secs);
+        if learned > 1e-6 {
+            self.rate.value() / learned
+        } else {
+            self.prior
         }
     }
 
@@ -116,7 +138,9 @@ impl StreamTable {
             .map
             .iter()
             .filter(|(_, s)| {
-                s.cluster == cluster
+                !s.move_planned
+                    && !s.unmovable
+                    && s.cluster == cluster
                     && s.endpoint == Some(endpoint)
                     && now.saturating_sub(s.started) >= min_age
             })

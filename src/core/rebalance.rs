@@ -1,0 +1,295 @@
+//! Rebalancing: move established streams off hot endpoints.
+//!
+//! With `m = ΣL / ΣC` the cluster's mean load per unit capacity, τ = `tolerance` and
+//! η = `hysteresis`:
+//!
+//! - endpoint j is **hot** while `L_j > (1 + τ) · m · C_j`;
+//! - its **excess** is `L_j − (1 + τ − η) · m · C_j` — moves bring it below the hot line by a
+//!   margin, so it does not flip back at the next tick;
+//! - this proxy worker sheds its share of the excess (its own load on j over `L_j`, since the
+//!   other workers shed theirs), choosing streams at least `min_age` old, largest estimate that
+//!   still fits the remaining excess first (fewest moves for the most excess);
+//! - a stream is moved only if some other endpoint k can take it and stay at or below
+//!   `(1 + τ − η) · m · C_k`, counting the moves already planned;
+//! - within the churn budget: per tick, per minute and a share of streams per minute.
+//!
+//! A moved stream is ended by the filter at a request message boundary; its client reconnects
+//! and the new stream is placed with its remembered rate.
+
+use std::collections::VecDeque;
+
+use super::config::RebalanceConfig;
+use super::endpoints::Cluster;
+use super::streams::StreamTable;
+use super::Nanos;
+
+const MINUTE: Nanos = 60_000_000_000;
+
+/// One planned move.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Move {
+    pub stream: u64,
+    pub cluster: usize,
+    pub from: usize,
+    pub to_room_on: usize,
+    pub rate: f64,
+}
+
+/// What one planning round did, for stats.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub moves: Vec<Move>,
+    /// Moves that were wanted but not made because the budget was spent.
+    pub skipped_budget: u64,
+    /// Moves that were wanted but found no endpoint with room.
+    pub skipped_no_room: u64,
+    /// Σ excess above the hot line over Σ load, before and after the planned moves (per cluster).
+    pub excess_before: Vec<f64>,
+    pub excess_after: Vec<f64>,
+}
+
+/// The churn budget of one proxy worker.
+#[derive(Debug, Default)]
+pub struct Budget {
+    recent: VecDeque<Nanos>,
+}
+
+impl Budget {
+    /// Moves still allowed now, given `workers` sharing the proxy's budget and `streams` open.
+    pub fn allowance(
+        &mut self,
+        cfg: &RebalanceConfig,
+        now: Nanos,
+        workers: usize,
+        streams: usize,
+    ) -> usize {
+        while self
+            .recent
+            .front()
+            .is_some_and(|&t| now.saturating_sub(t) >= MINUTE)
+        {
+            self.recent.pop_front();
+        }
+        let w = workers.max(1);
+        let per_tick = (cfg.max_moves_per_tick as usize).div_ceil(w);
+        let per_minute = (cfg.max_moves_per_minute as usize).div_ceil(w);
+        let by_share = (cfg.max_share_per_minute * streams as f64).ceil() as usize;
+        per_tick.min(per_minute.min(by_share).saturating_sub(self.recent.len()))
+    }
+
+    pub fn spend(&mut self, now: Nanos) {
+        self.recent.push_back(now);
+    }
+
+    pub fn moves_last_minute(&self) -> usize {
+        self.recent.len()
+    }
+}
+
+/// Σ max(0, L_j − line · C_j) / ΣL over the loads given.
+fn excess_share(loads: &[f64], caps: &[f64], line: f64) -> f64 {
+    let total: f64 = loads.iter().sum();
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let over: f64 = loads
+        .iter()
+        .zip(caps)
+        .map(|(l, c)| (l - line * c).max(0.0))
+        .sum();
+    over / total
+}
+
+/// Plan moves for one cluster. `allowance` is decremented for each move planned.
+pub fn plan_cluster(
+    cfg: &RebalanceConfig,
+    ci: usize,
+    cluster: &Cluster,
+    streams: &StreamTable,
+    now: Nanos,
+    allowance: &mut usize,
+    plan: &mut Plan,
+) {
+    let eligible: Vec<usize> = cluster
+        .zones
+        .iter()
+        .flat_map(|z| z.healthy.iter().copied())
+        .collect();
+    let mut loads: Vec<f64> = eligible
+        .iter()
+        .map(|&j| cluster.endpoint(j).map_or(0.0, |e| e.load()))
+        .collect();
+    let caps: Vec<f64> = eligible
+        .iter()
+        .map(|&j| cluster.endpoint(j).map_or(0.0, |e| e.capacity))
+        .collect();
+    let (total_load, total_cap) = (loads.iter().sum::<f64>(), caps.iter().sum::<f64>());
+    if eligible.len() < 2 || total_load <= 0.0 || total_cap <= 0.0 {
+        plan.excess_before.push(0.0);
+        plan.excess_after.push(0.0);
+        return;
+    }
+    let mean = total_load / total_cap;
+    let hot = (1.0 + cfg.tolerance) * mean;
+    let target = (1.0 + cfg.tolerance - cfg.hysteresis) * mean;
+    plan.excess_before.push(excess_share(&loads, &caps, hot));
+    let mut order: Vec<usize> = (0..eligible.len()).collect();
+    order.sort_by(|&a, &b| {
+        let over = |k: usize| {
+            loads.get(k).copied().unwrap_or(0.0) - hot * caps.get(k).copied().unwrap_or(0.0)
+        };
+        over(b).total_cmp(&over(a))
+    });
+    let min_age = cfg.min_age_ms.saturating_mul(1_000_000);
+    for k in order {
+        let (Some(&j), Some(&load), Some(&cap)) = (eligible.get(k), loads.get(k), caps.get(k))
+        else {
+            continue;
+        };
+        if load <= hot * cap {
+            break; // sorted by excess: the rest are not hot either
+        }
+        let Some(ep) = cluster.endpoint(j) else {
+            continue;
+        };
+        let mine = ep.local_rate + ep.local_pending;
+        let my_excess = (load - target * cap) * (mine / load).min(1.0);
+        let candidates = streams.select_moves(ci, j, my_excess, now, min_age, usize::MAX);
+        for (id, rate) in candidates {
+            // The endpoint with the most room after taking the stream, staying under target.
+            let dest = (0..eligible.len())
+                .filter(|&d| d != k)
+                .filter_map(|d| {
+                    let (l, c) = (loads.get(d)?, caps.get(d)?);
+                    (*c > 0.0 && l + rate <= target * c).then_some((d, (l + rate) / c))
+                })
+                .min_by(|a, b| a.1.total_cmp(&b.1));
+            let Some((d, _)) = dest else {
+                plan.skipped_no_room += 1;
+                continue;
+            };
+            if *allowance == 0 {
+                plan.skipped_budget += 1;
+                continue;
+            }
+            *allowance -= 1;
+            if let Some(src) = loads.get_mut(k) {
+                *src -= rate;
+            }
+            if let Some(dst) = loads.get_mut(d) {
+                *dst += rate;
+            }
+            plan.moves.push(Move {
+                stream: id,
+                cluster: ci,
+                from: j,
+                to_room_on: eligible.get(d).copied().unwrap_or(j),
+                rate,
+            });
+        }
+    }
+    plan.excess_after.push(excess_share(&loads, &caps, hot));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::config::{Config, RebalanceConfig};
+    use crate::core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
+    use crate::core::streams::Stream;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const S: Nanos = 1_000_000_000;
+
+    fn setup(loads: &[&[f64]]) -> (Cluster, StreamTable) {
+        let cfg = Config::default();
+        let mut c = Cluster::new("pods");
+        let snap = ClusterSnapshot {
+            name: "pods".into(),
+            endpoints: (0..loads.len())
+                .map(|i| DiscoveredEndpoint {
+                    address: format!("e{i}:1"),
+                    zone: String::new(),
+                    healthy: true,
+                    weight: 1,
+                })
+                .collect(),
+        };
+        c.apply_snapshot(&cfg, 0, &snap);
+        let mut t = StreamTable::default();
+        let mut id = 0;
+        for (j, rates) in loads.iter().enumerate() {
+            for &r in *rates {
+                let mut s = Stream::new(0, 0, Some(j), 0, r);
+                s.pending = r;
+                c.add_stream_load(j, 0.0, r);
+                t.insert(id, s);
+                id += 1;
+            }
+        }
+        (c, t)
+    }
+
+    #[test]
+    fn sheds_excess_with_few_moves_to_endpoints_with_room() {
+        let cfg = RebalanceConfig::default();
+        // mean 20: e0 at 40 is hot (line 22), target 21 → excess 19.
+        let (c, t) = setup(&[
+            &[20.0, 10.0, 6.0, 4.0],
+            &[10.0, 10.0],
+            &[5.0, 5.0],
+            &[10.0, 0.5],
+        ]);
+        let mut allowance = 10;
+        let mut plan = Plan::default();
+        plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
+        let moved: Vec<f64> = plan.moves.iter().map(|m| m.rate).collect();
+        assert_eq!(moved, vec![10.0, 6.0]); // 20 does not fit 19; 10 + 6 = 16 ≤ 19, 4 > 3 left
+        assert!(plan.moves.iter().all(|m| m.from == 0 && m.to_room_on != 0));
+        assert!(plan.excess_after[0] < plan.excess_before[0]);
+        assert_eq!(allowance, 8);
+    }
+
+    #[test]
+    fn balanced_clusters_and_young_streams_do_not_move() {
+        let cfg = RebalanceConfig::default();
+        let (c, t) = setup(&[&[10.0, 10.5], &[10.0, 10.0]]);
+        let mut allowance = 10;
+        let mut plan = Plan::default();
+        plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
+        assert!(plan.moves.is_empty());
+        let (c, t) = setup(&[&[20.0, 10.0, 6.0, 4.0], &[10.0]]);
+        plan_cluster(&cfg, 0, &c, &t, S, &mut allowance, &mut plan); // 1 s old
+        assert!(plan.moves.is_empty());
+    }
+
+    #[test]
+    fn budget_caps_moves_per_tick_minute_and_share() {
+        let cfg = RebalanceConfig {
+            max_moves_per_tick: 3,
+            max_moves_per_minute: 5,
+            max_share_per_minute: 0.5,
+            ..RebalanceConfig::default()
+        };
+        let mut b = Budget::default();
+        assert_eq!(b.allowance(&cfg, 0, 1, 100), 3);
+        assert_eq!(b.allowance(&cfg, 0, 2, 100), 2); // split across 2 workers
+        for _ in 0..4 {
+            b.spend(0);
+        }
+        assert_eq!(b.allowance(&cfg, S, 1, 100), 1);
+        assert_eq!(b.allowance(&cfg, S, 1, 6), 0); // 50 % of 6 streams = 3 < 4 already moved
+        assert_eq!(b.allowance(&cfg, 61 * S, 1, 100), 3); // the minute has passed
+        let (c, t) = setup(&[
+            &[20.0, 10.0, 6.0, 4.0],
+            &[10.0, 10.0],
+            &[5.0, 5.0],
+            &[10.0, 0.5],
+        ]);
+        let mut allowance = 1;
+        let mut plan = Plan::default();
+        plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
+        assert_eq!((plan.moves.len(), plan.skipped_budget), (1, 1));
+    }
+}
