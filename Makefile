@@ -38,7 +38,7 @@ STREAMS ?= 60
 RATE ?= 20
 DIST ?= zipf:0.8
 
-.PHONY: image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
+.PHONY: bench sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
 	test-unit-native test-unit-wasm test-e2e fuzz-smoke fuzz test run clean distclean
 
 ## deps: everything the other targets use.
@@ -122,6 +122,23 @@ test: deps lint test-unit fuzz-smoke test-e2e test-deploy
 ## run: live demo: pods in zones a,b,c, Envoy with the filter, simulated devices.
 run: deps build
 	$(PY) tools/demo.py --duration $(DURATION) --streams $(STREAMS) --rate $(RATE) --dist $(DIST)
+
+## bench: real-Envoy benchmark of every policy on one scenario, plus `lab sim` on it
+## (bench/README.md). `make bench SCENARIO=bench/scenarios/quick.json POLICIES=streamlb,least_request`
+SCENARIO ?= bench/scenarios/zipf08-3zones.json
+POLICIES ?=
+bench: venv build
+	$(PY) bench/run.py --scenario $(SCENARIO) $(if $(POLICIES),--policies $(POLICIES))
+
+## sim: fleet-scale simulation of SCENARIO over the real routing core and the peers.
+sim: build-lab
+	@mkdir -p build
+	$(LAB) sim --scenario $(SCENARIO) --progress --out build/sim-$(notdir $(SCENARIO)) > /dev/null
+	python3 bench/report.py build/sim-$(notdir $(SCENARIO))
+
+## microbench: the core's pick cost vs endpoints and heap per stream/endpoint.
+microbench: build-lab
+	$(CARGO_TARGET_DIR)/release/microbench
 
 clean:
 	$(CARGO) clean
