@@ -8,11 +8,13 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, Status};
+use proxy_wasm::types::{
+    Action, BufferType, ContextType, GrpcStatusCode, MapType, MetricType, Status,
+};
 
 use crate::core::Nanos;
 use crate::filter::host::{Body, HeaderMap, Host, HostError, HostResult, LogLevel, MetricKind};
-use crate::filter::stream::StreamFilter;
+use crate::filter::stream::{BodyAction, StreamFilter};
 use crate::filter::vm::Vm;
 
 proxy_wasm::main! {{
@@ -121,6 +123,11 @@ impl Host for EnvoyHost {
     fn set_tick_period_ms(&self, ms: u64) -> HostResult<()> {
         hostcalls::set_tick_period(Duration::from_millis(ms)).map_err(status)
     }
+
+    fn end_stream_unavailable(&self, message: &str) -> HostResult<()> {
+        hostcalls::send_grpc_response(GrpcStatusCode::Unavailable, Some(message), vec![])
+            .map_err(status)
+    }
 }
 
 struct Root {
@@ -212,8 +219,10 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, size: usize, _eos: bool) -> Action {
-        self.0.on_request_body(&EnvoyHost, size);
-        Action::Continue
+        match self.0.on_request_body(&EnvoyHost, size) {
+            BodyAction::Continue => Action::Continue,
+            BodyAction::Ended => Action::Pause,
+        }
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {

@@ -39,11 +39,11 @@ pub struct Move {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
     pub moves: Vec<Move>,
-    /// Moves that were wanted but not made because the budget was spent.
-    pub skipped_budget: u64,
-    /// Moves that were wanted but found no endpoint with room.
-    pub skipped_no_room: u64,
-    /// Σ excess above the hot line over Σ load, before and after the planned moves (per cluster).
+    /// Per cluster (index): moves wanted but not made because the budget was spent.
+    pub skipped_budget: Vec<u64>,
+    /// Per cluster: moves wanted that found no endpoint with room.
+    pub skipped_no_room: Vec<u64>,
+    /// Per cluster: Σ excess above the hot line over Σ load, before and after the planned moves.
     pub excess_before: Vec<f64>,
     pub excess_after: Vec<f64>,
 }
@@ -124,6 +124,8 @@ pub fn plan_cluster(
         .map(|&j| cluster.endpoint(j).map_or(0.0, |e| e.capacity))
         .collect();
     let (total_load, total_cap) = (loads.iter().sum::<f64>(), caps.iter().sum::<f64>());
+    plan.skipped_budget.push(0);
+    plan.skipped_no_room.push(0);
     if eligible.len() < 2 || total_load <= 0.0 || total_cap <= 0.0 {
         plan.excess_before.push(0.0);
         plan.excess_after.push(0.0);
@@ -165,11 +167,15 @@ pub fn plan_cluster(
                 })
                 .min_by(|a, b| a.1.total_cmp(&b.1));
             let Some((d, _)) = dest else {
-                plan.skipped_no_room += 1;
+                if let Some(n) = plan.skipped_no_room.last_mut() {
+                    *n += 1;
+                }
                 continue;
             };
             if *allowance == 0 {
-                plan.skipped_budget += 1;
+                if let Some(n) = plan.skipped_budget.last_mut() {
+                    *n += 1;
+                }
                 continue;
             }
             *allowance -= 1;
@@ -290,6 +296,6 @@ mod tests {
         let mut allowance = 1;
         let mut plan = Plan::default();
         plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
-        assert_eq!((plan.moves.len(), plan.skipped_budget), (1, 1));
+        assert_eq!((plan.moves.len(), plan.skipped_budget[0]), (1, 1));
     }
 }

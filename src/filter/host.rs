@@ -65,6 +65,9 @@ pub trait Host {
     fn increment_metric(&self, id: u32, delta: i64) -> HostResult<()>;
     fn record_metric(&self, id: u32, value: u64) -> HostResult<()>;
     fn set_tick_period_ms(&self, ms: u64) -> HostResult<()>;
+    /// End the current HTTP stream with a local gRPC `UNAVAILABLE` (trailers-only before the
+    /// response started; a reset after).
+    fn end_stream_unavailable(&self, message: &str) -> HostResult<()>;
 }
 
 /// A property as a UTF-8 string (Envoy returns strings raw).

@@ -28,6 +28,8 @@ pub struct MockHost {
     pub failing: RefCell<HashSet<&'static str>>,
     /// Number of body reads (host calls) made.
     pub body_reads: Cell<usize>,
+    /// Messages of streams ended with `end_stream_unavailable`.
+    pub ended_streams: RefCell<Vec<String>>,
 }
 
 impl MockHost {
@@ -182,5 +184,11 @@ impl Host for MockHost {
 
     fn set_tick_period_ms(&self, _ms: u64) -> HostResult<()> {
         self.check("set_tick_period")
+    }
+
+    fn end_stream_unavailable(&self, message: &str) -> HostResult<()> {
+        self.check("end_stream")?;
+        self.ended_streams.borrow_mut().push(message.to_string());
+        Ok(())
     }
 }

@@ -81,6 +81,19 @@ pub struct Health {
     pub endpoint_headers_stripped: u64,
 }
 
+/// Rebalancing since the last flush, per cluster.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RebalanceStats {
+    /// Moves planned (in `shadow` mode: moves it would make).
+    pub planned: HashMap<usize, u64>,
+    /// Streams really ended, by how: `unavailable` (before the response) or `reset`.
+    pub moved: HashMap<(usize, &'static str), u64>,
+    /// Wanted moves not made: `budget` or `no_room`.
+    pub skipped: HashMap<(usize, &'static str), u64>,
+    /// Excess above the hot line as a share of load, before and after the planned moves.
+    pub excess: HashMap<usize, (f64, f64)>,
+}
+
 #[derive(Debug, Default)]
 pub struct Stats {
     /// (route, cluster) → traffic.
@@ -89,6 +102,7 @@ pub struct Stats {
     pub cross_zone_messages: HashMap<usize, u64>,
     pub health: Health,
     pub config_loads: u64,
+    pub rebalance: RebalanceStats,
     metrics: Metrics,
 }
 
@@ -207,6 +221,37 @@ impl Stats {
                 let name = tagged("streamlb_zone_messages_per_second", &tags);
                 note(m.gauge(host, &name, rate.round() as u64));
             }
+        }
+        let r = std::mem::take(&mut self.rebalance);
+        for (ci, n) in r.planned {
+            let c = cluster_name(router, ci);
+            let tags = [("cluster", c.as_str()), ("reason", "planned")];
+            note(m.count(host, &tagged("streamlb_rebalance_moves_total", &tags), n));
+        }
+        for ((ci, how), n) in r.moved {
+            let c = cluster_name(router, ci);
+            let tags = [("cluster", c.as_str()), ("reason", how)];
+            note(m.count(host, &tagged("streamlb_rebalance_moves_total", &tags), n));
+        }
+        for ((ci, why), n) in r.skipped {
+            let c = cluster_name(router, ci);
+            let tags = [("cluster", c.as_str()), ("reason", why)];
+            note(m.count(host, &tagged("streamlb_rebalance_skipped_total", &tags), n));
+        }
+        for (ci, (before, after)) in r.excess {
+            let c = cluster_name(router, ci);
+            let tags = [("cluster", c.as_str())];
+            let permille = |x: f64| (x * 1000.0).round() as u64;
+            note(m.gauge(
+                host,
+                &tagged("streamlb_rebalance_excess_before_permille", &tags),
+                permille(before),
+            ));
+            note(m.gauge(
+                host,
+                &tagged("streamlb_rebalance_excess_after_permille", &tags),
+                permille(after),
+            ));
         }
         let h = std::mem::take(&mut self.health);
         let loads = std::mem::take(&mut self.config_loads);

@@ -14,10 +14,12 @@ use std::rc::Rc;
 use super::host::{string_property, Body, HeaderMap, Host};
 use super::stats::{StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US};
 use super::vm::Vm;
-use crate::core::config::Mode;
+use crate::core::config::{Mode, RebalanceMode};
 use crate::core::grpc_framing::FrameCounter;
 use crate::core::orca;
 use crate::core::penalty;
+use crate::core::rate_memory::{self, Bucket};
+use crate::core::router::Source;
 use crate::core::streams::Direction;
 use crate::core::Nanos;
 
@@ -41,6 +43,17 @@ pub struct StreamFilter {
     first_byte_seen: bool,
     ended: bool,
 }
+
+/// What the adapter does with a request DATA frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyAction {
+    Continue,
+    /// The stream was ended locally (rebalance): stop this frame.
+    Ended,
+}
+
+/// The message a rebalanced client sees.
+pub const REBALANCE_MESSAGE: &str = "streamlb: rebalancing, please reconnect";
 
 impl StreamFilter {
     pub fn new(vm: Rc<RefCell<Vm>>, id: u64) -> Self {
@@ -105,7 +118,8 @@ impl StreamFilter {
             self.up = FrameCounter::grpc();
             self.down = FrameCounter::grpc();
         }
-        let Some(decision) = vm.router.place(now, self.id, &route, &cluster) else {
+        let source = source_of(host, vm);
+        let Some(decision) = vm.router.place_from(now, self.id, &route, &cluster, source) else {
             return;
         };
         let Some(ci) = vm.router.cluster_index(&cluster) else {
@@ -135,8 +149,40 @@ impl StreamFilter {
         }
     }
 
-    pub fn on_request_body(&mut self, host: &dyn Host, size: usize) {
+    /// Counts the frame, unless the rebalancer chose this stream and the upstream has so far
+    /// received whole messages only: then the stream ends here (this frame is not forwarded).
+    pub fn on_request_body(&mut self, host: &dyn Host, size: usize) -> BodyAction {
+        if self.tracked.is_some() && self.up.at_message_boundary() && self.move_now(host) {
+            return BodyAction::Ended;
+        }
         self.count(host, Direction::Upstream, size);
+        BodyAction::Continue
+    }
+
+    fn move_now(&mut self, host: &dyn Host) -> bool {
+        let Ok(mut vm) = self.vm.try_borrow_mut() else {
+            return false;
+        };
+        let vm = &mut *vm;
+        if vm.config().rebalance.mode != RebalanceMode::On || !vm.router.move_planned(self.id) {
+            return false;
+        }
+        if let Err(e) = host.end_stream_unavailable(REBALANCE_MESSAGE) {
+            vm.host_error(host, "end stream (rebalance)", &e);
+            return false;
+        }
+        let Some((_, ci)) = self.tracked else {
+            return false;
+        };
+        let how = if self.first_byte_seen {
+            "reset"
+        } else {
+            "unavailable"
+        };
+        *vm.stats.rebalance.moved.entry((ci, how)).or_default() += 1;
+        self.http_status = Some(200);
+        self.grpc_status = Some(14);
+        true
     }
 
     pub fn on_response_body(&mut self, host: &dyn Host, size: usize) {
@@ -224,6 +270,9 @@ impl StreamFilter {
                 vm.router.on_orca(now, self.id, &report);
             }
         }
+        if !vm.config().rebalance.allow_reset {
+            vm.router.set_unmovable(self.id); // from now on only a reset could end it
+        }
         if !self.first_byte_seen {
             self.first_byte_seen = true;
             let micros = now.saturating_sub(self.started) / 1000;
@@ -270,7 +319,12 @@ impl StreamFilter {
         };
         let vm = &mut *vm;
         let now = host.now().unwrap_or(0);
-        let outcome = penalty::classify(self.http_status, self.grpc_status);
+        let moved = vm.router.move_planned(self.id) && self.grpc_status == Some(14);
+        let outcome = if moved {
+            penalty::Outcome::Cancelled // we ended it: not the endpoint's fault
+        } else {
+            penalty::classify(self.http_status, self.grpc_status)
+        };
         vm.router.on_end(now, self.id, outcome);
         let class = StatusClass::of(self.http_status, self.grpc_status);
         let stats = vm.stats.route(ri, ci);
@@ -294,4 +348,40 @@ impl StreamFilter {
 
 fn is_cross_zone(local: &str, endpoint: &str) -> bool {
     !local.is_empty() && !endpoint.is_empty() && local != endpoint
+}
+
+/// The stream's source for the rate memory: the configured header's value, else (if allowed)
+/// the downstream IP; with its remembered rate when the shared memory has one.
+fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
+    let cfg = &vm.config().rate_memory;
+    if cfg.header.is_empty() {
+        return None;
+    }
+    let key = match host.header(HeaderMap::Request, &cfg.header) {
+        Ok(Some(v)) if !v.is_empty() => v,
+        _ if cfg.fallback_to_source_ip => {
+            let address = string_property(host, &["source", "address"])
+                .ok()
+                .flatten()?;
+            match address.rsplit_once(':') {
+                Some((ip, _port)) => ip.to_string(),
+                None => address,
+            }
+        }
+        _ => return None,
+    };
+    let hash = rate_memory::key_hash(key.as_bytes());
+    let buckets = rate_memory::bucket_count(cfg.capacity);
+    let max_age = (cfg.max_age_ms / 1000).min(u64::from(u32::MAX)) as u32;
+    let shared_key = rate_memory::shared_key(rate_memory::bucket_of(hash, buckets));
+    let now = rate_memory::seconds(host.now().unwrap_or(0));
+    let rate = match host.shared_get(&shared_key) {
+        Ok((Some(bytes), _)) => Bucket::decode(&bytes).get(hash, now, max_age),
+        Ok((None, _)) => None,
+        Err(e) => {
+            vm.host_error(host, "get_shared_data (rate memory)", &e);
+            None
+        }
+    };
+    Some(Source { key: hash, rate })
 }

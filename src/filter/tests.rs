@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use super::host::{Body, HeaderMap, LogLevel};
 use super::mock::{MockHost, SharedStore};
-use super::stream::StreamFilter;
+use super::stream::{BodyAction, StreamFilter, REBALANCE_MESSAGE};
 use super::vm::{Vm, LEASE_KEY, LOAD_KEY, SNAPSHOT_KEY};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -351,4 +351,167 @@ fn stream_end_records_status_class_latency_and_cross_zone_messages() {
             .capacity
             < 1.0
     );
+}
+
+/// Open a gRPC stream `id` that lands on `upstream`, optionally with a device id.
+fn open_on(
+    h: &MockHost,
+    v: &Rc<RefCell<Vm>>,
+    id: u64,
+    upstream: &str,
+    device: Option<&str>,
+) -> StreamFilter {
+    h.headers.borrow_mut().clear();
+    h.set_request_header("content-type", "application/grpc");
+    if let Some(d) = device {
+        h.set_request_header("x-device-id", d);
+    }
+    let mut s = StreamFilter::new(v.clone(), id);
+    s.on_request_headers(h);
+    h.set_property("upstream.address", upstream);
+    h.set_property("upstream.locality.zone", "a");
+    v.borrow_mut()
+        .router
+        .on_upstream(h.time.get(), id, upstream, "a");
+    s
+}
+
+fn send(h: &MockHost, s: &mut StreamFilter, frames: &[u8]) -> BodyAction {
+    h.bodies.borrow_mut().insert(Body::Request, frames.to_vec());
+    s.on_request_body(h, frames.len())
+}
+
+#[test]
+fn rebalancer_ends_planned_streams_only_at_message_boundaries() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let config = r#"{"clusters":["pods"],"local_zone":"a","debug_header":"x-d",
+        "rebalance":{"mode":"on","min_age_ms":0,"max_moves_per_tick":10,"max_share_per_minute":1.0}}"#;
+    let v = vm(&h, config);
+    discover(&h, &v);
+    let mut streams: Vec<StreamFilter> = (0..6)
+        .map(|id| open_on(&h, &v, id, "10.0.0.1:8080", None))
+        .collect();
+    // Stream 5's response has started: without allow_reset it must never be moved.
+    streams[5].on_response_headers(&h);
+    let frame = grpc_frames(&[30]);
+    for t in 1..=5 {
+        for s in streams.iter_mut() {
+            if t > 1 {
+                assert_eq!(send(&h, s, &frame[10..]), BodyAction::Continue);
+            }
+            for _ in 0..10 {
+                assert_eq!(send(&h, s, &frame), BodyAction::Continue);
+            }
+            // Every stream is in the middle of a message when the tick comes.
+            assert_eq!(send(&h, s, &frame[..10]), BodyAction::Continue);
+        }
+        h.time.set(10 * SEC + t * SEC);
+        v.borrow_mut().on_tick(&h);
+        if (0..6).any(|id| v.borrow().router.move_planned(id)) {
+            break;
+        }
+    }
+    let planned: Vec<u64> = (0..6)
+        .filter(|&id| v.borrow().router.move_planned(id))
+        .collect();
+    assert!(!planned.is_empty(), "a hot endpoint must shed streams");
+    assert!(!planned.contains(&5));
+    let id = planned[0] as usize;
+    // The rest of the half-sent message goes through: the pod never sees a truncated message.
+    assert_eq!(
+        send(&h, &mut streams[id], &frame[10..]),
+        BodyAction::Continue
+    );
+    assert!(h.ended_streams.borrow().is_empty());
+    // Now at a boundary: the next frame ends it with UNAVAILABLE.
+    assert_eq!(send(&h, &mut streams[id], &frame), BodyAction::Ended);
+    assert_eq!(
+        h.ended_streams.borrow().as_slice(),
+        [REBALANCE_MESSAGE.to_string()]
+    );
+    streams[id].on_done(&h);
+    v.borrow_mut().flush(&h);
+    assert_eq!(
+        h.metric("streamlb_rebalance_moves_total.cluster=.=pods;.;reason=.=unavailable;.;"),
+        1
+    );
+    assert!(h.metric("streamlb_rebalance_moves_total.cluster=.=pods;.;reason=.=planned;.;") >= 1);
+    assert!(h.logged("streamlb: rebalance: stream"));
+    // Ending it was not the endpoint's fault.
+    let vm = v.borrow();
+    let c = &vm.router.clusters()[0];
+    assert_eq!(
+        c.endpoint(c.index_of("10.0.0.1:8080").unwrap())
+            .unwrap()
+            .capacity,
+        1.0
+    );
+}
+
+#[test]
+fn shadow_rebalancing_reports_but_never_ends_a_stream() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(
+        &h,
+        r#"{"clusters":["pods"],"rebalance":{"min_age_ms":0,"max_share_per_minute":1.0}}"#,
+    );
+    discover(&h, &v);
+    let mut streams: Vec<StreamFilter> = (0..6)
+        .map(|id| open_on(&h, &v, id, "10.0.0.1:8080", None))
+        .collect();
+    let frame = grpc_frames(&[30]);
+    for t in 1..=5 {
+        for s in streams.iter_mut() {
+            for _ in 0..10 {
+                assert_eq!(send(&h, s, &frame), BodyAction::Continue);
+            }
+        }
+        h.time.set(10 * SEC + t * SEC);
+        v.borrow_mut().on_tick(&h);
+    }
+    assert!(h.ended_streams.borrow().is_empty());
+    assert!(h.metric("streamlb_rebalance_moves_total.cluster=.=pods;.;reason=.=planned;.;") >= 1);
+    assert!(h.logged("streamlb: rebalance (shadow)"));
+}
+
+#[test]
+fn a_reconnecting_device_is_placed_with_its_remembered_rate() {
+    let store = SharedStore::default();
+    let (h1, h2) = (host(&store), host(&store));
+    let config = r#"{"clusters":["pods"],"debug_header":"x-d","rebalance":{"mode":"off"}}"#;
+    let (v1, v2) = (vm(&h1, config), vm(&h2, config));
+    discover(&h1, &v1);
+    v2.borrow_mut().on_tick(&h2);
+    v1.borrow_mut().on_tick(&h1);
+    let mut s = open_on(&h1, &v1, 1, "10.0.0.1:8080", Some("meter-42"));
+    let frame = grpc_frames(&[30]);
+    for t in 1..=4 {
+        for _ in 0..40 {
+            send(&h1, &mut s, &frame);
+        }
+        h1.time.set(10 * SEC + t * SEC);
+        v1.borrow_mut().on_tick(&h1);
+    }
+    s.on_done(&h1);
+    v1.borrow_mut().on_tick(&h1); // writes the rate to shared data
+                                  // The device reconnects through the other worker.
+    h2.time.set(h1.time.get());
+    h2.headers.borrow_mut().clear();
+    h2.set_request_header("x-device-id", "meter-42");
+    let mut again = StreamFilter::new(v2.clone(), 2);
+    again.on_request_headers(&h2);
+    again.on_response_headers(&h2);
+    let debug = h2.get(HeaderMap::Response, "x-d").unwrap();
+    let expected: f64 = debug.split("expected=").nth(1).unwrap().parse().unwrap();
+    assert!((expected - 40.0).abs() < 2.0, "{debug}");
+    // An unknown device gets the learned mean, not 40.
+    h2.headers.borrow_mut().clear();
+    h2.set_request_header("x-device-id", "meter-43");
+    let mut other = StreamFilter::new(v2.clone(), 3);
+    other.on_request_headers(&h2);
+    other.on_response_headers(&h2);
+    let debug = h2.get(HeaderMap::Response, "x-d").unwrap();
+    assert!(debug.ends_with("expected=1.000"), "{debug}");
 }

@@ -9,12 +9,13 @@
 //!    shared view with compare-and-swap and takes the other VMs' load from it;
 //! 4. flushes its accumulated stats.
 
-use hashbrown::HashSet;
+use hashbrown::{HashMap, HashSet};
 
 use super::host::{string_property, Host, HostError, LogLevel};
 use super::stats::Stats;
-use crate::core::config::Config;
+use crate::core::config::{Config, RebalanceMode};
 use crate::core::discovery;
+use crate::core::rate_memory::{self, Bucket};
 use crate::core::router::Router;
 use crate::core::shared_view::{self, Slot};
 use crate::core::Nanos;
@@ -31,6 +32,8 @@ pub struct Vm {
     pub id: u64,
     pub stats: Stats,
     logged: HashSet<&'static str>,
+    /// Live workers in the shared load view (they split the churn budget).
+    workers: usize,
     poll: Option<(u32, Nanos)>,
     next_poll: Nanos,
     snapshot_cas: Option<u32>,
@@ -57,6 +60,7 @@ impl Vm {
             id,
             stats: Stats::loaded(),
             logged: HashSet::new(),
+            workers: 1,
             poll: None,
             next_poll: 0,
             snapshot_cas: None,
@@ -89,6 +93,10 @@ impl Vm {
         self.read_snapshot(host, now);
         self.router.tick(now);
         self.share_load(host, now);
+        self.remember_rates(host, now);
+        if self.router.config().rebalance.mode != RebalanceMode::Off {
+            self.rebalance(host, now);
+        }
         self.flush(host);
     }
 
@@ -268,6 +276,7 @@ impl Vm {
             match host.shared_set(LOAD_KEY, &record, cas) {
                 Ok(()) => {
                     if let Ok(slots) = shared_view::decode(&record) {
+                        self.workers = slots.len().max(1);
                         let others: Vec<_> = shared_view::others(&slots, self.id, now, expire)
                             .map(|e| {
                                 (
@@ -285,6 +294,90 @@ impl Vm {
                 Err(HostError::CasMismatch) => self.stats.health.cas_retries += 1,
                 Err(e) => return self.host_error(host, "set_shared_data (load)", &e),
             }
+        }
+    }
+
+    /// Write the rates of streams that ran long enough into the shared rate memory.
+    fn remember_rates(&mut self, host: &dyn Host, now: Nanos) {
+        let updates = self.router.take_rate_updates();
+        if updates.is_empty() {
+            return;
+        }
+        let cfg = &self.router.config().rate_memory;
+        let buckets = rate_memory::bucket_count(cfg.capacity);
+        let mut by_bucket: HashMap<usize, Vec<(u64, f64)>> = HashMap::new();
+        for (hash, rate) in updates {
+            by_bucket
+                .entry(rate_memory::bucket_of(hash, buckets))
+                .or_default()
+                .push((hash, rate));
+        }
+        let seconds = rate_memory::seconds(now);
+        for (bucket, entries) in by_bucket {
+            let key = rate_memory::shared_key(bucket);
+            for attempt in 0..=CAS_ATTEMPTS {
+                if attempt == CAS_ATTEMPTS {
+                    self.stats.health.host_errors += 1; // gave up: this update is lost
+                    break;
+                }
+                let (current, cas) = match host.shared_get(&key) {
+                    Ok(v) => v,
+                    Err(e) => return self.host_error(host, "get_shared_data (rate memory)", &e),
+                };
+                let mut b = current.as_deref().map(Bucket::decode).unwrap_or_default();
+                for &(hash, rate) in &entries {
+                    b.put(hash, rate, seconds);
+                }
+                match host.shared_set(&key, &b.encode(), cas) {
+                    Ok(()) => break,
+                    Err(HostError::CasMismatch) => self.stats.health.cas_retries += 1,
+                    Err(e) => return self.host_error(host, "set_shared_data (rate memory)", &e),
+                }
+            }
+        }
+    }
+
+    /// Plan moves off hot endpoints; in `on` mode the streams end at their next request frame
+    /// on a message boundary (see `stream.rs`), in `shadow` mode they are only reported.
+    fn rebalance(&mut self, host: &dyn Host, now: Nanos) {
+        let plan = self.router.plan_moves(now, self.workers);
+        let shadow = self.router.config().rebalance.mode == RebalanceMode::Shadow;
+        let r = &mut self.stats.rebalance;
+        for (ci, (before, after)) in plan
+            .excess_before
+            .iter()
+            .zip(&plan.excess_after)
+            .enumerate()
+        {
+            r.excess.insert(ci, (*before, *after));
+        }
+        for m in &plan.moves {
+            *r.planned.entry(m.cluster).or_default() += 1;
+            let c = self.router.clusters().get(m.cluster);
+            let address = |j: usize| {
+                c.and_then(|c| c.endpoint(j))
+                    .map_or("-", |e| e.address.as_str())
+            };
+            host.log(
+                LogLevel::Info,
+                &format!(
+                    "streamlb: rebalance{}: stream {} at {:.1}/s off {} (room on {})",
+                    if shadow { " (shadow)" } else { "" },
+                    m.stream,
+                    m.rate,
+                    address(m.from),
+                    address(m.to_room_on)
+                ),
+            );
+        }
+        for (ci, (&budget, &no_room)) in plan
+            .skipped_budget
+            .iter()
+            .zip(&plan.skipped_no_room)
+            .enumerate()
+        {
+            *r.skipped.entry((ci, "budget")).or_default() += budget;
+            *r.skipped.entry((ci, "no_room")).or_default() += no_room;
         }
     }
 
