@@ -114,7 +114,8 @@ def latency_cdf(policies: dict) -> str:
 
 def markdown_table(out: dict) -> str:
     o = out.get("oracle") or {}
-    rows = ["| policy | max/mean (median of 1 s bins) | p99/mean | cross-zone share | latency p50 / p99 / p99.9 (ms, worst zone) | errors (failed) | Envoy CPU µs/msg (above idle) | Envoy RSS MB (sum) |",
+    rounds = out.get("rounds", 1)
+    rows = [f"| policy | max/mean (median of 1 s bins{'; median of ' + str(rounds) + ' rounds [min–max]' if rounds > 1 else ''}) | p99/mean | cross-zone share | latency p50 / p99 / p99.9 (ms, worst zone) | errors (failed) | Envoy CPU µs/msg (above idle) | Envoy RSS MB (sum) |",
             "|---|---|---|---|---|---|---|---|"]
     for name, r in out.get("policies", {}).items():
         if r.get("error"):
@@ -125,7 +126,9 @@ def markdown_table(out: dict) -> str:
         cpu = None if c.get("us_per_message") is None else f"{c['us_per_message']:.1f} ({f(c.get('us_per_message_above_idle'), 1)})"
         rss = sum((r.get("envoy_rss_kb") or {}).values()) / 1024 if r.get("envoy_rss_kb") else None
         note = " (latency floor; no proxy, streams split evenly per zone)" if name == "direct" else ""
-        rows.append(f"| {name}{note} | {f(r.get('median_max_over_mean'))} | {f(r.get('median_p99_over_mean'))} | "
+        rounds = [x["max_over_mean"] for x in r.get("rounds", []) if x.get("max_over_mean") is not None]
+        spread = f" [{min(rounds):.2f}–{max(rounds):.2f}]" if len(rounds) > 1 else ""
+        rows.append(f"| {name}{note} | {f(r.get('median_max_over_mean'))}{spread} | {f(r.get('median_p99_over_mean'))} | "
                     f"{f(r.get('cross_zone'))} | {f(lat.get('p50'), 2)} / {f(lat.get('p99'), 2)} / {f(lat.get('p999'), 2)} | "
                     f"{r.get('totals', {}).get('failed', '–')} | {cpu or '–'} | {f(rss, 1)} |")
     if o:

@@ -231,6 +231,29 @@ def run_policy(policy: str, sc: dict, workdir: Path, pin_cpus: bool) -> dict:
     return result
 
 
+def combine(rs: list[dict]) -> dict:
+    """One entry per policy: the first good round's series, medians of the figures over rounds."""
+    ok = [r for r in rs if not r.get("error")]
+    if not ok:
+        return rs[0]
+    out = dict(ok[0])
+    for key in ("median_max_over_mean", "median_p99_over_mean", "cross_zone", "messages_per_s"):
+        out[key] = median([r[key] for r in ok if r.get(key) is not None])
+    out["latency_ms"] = {q: median([r["latency_ms"][q] for r in ok if r["latency_ms"].get(q) is not None])
+                         for q in ok[0]["latency_ms"]}
+    if ok[0].get("envoy_cpu"):
+        out["envoy_cpu"] = dict(ok[0]["envoy_cpu"])
+        for key in ("us_per_message", "us_per_message_above_idle", "idle_cores", "cores"):
+            out["envoy_cpu"][key] = median([r["envoy_cpu"][key] for r in ok
+                                            if r.get("envoy_cpu") and r["envoy_cpu"].get(key) is not None])
+    out["totals"] = {k: sum(r["totals"].get(k, 0) for r in ok) for k in ok[0]["totals"]}
+    out["rounds"] = [{"seed": r.get("seed"), "error": r.get("error"),
+                      "max_over_mean": r.get("median_max_over_mean"), "p99_over_mean": r.get("median_p99_over_mean"),
+                      "cross_zone": r.get("cross_zone"), "latency_p99_ms": (r.get("latency_ms") or {}).get("p99"),
+                      "us_per_message": (r.get("envoy_cpu") or {}).get("us_per_message")} for r in rs]
+    return out
+
+
 def mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -361,6 +384,8 @@ def main() -> int:
     ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     ap.add_argument("--no-pin", action="store_true", help="do not taskset Envoy / load generator")
     ap.add_argument("--no-sim", action="store_true", help="skip `lab sim` on the same scenario")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds (round k: seed + 1000·k), policies interleaved within a round; medians reported")
     args = ap.parse_args()
     sc = json.loads(Path(args.scenario).read_text())
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -373,24 +398,33 @@ def main() -> int:
     started = dt.datetime.now(dt.timezone.utc)
     log(f"scenario {sc['name']}: {len(policies)} policies × {sc['duration_s']} s "
         f"(warm-up {sc['warmup_s']} s); pinning {'on' if pin_cpus else 'off'}")
-    results = {}
+    runs: dict[str, list[dict]] = {p: [] for p in policies}
+    oracles = []
     workdir = Path(tempfile.mkdtemp(prefix="streamlb-bench-"))
     try:
-        for i, p in enumerate(policies):
-            log(f"[{i + 1}/{len(policies)}] {p}")
-            try:
-                results[p] = run_policy(p, sc, workdir, pin_cpus)
-                r = results[p]
-                cpu = (r.get("envoy_cpu") or {}).get("us_per_message")
-                log(f"  {p}: max/mean {fmt(r['median_max_over_mean'])}, p99/mean {fmt(r['median_p99_over_mean'])}, "
-                    f"cross-zone {fmt(r['cross_zone'])}, p99 {fmt(r['latency_ms']['p99'])} ms, "
-                    f"CPU {fmt(cpu)} µs/msg, errors {r['totals']['failed']}")
-            except Exception as e:  # one policy failing must not lose the others
-                log(f"  {p}: FAILED: {e}")
-                results[p] = {"policy": p, "error": str(e)[-2000:]}
+        for k in range(args.repeat):
+            sck = dict(sc, seed=int(sc["seed"]) + 1000 * k)
+            round_rates = None
+            for i, p in enumerate(policies):
+                log(f"[round {k + 1}/{args.repeat}, seed {sck['seed']}] [{i + 1}/{len(policies)}] {p}")
+                try:
+                    r = run_policy(p, sck, workdir, pin_cpus)
+                    r["seed"] = sck["seed"]
+                    runs[p].append(r)
+                    if p != "direct" and round_rates is None:
+                        round_rates = r["stream_rates"]
+                    c = r.get("envoy_cpu") or {}
+                    log(f"  {p}: max/mean {fmt(r['median_max_over_mean'])}, p99/mean {fmt(r['median_p99_over_mean'])}, "
+                        f"cross-zone {fmt(r['cross_zone'])}, p99 {fmt(r['latency_ms']['p99'])} ms, "
+                        f"CPU {fmt(c.get('us_per_message'))} µs/msg, errors {r['totals']['failed']}")
+                except Exception as e:  # one policy failing must not lose the others
+                    log(f"  {p}: FAILED: {e}")
+                    runs[p].append({"policy": p, "error": str(e)[-2000:], "seed": sck["seed"]})
+            if round_rates:
+                oracles.append(oracle(sck, round_rates))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    rates = next((r["stream_rates"] for r in results.values() if r.get("stream_rates") and r["policy"] != "direct"), [])
+    results = {p: combine(rs) for p, rs in runs.items()}
     out = {
         "kind": "envoy",
         "scenario": sc,
@@ -398,7 +432,9 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
                     "placement": ("driver, lab pods and lab devices on CPU 0, every Envoy on CPU 1 (taskset -a)"
                                   if pin_cpus else "not pinned")},
-        "oracle": oracle(sc, rates) if rates else None,
+        "rounds": args.repeat,
+        "oracle": {k: median([o[k] for o in oracles]) for k in oracles[0]} if oracles else None,
+        "oracle_rounds": oracles,
         "policies": results,
     }
     if not args.no_sim:
