@@ -103,6 +103,10 @@ pub struct ZoneConfig {
 pub struct PickConfig {
     /// d in power-of-d-choices.
     pub choices: usize,
+    /// d for a stream whose rate is remembered (its size is known); 0 = every endpoint of the
+    /// zone (greedy on known sizes, which approaches LPT; many proxies hit by the same
+    /// reconnect storm may then herd a little more than with d = 2).
+    pub remembered_choices: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -252,7 +256,10 @@ impl Default for ZoneConfig {
 
 impl Default for PickConfig {
     fn default() -> Self {
-        PickConfig { choices: 2 }
+        PickConfig {
+            choices: 2,
+            remembered_choices: 0,
+        }
     }
 }
 
@@ -370,6 +377,12 @@ impl Config {
         int_in("load.orca_max_age_ms", l.orca_max_age_ms, 100, 3_600_000)?;
         float_in("zone.spill_threshold", self.zone.spill_threshold, 0.0, 1.0)?;
         int_in("pick.choices", self.pick.choices as u64, 1, 64)?;
+        int_in(
+            "pick.remembered_choices",
+            self.pick.remembered_choices as u64,
+            0,
+            64,
+        )?;
         let s = &self.slow_start;
         int_in("slow_start.window_ms", s.window_ms, 0, 3_600_000)?;
         float_in("slow_start.aggression", s.aggression, 0.01, 100.0)?;

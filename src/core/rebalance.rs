@@ -123,6 +123,20 @@ pub fn plan_cluster(
         .iter()
         .map(|&j| cluster.endpoint(j).map_or(0.0, |e| e.capacity))
         .collect();
+    // Streams already chosen but not ended yet (they end at their next request frame) are
+    // counted as gone, so they are not shed twice.
+    for (_, st) in streams
+        .iter()
+        .filter(|(_, st)| st.move_planned && st.cluster == ci)
+    {
+        if let Some(l) = st
+            .endpoint
+            .and_then(|j| eligible.iter().position(|&e| e == j))
+            .and_then(|k| loads.get_mut(k))
+        {
+            *l = (*l - st.estimate()).max(0.0);
+        }
+    }
     let (total_load, total_cap) = (loads.iter().sum::<f64>(), caps.iter().sum::<f64>());
     plan.skipped_budget.push(0);
     plan.skipped_no_room.push(0);

@@ -17,7 +17,7 @@ use super::endpoints::Cluster;
 use super::ewma::prior_weight;
 use super::orca::OrcaReport;
 use super::penalty::Outcome;
-use super::pick::pick;
+use super::pick::{self, pick};
 use super::rebalance::{self, Budget, Plan};
 use super::rng::Rng;
 use super::routes::RouteNames;
@@ -209,7 +209,12 @@ impl Router {
         let stale_after = self.cfg.discovery.stale_after_ms.saturating_mul(1_000_000);
         let orca_weight = self.cfg.load.orca_weight;
         let orca_age = self.cfg.load.orca_max_age_ms.saturating_mul(1_000_000);
-        let choices = self.cfg.pick.choices;
+        let remembered = source.and_then(|s| s.rate).is_some();
+        let choices = match (remembered, self.cfg.pick.remembered_choices) {
+            (true, 0) => pick::MAX_CHOICES,
+            (true, d) => d,
+            (false, _) => self.cfg.pick.choices,
+        };
         let c = self.clusters.get_mut(ci)?;
         let fresh = c
             .snapshot_at
@@ -540,10 +545,16 @@ impl Router {
         for (ci, c) in self.clusters.iter().enumerate() {
             rebalance::plan_cluster(&cfg, ci, c, &self.streams, now, &mut allowance, &mut plan);
         }
+        let tau = self.tau_secs();
         for m in &plan.moves {
             self.budget.spend(now);
             if let Some(s) = self.streams.get_mut(m.stream) {
                 s.move_planned = true;
+                // Remember its rate now: its client reconnects before the stream's end is
+                // flushed.
+                if let Some(key) = s.key {
+                    self.rate_updates.push((key, s.measured_rate(now, tau)));
+                }
             }
         }
         plan

@@ -124,7 +124,8 @@ impl StreamTable {
 
     /// Streams on (`cluster`, `endpoint`) to move so as to shed `excess` load with the fewest
     /// moves: only streams at least `min_age` old, largest estimate that still fits the
-    /// remaining excess first, at most `max_moves`. Returns (stream id, estimate) pairs.
+    /// remaining excess first, at most `max_moves`; when none fits, the smallest one.
+    /// Returns (stream id, estimate) pairs.
     pub fn select_moves(
         &self,
         cluster: usize,
@@ -149,13 +150,20 @@ impl StreamTable {
         eligible.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut left = excess;
         let mut chosen = Vec::new();
-        for (id, est) in eligible {
+        for &(id, est) in &eligible {
             if chosen.len() >= max_moves || left <= 0.0 {
                 break;
             }
             if est > 0.0 && est <= left {
                 chosen.push((id, est));
                 left -= est;
+            }
+        }
+        if chosen.is_empty() && excess > 0.0 && max_moves > 0 {
+            // Nothing fits: the smallest stream still sheds the excess (the caller checks that
+            // its destination stays cool).
+            if let Some(&smallest) = eligible.iter().rev().find(|(_, est)| *est > 0.0) {
+                chosen.push(smallest);
             }
         }
         chosen
@@ -199,5 +207,6 @@ mod tests {
         assert_eq!(m, vec![(2, 30.0), (4, 5.0)]); // 50 too big, 25 too young
         assert_eq!(t.select_moves(0, 7, 36.0, 1000, 500, 1), vec![(2, 30.0)]);
         assert!(t.select_moves(0, 7, 0.0, 1000, 500, 10).is_empty());
+        assert_eq!(t.select_moves(0, 7, 4.0, 1000, 500, 10), vec![(4, 5.0)]); // none fits: smallest
     }
 }

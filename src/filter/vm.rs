@@ -93,10 +93,10 @@ impl Vm {
         self.read_snapshot(host, now);
         self.router.tick(now);
         self.share_load(host, now);
-        self.remember_rates(host, now);
         if self.router.config().rebalance.mode != RebalanceMode::Off {
             self.rebalance(host, now);
         }
+        self.remember_rates(host, now);
         self.flush(host);
     }
 
