@@ -629,7 +629,9 @@ pub fn run(
     };
     let base_capacity = w.pod_capacity.clone();
     let mut cfg_json = json!({"clusters": ["pods"]});
-    crate::scenario::merge(&mut cfg_json, &sc.streamlb);
+    if !sc.streamlb.is_null() {
+        crate::scenario::merge(&mut cfg_json, &sc.streamlb);
+    }
     let cfg = Config::from_json(cfg_json.to_string().as_bytes())
         .map_err(|e| anyhow::anyhow!("streamlb config: {e}"))?;
 
@@ -838,4 +840,74 @@ pub fn run(
         "oracle": oracle_json,
         "wall_s": started.elapsed().as_secs_f64(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(json: serde_json::Value) -> Scenario {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn one_zone(seed: u64) -> Scenario {
+        scenario(json!({
+            "name": "t", "seed": seed, "duration_s": 130, "warmup_s": 110,
+            "zones": [{"name": "a", "pods": 10}],
+            "proxies": {"a": 1},
+            "streams": {"count": 1000, "mean_rate": 25, "rate_dist": "zipf:0.8",
+                        "client_zones": {"a": 1.0}, "ramp_s": 100}
+        }))
+    }
+
+    fn all() -> Vec<String> {
+        POLICIES.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    /// Streams arrive at 10/s, slowly against τ = 5 s, so placements see measured rates.
+    fn rate_aware_core_beats_count_balancing_on_zipf_and_lpt_is_near_the_bound() {
+        let (mut ours, mut theirs) = (0.0, 0.0);
+        for seed in 1..=5 {
+            let r = run(&one_zone(seed), &all(), 1, false).unwrap();
+            let m = |p: &str| r["policies"][p]["median_max_over_mean"].as_f64().unwrap();
+            ours += m("streamlb") / 5.0;
+            theirs += m("least_request") / 5.0;
+            let (bound, lpt) = (
+                r["oracle"]["median_lower_bound"].as_f64().unwrap(),
+                r["oracle"]["median_lpt"].as_f64().unwrap(),
+            );
+            assert!(bound >= 1.0 && lpt >= bound - 1e-9 && lpt <= bound * 4.0 / 3.0);
+        }
+        println!("max/mean, mean of 5 seeds: streamlb {ours:.3}, least_request {theirs:.3}");
+        assert!(
+            ours + 0.1 <= theirs,
+            "streamlb {ours:.3} vs least_request {theirs:.3}"
+        );
+    }
+
+    #[test]
+    fn zone_policies_keep_traffic_local_and_the_minimum_matches_the_formula() {
+        let sc = scenario(json!({
+            "name": "z", "seed": 4, "duration_s": 130, "warmup_s": 110, "epsilon": 0.1,
+            "zones": [{"name": "a", "pods": 4}, {"name": "b", "pods": 4}, {"name": "c", "pods": 4}],
+            "proxies": {"a": 1, "b": 1, "c": 1},
+            "streams": {"count": 1200, "mean_rate": 10, "rate_dist": "constant",
+                        "client_zones": {"a": 0.5, "b": 0.3, "c": 0.2}, "ramp_s": 100}
+        }));
+        let r = run(&sc, &all(), 1, false).unwrap();
+        let cross = |p: &str| r["policies"][p]["median_cross_zone"].as_f64().unwrap();
+        // d = (0.5, 0.3, 0.2), c = 1/3 each: minimum 0.5 − 1.1/3.
+        let min = r["oracle"]["median_min_cross_zone"].as_f64().unwrap();
+        assert!((min - (0.5 - 1.1 / 3.0)).abs() < 1e-9, "{min}");
+        // Equal proxies per zone and equal pods per zone: zone-aware stays local.
+        assert!(cross("zone_aware") < 0.01);
+        assert!(cross("round_robin") > 0.6);
+        // With one load view over all proxies the core spills only about the excess.
+        assert!(
+            cross("streamlb_global_view") < min + 0.05,
+            "{}",
+            cross("streamlb_global_view")
+        );
+    }
 }
