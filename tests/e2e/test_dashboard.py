@@ -7,8 +7,8 @@ a little traffic (device streams and one single-message gRPC call, so all three 
 histograms get samples), waits for Envoy's stats flush and checks every name against Envoy's
 /stats/prometheus: series names exactly as exposed (a histogram only as `_bucket`, `_sum`,
 `_count`; `histogram_quantile` only over `_bucket` grouped by `le`), label names present on
-that series, literal `=` values seen. It also requires every streamlb metric family to appear
-on the dashboard. The unit tests check the JSON's Grafana structure and that the checker does
+that series, literal `=` values seen. The README's "Example PromQL" table is checked the same
+way. It also requires every streamlb metric family to appear on the dashboard. The unit tests check the JSON's Grafana structure and that the checker does
 report made-up metrics, labels and values.
 """
 
@@ -306,6 +306,14 @@ def load_dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
 
 
+def readme_examples() -> list[tuple[str, str]]:
+    """(question, PromQL) rows of the README's "Example PromQL" table."""
+    text = (harness.REPO / "README.md").read_text()
+    table = text.split("Example PromQL:", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    return [(line.split("|")[1].strip(), re.findall(r"`(.*)`", line.replace("\\|", "|"))[-1]) for line in rows]
+
+
 # ---------------------------------------------------------------------------------------------
 # Unit tests: structure and the checker itself
 
@@ -411,6 +419,10 @@ def test_every_dashboard_expression_names_only_emitted_metrics_and_labels(pods):
                 break
             time.sleep(0.5)
     problems = check_dashboard(dashboard, exposed)
+    examples = readme_examples()
+    assert len(examples) >= 10, examples
+    for question, expr in examples:
+        problems += [f"README example {question!r}: {p}   [{expr}]" for p in check_expr(expr, exposed, set())]
     families = {exposed.family_of[n] for n in exposed.series if n.startswith(PREFIX)}
     unused = families - used_families(dashboard, exposed)
     checked = len(dashboard_expressions(dashboard))
