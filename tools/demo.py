@@ -62,7 +62,7 @@ def streamlb_counters(envoy: harness.Envoy) -> dict[str, float]:
 
 
 def short_stat_name(name: str) -> str:
-    """wasmcustom.streamlb_decisions.reason=.=zone_local;.; -> streamlb_decisions{reason=zone_local}"""
+    """wasmcustom.streamlb_decisions_total.cluster=.=pods;.;reason=.=local;.; -> streamlb_decisions_total{cluster=pods,reason=local}"""
     name = name.removeprefix("wasmcustom.")
     tags = re.findall(r"\.?([a-z_]+)=\.=(.*?);\.;", name)
     base = re.sub(r"\.?[a-z_]+=\.=.*?;\.;", "", name)

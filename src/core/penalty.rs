@@ -5,7 +5,8 @@
 //! factor = 1 / (1 + weight · score)
 //! ```
 //!
-//! Failures: gRPC `UNAVAILABLE`/`RESOURCE_EXHAUSTED`, HTTP 5xx and 429, connect failures.
+//! Failures: gRPC `UNAVAILABLE`/`RESOURCE_EXHAUSTED`, HTTP 5xx and 429 (connect failures reach
+//! the filter as Envoy's local 503).
 
 /// How a stream ended, as far as the endpoint's health is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +30,9 @@ pub fn classify(http_status: Option<u32>, grpc_status: Option<u32>) -> Outcome {
         Some(429) => Outcome::Failed,
         Some(s) if (500..600).contains(&s) => Outcome::Failed,
         Some(_) => Outcome::Ok,
-        None => Outcome::Failed, // no response at all: connect failure or reset
+        // No response at all: the client left or the stream was reset. Connect failures and
+        // upstream resets reach the filter as Envoy's local 503 reply, counted above.
+        None => Outcome::Cancelled,
     }
 }
 
@@ -53,7 +56,7 @@ mod tests {
         assert_eq!(classify(Some(503), None), Outcome::Failed);
         assert_eq!(classify(Some(429), None), Outcome::Failed);
         assert_eq!(classify(Some(404), None), Outcome::Ok);
-        assert_eq!(classify(None, None), Outcome::Failed);
+        assert_eq!(classify(None, None), Outcome::Cancelled);
     }
 
     #[test]

@@ -58,7 +58,8 @@ impl Metrics {
         Ok(())
     }
 
-    /// Set a gauge. Envoy sums same-named gauges across worker VMs.
+    /// Set a gauge. All VMs share one Envoy stat of a name: the last writer wins, so only
+    /// values every VM computes alike (from the merged view) are set; sums use `gauge_add`.
     pub fn gauge(&mut self, host: &dyn Host, name: &str, value: u64) -> HostResult<()> {
         let id = self.id(host, MetricKind::Gauge, name)?;
         host.record_metric(id, value)

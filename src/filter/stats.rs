@@ -4,7 +4,9 @@
 //! once per tick. Every label is bounded: routes are capped (`max_routes`, the rest fold into
 //! `other`), clusters come from the config, zones from discovery, the rest are fixed sets.
 //! Every VM adds to the same Envoy stats, so counters and the active-stream gauge are written as
-//! deltas; cluster gauges are computed from the merged cross-worker view and set.
+//! deltas; cluster gauges are computed from the merged cross-worker view and set. Cluster
+//! gauges use the router's load estimate per endpoint (measured rate plus the priors of streams
+//! too young to be measured), in the `load.signal` unit (messages/s by default).
 //!
 //! No label name may end with another one (`from_zone` would contain `zone=`, and Envoy's tag
 //! regexes would match inside it): hence `from`/`to` for the zones of a decision.
@@ -205,7 +207,7 @@ impl Stats {
                 .iter()
                 .flat_map(|z| z.healthy.iter())
                 .filter_map(|&j| c.endpoint(j))
-                .map(|e| e.local_rate + e.remote_load)
+                .map(|e| e.load())
                 .collect();
             let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
             let max = rates.iter().copied().fold(0.0, f64::max);
@@ -215,7 +217,7 @@ impl Stats {
             for z in &c.zones {
                 let rate: f64 = (z.healthy.iter())
                     .filter_map(|&j| c.endpoint(j))
-                    .map(|e| e.local_rate + e.remote_load)
+                    .map(|e| e.load())
                     .sum();
                 let tags = [("cluster", c.name.as_str()), ("zone", z.name.as_str())];
                 let name = tagged("streamlb_zone_messages_per_second", &tags);

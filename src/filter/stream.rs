@@ -41,6 +41,8 @@ pub struct StreamFilter {
     /// real upstream).
     cross_zone: bool,
     first_byte_seen: bool,
+    /// This filter ended the stream to rebalance it.
+    moved: bool,
     ended: bool,
 }
 
@@ -70,6 +72,7 @@ impl StreamFilter {
             started: 0,
             cross_zone: false,
             first_byte_seen: false,
+            moved: false,
             ended: false,
         }
     }
@@ -180,6 +183,7 @@ impl StreamFilter {
             "unavailable"
         };
         *vm.stats.rebalance.moved.entry((ci, how)).or_default() += 1;
+        self.moved = true;
         self.http_status = Some(200);
         self.grpc_status = Some(14);
         true
@@ -319,8 +323,7 @@ impl StreamFilter {
         };
         let vm = &mut *vm;
         let now = host.now().unwrap_or(0);
-        let moved = vm.router.move_planned(self.id) && self.grpc_status == Some(14);
-        let outcome = if moved {
+        let outcome = if self.moved {
             penalty::Outcome::Cancelled // we ended it: not the endpoint's fault
         } else {
             penalty::classify(self.http_status, self.grpc_status)
