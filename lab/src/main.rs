@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::time::Duration;
 use streamlb_lab::devices::{self, DevicesConfig, Header, Kind};
-use streamlb_lab::pods::{self, Fleet, PodsConfig};
+use streamlb_lab::pods::{self, Fleet, Listen, PodsConfig};
 use streamlb_lab::rates::RateDist;
 
 #[derive(Parser)]
@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run N gRPC pods (h2c on 127.0.0.1) plus a JSON control API; prints one ready line.
+    /// Run N gRPC pods (h2c, 127.0.0.1 by default) plus a JSON control API; prints one ready line.
     Pods {
         /// Pods per zone, e.g. a=2,b=2,c=2 (names a-0, a-1, b-0, ...).
         #[arg(long)]
@@ -40,6 +40,15 @@ enum Command {
         /// Do not exit when stdin reaches EOF (by default a closed stdin stops the pods).
         #[arg(long)]
         ignore_stdin: bool,
+        /// IP address every pod and the control server bind (0.0.0.0 in a container).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// First pod port: pods bind N, N+1, ... in ready-line order (0 = any free port each).
+        #[arg(long, default_value_t = 0)]
+        base_port: u16,
+        /// Control server port (default: base-port + 100 with --base-port, else any free port).
+        #[arg(long)]
+        control_port: Option<u16>,
     },
     /// Simulate devices: one long-lived gRPC stream each, open-loop at per-stream rates.
     Devices {
@@ -145,6 +154,9 @@ fn main() -> anyhow::Result<()> {
             orca,
             endpoint_header,
             ignore_stdin,
+            host,
+            base_port,
+            control_port,
         } => {
             if !(capacity.is_finite() && capacity >= 0.0) {
                 anyhow::bail!("--capacity must be >= 0");
@@ -158,7 +170,12 @@ fn main() -> anyhow::Result<()> {
                 )
                 .with_context(|| format!("bad --endpoint-header {endpoint_header:?}"))?,
             };
-            runtime.block_on(run_pods(config, !ignore_stdin))
+            let listen = Listen {
+                host,
+                base_port,
+                control_port,
+            };
+            runtime.block_on(run_pods(config, listen, !ignore_stdin))
         }
         Command::Devices {
             target,
@@ -210,8 +227,8 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-async fn run_pods(config: PodsConfig, watch_stdin: bool) -> anyhow::Result<()> {
-    let fleet = Fleet::launch(&config).await?;
+async fn run_pods(config: PodsConfig, listen: Listen, watch_stdin: bool) -> anyhow::Result<()> {
+    let fleet = Fleet::launch_on(&config, &listen).await?;
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "{}", fleet.ready_line()).context("writing the ready line")?;

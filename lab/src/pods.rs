@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -186,7 +186,12 @@ pub struct Pod {
 }
 
 fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
-    let socket = TcpSocket::new_v4().context("creating a TCP socket")?;
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .context("creating a TCP socket")?;
     socket.set_reuseaddr(true).context("setting SO_REUSEADDR")?;
     socket
         .bind(address)
@@ -203,7 +208,17 @@ impl Pod {
         zone: String,
         config: &PodsConfig,
     ) -> anyhow::Result<Arc<Self>> {
-        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        Self::launch_at(name, zone, config, Listen::default().pod_address(0)).await
+    }
+
+    /// Binds `address` (port 0 = any free port) and starts serving.
+    pub async fn launch_at(
+        name: String,
+        zone: String,
+        config: &PodsConfig,
+        address: SocketAddr,
+    ) -> anyhow::Result<Arc<Self>> {
+        let listener = bind(address)?;
         let address = listener.local_addr().context("reading the bound address")?;
         let pod = Arc::new(Self {
             name,
@@ -643,6 +658,75 @@ pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
 /// Response header naming the endpoint header value a pod received.
 pub const SAW_ENDPOINT_HEADER: &str = "x-pod-saw-endpoint-header";
 
+/// Where the pods and the control server listen (`--host`, `--base-port`, `--control-port`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// Address every pod and the control server bind.
+    pub host: IpAddr,
+    /// 0: every pod binds port 0 (any free port). N > 0: pod i (ready-line order) binds N + i.
+    pub base_port: u16,
+    /// Control server port; None: `base_port + CONTROL_PORT_OFFSET` if `base_port` > 0, else 0.
+    pub control_port: Option<u16>,
+}
+
+/// With `--base-port N` and no `--control-port`, the control server binds N + 100.
+pub const CONTROL_PORT_OFFSET: u16 = 100;
+
+impl Default for Listen {
+    /// 127.0.0.1, every port chosen by the kernel.
+    fn default() -> Self {
+        Self {
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            base_port: 0,
+            control_port: None,
+        }
+    }
+}
+
+impl Listen {
+    fn pod_address(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.host, port)
+    }
+
+    /// The addresses of `pods` pods (in ready-line order) and of the control server; errors if
+    /// a fixed port would pass 65535 or the control port falls among the pod ports.
+    pub fn addresses(&self, pods: usize) -> anyhow::Result<(Vec<SocketAddr>, SocketAddr)> {
+        let pod_ports: Vec<u16> = if self.base_port == 0 {
+            vec![0; pods]
+        } else {
+            (0..pods)
+                .map(|i| u16::try_from(usize::from(self.base_port) + i).ok())
+                .collect::<Option<_>>()
+                .with_context(|| {
+                    format!(
+                        "--base-port {}: {pods} pods pass port 65535",
+                        self.base_port
+                    )
+                })?
+        };
+        let control_port = match self.control_port {
+            Some(port) => port,
+            None if self.base_port == 0 => 0,
+            None => self
+                .base_port
+                .checked_add(CONTROL_PORT_OFFSET)
+                .with_context(|| {
+                    format!(
+                        "--base-port {}: control port base+{CONTROL_PORT_OFFSET} passes 65535; give --control-port",
+                        self.base_port
+                    )
+                })?,
+        };
+        if control_port != 0 && pod_ports.contains(&control_port) {
+            bail!("control port {control_port} is also a pod port; give another --control-port");
+        }
+        Ok((
+            pod_ports.iter().map(|&p| self.pod_address(p)).collect(),
+            self.pod_address(control_port),
+        ))
+    }
+}
+
 /// All pods plus the control server.
 pub struct Fleet {
     pub pods: Vec<Arc<Pod>>,
@@ -664,15 +748,25 @@ struct Ready<'a> {
 }
 
 impl Fleet {
+    /// Every pod and the control server on 127.0.0.1, ports chosen by the kernel.
     pub async fn launch(config: &PodsConfig) -> anyhow::Result<Self> {
+        Self::launch_on(config, &Listen::default()).await
+    }
+
+    /// Every pod and the control server at the addresses `listen` gives.
+    pub async fn launch_on(config: &PodsConfig, listen: &Listen) -> anyhow::Result<Self> {
+        let total = config.zones.iter().map(|(_, n)| n).sum();
+        let (pod_addresses, control_address) = listen.addresses(total)?;
+        let names = config
+            .zones
+            .iter()
+            .flat_map(|(zone, count)| (0..*count).map(move |index| (zone, index)));
         let mut pods = Vec::new();
-        for (zone, count) in &config.zones {
-            for index in 0..*count {
-                let name = format!("{zone}-{index}");
-                pods.push(Pod::launch(name, zone.clone(), config).await?);
-            }
+        for ((zone, index), address) in names.zip(pod_addresses) {
+            let name = format!("{zone}-{index}");
+            pods.push(Pod::launch_at(name, zone.clone(), config, address).await?);
         }
-        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let listener = bind(control_address)?;
         let control = listener
             .local_addr()
             .context("reading the control address")?;
@@ -813,6 +907,145 @@ mod tests {
         assert_eq!(window.rate(t0 + Duration::from_millis(600)), 50.0);
         // 1.55 s later the buckets of 0..0.5 s have left the window.
         assert_eq!(window.rate(t0 + Duration::from_millis(1550)), 0.0);
+    }
+
+    #[test]
+    fn listen_addresses_default_fixed_and_invalid() {
+        let any = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let default = Listen::default().addresses(3).ok();
+        assert_eq!(default, Some((vec![any(0); 3], any(0))));
+        let fixed = Listen {
+            base_port: 50051,
+            ..Listen::default()
+        };
+        let (pods, control) = fixed.addresses(3).unwrap();
+        assert_eq!(pods, vec![any(50051), any(50052), any(50053)]);
+        assert_eq!(control, any(50151));
+        let own_control = Listen {
+            control_port: Some(9000),
+            ..fixed
+        };
+        assert_eq!(own_control.addresses(3).unwrap().1, any(9000));
+        let host = Listen {
+            host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            ..fixed
+        };
+        assert_eq!(host.addresses(1).unwrap().0[0].to_string(), "0.0.0.0:50051");
+        // Past 65535, or a control port among the pod ports.
+        let high = Listen {
+            base_port: 65534,
+            control_port: Some(1000),
+            ..fixed
+        };
+        assert!(high.addresses(2).is_ok());
+        assert!(high.addresses(3).is_err());
+        let no_room_for_control = Listen {
+            base_port: 65500,
+            ..fixed
+        };
+        assert!(no_room_for_control.addresses(1).is_err());
+        assert!(fixed.addresses(100).is_ok());
+        assert!(fixed.addresses(101).is_err());
+        let clash = Listen {
+            control_port: Some(50052),
+            ..fixed
+        };
+        assert!(clash.addresses(2).is_err());
+        assert!(clash.addresses(1).is_ok());
+    }
+
+    /// GET `path` from the control server; the whole HTTP/1.1 response as text.
+    async fn http_get(address: SocketAddr, path: &str) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = TcpStream::connect(address).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await?;
+        Ok(response)
+    }
+
+    /// A fleet on 127.0.0.1 with a base port that was free a moment ago (retried on a race).
+    async fn launch_fixed(config: &PodsConfig) -> (Fleet, u16) {
+        let mut errors = Vec::new();
+        for _ in 0..20 {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let base_port = probe.local_addr().unwrap().port();
+            drop(probe);
+            let listen = Listen {
+                base_port,
+                ..Listen::default()
+            };
+            match Fleet::launch_on(config, &listen).await {
+                Ok(fleet) => return (fleet, base_port),
+                Err(error) => errors.push(format!("{error:#}")),
+            }
+        }
+        panic!("no free base port: {errors:?}");
+    }
+
+    #[tokio::test]
+    async fn fixed_ports_are_bound_in_ready_line_order_and_kept_across_restart() {
+        let config = PodsConfig {
+            zones: vec![("a".into(), 2), ("b".into(), 1)],
+            capacity: 0.0,
+            orca: false,
+            endpoint_header: http::HeaderName::from_static(DEFAULT_ENDPOINT_HEADER),
+        };
+        let (fleet, base) = launch_fixed(&config).await;
+        let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let ready: serde_json::Value = serde_json::from_str(&fleet.ready_line()).unwrap();
+        let expected = serde_json::json!({
+            "control": at(base + 100).to_string(),
+            "pods": [
+                {"name": "a-0", "zone": "a", "address": at(base).to_string()},
+                {"name": "a-1", "zone": "a", "address": at(base + 1).to_string()},
+                {"name": "b-0", "zone": "b", "address": at(base + 2).to_string()},
+            ],
+        });
+        assert_eq!(ready, expected);
+        for pod in &fleet.pods {
+            assert!(
+                TcpStream::connect(pod.address).await.is_ok(),
+                "{}",
+                pod.name
+            );
+        }
+        let stats = http_get(at(base + 100), "/stats").await.unwrap();
+        assert!(stats.starts_with("HTTP/1.1 200"), "{stats}");
+        assert!(
+            stats.contains(&format!("\"address\":\"{}\"", at(base + 2))),
+            "{stats}"
+        );
+
+        // A second fleet on the same ports fails on the first one taken.
+        let taken = Listen {
+            base_port: base,
+            ..Listen::default()
+        };
+        let error = Fleet::launch_on(&config, &taken).await.err().unwrap();
+        assert!(
+            format!("{error:#}").contains(&format!("binding {}", at(base))),
+            "{error:#}"
+        );
+
+        // Stop and start: the same fixed port again.
+        let pod = fleet.pods.get(1).unwrap().clone();
+        assert!(pod.stop());
+        // The aborted accept task drops its listener when the runtime next polls it.
+        let mut refused = false;
+        for _ in 0..200 {
+            if TcpStream::connect(at(base + 1)).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(refused, "a stopped pod still accepts");
+        assert!(pod.start().unwrap());
+        assert_eq!(pod.address, at(base + 1));
+        assert!(TcpStream::connect(at(base + 1)).await.is_ok());
+        fleet.shutdown();
     }
 
     #[test]
