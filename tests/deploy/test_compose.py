@@ -141,17 +141,7 @@ def _cli_flags(subcommand: str) -> set[str]:
 
 @pytest.mark.parametrize(
     "service",
-    [
-        pytest.param(
-            "pods",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="`lab pods` has no --host/--base-port yet: pods bind 127.0.0.1 on random ports, "
-                "so the compose setup cannot run until the lab CLI gets them",
-            ),
-        ),
-        "devices",
-    ],
+    ["pods", "devices"],
 )
 def test_compose_commands_are_accepted_by_the_lab_cli(compose, service):
     command = compose["services"][service]["command"]
