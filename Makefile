@@ -77,7 +77,8 @@ wasm-bindgen-cli:
 ## build: the filter (.wasm for Envoy) and the native lab binary.
 build: build-wasm build-lab
 build-wasm: $(STAMPS)/rust-targets | apt
-	$(CARGO) build --release --target wasm32-wasip1 -p streamlb
+	CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+		$(CARGO) build --release --target wasm32-wasip1 -p streamlb
 	@ls -l $(WASM)
 build-lab: | apt
 	$(CARGO) build --release -p streamlb-lab
