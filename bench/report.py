@@ -27,7 +27,7 @@ def f(v, d=3) -> str:
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str, w=640, h=240,
-               hlines: dict[str, float] | None = None, ymin: float | None = 0.0) -> str:
+               hlines: dict[str, float] | None = None, ymin: float | None = 0.0, xlabel: str = "t (s)") -> str:
     pts = [p for s in series.values() for p in s if p[1] is not None]
     if not pts:
         return ""
@@ -53,8 +53,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, ylabel:
         out.append(f'<line x1="{L}" y1="{sy(yv):.1f}" x2="{w - R}" y2="{sy(yv):.1f}" stroke="#eee"/>')
     for k in range(5):
         xv = x0 + (x1 - x0) * k / 4
-        out.append(f'<text x="{sx(xv):.1f}" y="{h - B + 14}" text-anchor="middle">{xv:.0f}</text>')
-    out.append(f'<text x="{w - R}" y="{h - 4}" text-anchor="end">t (s)</text>')
+        out.append(f'<text x="{sx(xv):.1f}" y="{h - B + 14}" text-anchor="middle">{xv:.3g}</text>')
+    out.append(f'<text x="{w - R}" y="{h - 4}" text-anchor="end">{esc(xlabel)}</text>')
     out.append(f'<text x="4" y="{T - 6}">{esc(ylabel)}</text>')
     for i, (name, hv) in enumerate((hlines or {}).items()):
         out.append(f'<line x1="{L}" y1="{sy(hv):.1f}" x2="{w - R}" y2="{sy(hv):.1f}" stroke="#000" stroke-dasharray="4 3"/>')
@@ -107,9 +107,8 @@ def latency_cdf(policies: dict) -> str:
         return ""
     # y: −log10(1−q) makes the tail visible (0.5→0.3, 0.99→2, 0.999→3, max→4).
     tail = {k: [(x, min(4.0, -math.log10(max(1e-4, 1 - q)))) for x, q in v] for k, v in series.items()}
-    chart = line_chart(tail, "Message latency (x: log10 ms; y: 0.3=p50, 2=p99, 3=p99.9, 4=max)", "nines",
-                       ymin=0.0)
-    return chart.replace('<text x="{}"', "")
+    return line_chart(tail, "Message latency CDF through p50, p99, p99.9, max (worst client zone)",
+                      "nines: 0.3=p50, 2=p99, 3=p99.9, 4=max", ymin=0.0, xlabel="log10(latency ms)")
 
 
 def markdown_table(out: dict) -> str:
@@ -204,8 +203,7 @@ def html(out: dict) -> str:
             continue
         pods = list(bins[0]["rates"].keys())
         parts.append(line_chart({p: [(b["t"], b["rates"][p]) for b in bins] for p in pods},
-                                f"{name}: msgs/s per pod", "msgs/s", h=200,
-                                hlines={"warm-up end": None} if False else None))
+                                f"{name}: msgs/s per pod (warm-up ends at {sc.get('warmup_s')} s)", "msgs/s", h=200))
     if out.get("sim"):
         parts.append(sim_section(out["sim"]))
     parts.append("</body></html>")
