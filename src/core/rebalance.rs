@@ -10,7 +10,9 @@
 //!   other workers shed theirs), choosing streams at least `min_age` old, largest estimate that
 //!   still fits the remaining excess first (fewest moves for the most excess);
 //! - a stream is moved only if some other endpoint k can take it and stay at or below
-//!   `(1 + τ − η) · m · C_k`, counting the moves already planned;
+//!   `(1 + τ − η) · m · C_k`, or at least end `η · m` below the source's current level (per
+//!   unit capacity) — each move then lowers the pair's maximum by a margin, so moves cannot
+//!   cycle; moves already planned are counted;
 //! - within the churn budget: per tick, per minute and a share of streams per minute.
 //!
 //! A moved stream is ended by the filter at a request message boundary; its client reconnects
@@ -172,12 +174,18 @@ pub fn plan_cluster(
         let my_excess = (load - target * cap) * (mine / load).min(1.0);
         let candidates = streams.select_moves(ci, j, my_excess, now, min_age, usize::MAX);
         for (id, rate) in candidates {
-            // The endpoint with the most room after taking the stream, staying under target.
+            // The endpoint with the most room after taking the stream: it must stay under the
+            // target, or at least end a hysteresis margin below where the source is now (the
+            // pair's maximum then drops by that margin each move, so moves cannot cycle).
+            let source_level = loads.get(k).copied().unwrap_or(0.0) / cap;
             let dest = (0..eligible.len())
                 .filter(|&d| d != k)
                 .filter_map(|d| {
                     let (l, c) = (loads.get(d)?, caps.get(d)?);
-                    (*c > 0.0 && l + rate <= target * c).then_some((d, (l + rate) / c))
+                    let after = (l + rate) / c;
+                    let fits = *c > 0.0
+                        && (after <= target || after <= source_level - cfg.hysteresis * mean);
+                    fits.then_some((d, after))
                 })
                 .min_by(|a, b| a.1.total_cmp(&b.1));
             let Some((d, _)) = dest else {
@@ -311,5 +319,19 @@ mod tests {
         let mut plan = Plan::default();
         plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
         assert_eq!((plan.moves.len(), plan.skipped_budget[0]), (1, 1));
+    }
+
+    #[test]
+    fn a_move_that_lowers_the_pairs_maximum_is_allowed_when_nobody_stays_under_target() {
+        let cfg = RebalanceConfig::default();
+        // mean 100; e0 at 140 holds 100 + 40; the others at 95, 90, 75: no pod can take the 40
+        // and stay under 103, but e3 ends at 115, well below e0's 140.
+        let (c, t) = setup(&[&[100.0, 40.0], &[95.0], &[90.0], &[75.0]]);
+        let mut allowance = 10;
+        let mut plan = Plan::default();
+        plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
+        assert_eq!(plan.moves.len(), 1, "{plan:?}");
+        assert_eq!((plan.moves[0].rate, plan.moves[0].to_room_on), (40.0, 3));
+        assert!(plan.excess_after[0] < plan.excess_before[0]);
     }
 }
