@@ -36,6 +36,7 @@ import report  # noqa: E402
 ALL_POLICIES = [
     "direct",
     "streamlb",
+    "streamlb_rebalance",
     "streamlb_shadow",
     "round_robin",
     "least_request",
@@ -124,6 +125,11 @@ def envoy_setups(policy: str, sc: dict) -> dict:
     filter_cfg = deep_merge({"clusters": ["pods"], "tick_ms": 1000}, sc.get("streamlb") or {})
     if policy == "streamlb":
         return {"filter_config": filter_cfg, "lb": "override_host"}
+    if policy == "streamlb_rebalance":
+        # Rebalancing on; the scenario's streams are bidi, whose responses start at once, so
+        # moving them needs allow_reset (clients see INTERNAL, reconnect and resend).
+        rebalance = {"rebalance": {"mode": "on", "allow_reset": True}}
+        return {"filter_config": deep_merge(filter_cfg, rebalance), "lb": "override_host"}
     if policy == "streamlb_shadow":
         return {"filter_config": deep_merge(filter_cfg, {"mode": "shadow"}), "lb": "override_host"}
     if policy in ("round_robin", "least_request", "zone_aware"):
@@ -180,7 +186,9 @@ def run_policy(policy: str, sc: dict, workdir: Path, pin_cpus: bool) -> dict:
             for zi, (zone, n) in enumerate(streams_per_zone(sc)):
                 if n == 0:
                     continue
-                common = dict(kind=st.get("kind", "bidi"), seed=int(sc["seed"]) + zi,
+                # Devices reconnect (with backoff, resending what was not acknowledged) like
+                # real ones: a rebalanced or failed stream comes back.
+                common = dict(kind=st.get("kind", "bidi"), seed=int(sc["seed"]) + zi, reconnect=True,
                               extra_args=["--workers", "1", "--ramp", str(st.get("ramp_s", 0)),
                                           "--payload", str(st.get("payload", 64)), "--device-prefix", f"{zone}dev"])
                 if policy == "direct":
