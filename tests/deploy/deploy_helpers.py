@@ -5,6 +5,7 @@ CEL rules that matter, checked by hand), the rendered reference Envoy config."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +21,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 ISTIO = REPO / "istio"
-SCHEMAS = REPO.parent / "shared" / "schemas"
+# The project's read-only shared/ folder sits beside the checkout; STREAMLB_SHARED overrides.
+SCHEMAS = Path(os.environ.get("STREAMLB_SHARED") or REPO.parent / "shared") / "schemas"
+if not SCHEMAS.is_dir():
+    raise FileNotFoundError(f"{SCHEMAS} not found: the Istio/compose schemas live in ../shared/schemas "
+                            "beside the checkout (or set STREAMLB_SHARED)")
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
 import harness  # noqa: E402
