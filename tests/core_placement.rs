@@ -7,8 +7,10 @@
     clippy::indexing_slicing,
     clippy::panic
 )]
+mod common;
+
+use common::snapshot;
 use streamlb::core::config::Config;
-use streamlb::core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
 use streamlb::core::rng::Rng;
 use streamlb::core::router::Router;
 use streamlb::core::streams::Direction;
@@ -26,21 +28,6 @@ fn zipf_rates(n: usize, s: f64, mean: f64, rng: &mut Rng) -> Vec<f64> {
         rates.swap(i, rng.below(i + 1));
     }
     rates
-}
-
-fn snapshot(pods: &[(String, String)]) -> Vec<ClusterSnapshot> {
-    vec![ClusterSnapshot {
-        name: "pods".into(),
-        endpoints: pods
-            .iter()
-            .map(|(address, zone)| DiscoveredEndpoint {
-                address: address.clone(),
-                zone: zone.clone(),
-                healthy: true,
-                weight: 1,
-            })
-            .collect(),
-    }]
 }
 
 /// One simulated proxy: a router plus the true rates of the streams it placed.

@@ -9,10 +9,13 @@
     clippy::panic
 )]
 
+mod common;
+
 use std::collections::HashMap;
 
+use common::snapshot;
+
 use streamlb::core::config::Config;
-use streamlb::core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
 use streamlb::core::penalty::Outcome;
 use streamlb::core::rng::Rng;
 use streamlb::core::router::{Router, Source};
@@ -33,17 +36,10 @@ fn flipping_rates_never_exceed_the_churn_budget() {
     )
     .unwrap();
     let mut router = Router::new(cfg, "", 9);
-    let snapshot = vec![ClusterSnapshot {
-        name: "pods".into(),
-        endpoints: (0..6)
-            .map(|i| DiscoveredEndpoint {
-                address: format!("10.0.0.{i}:80"),
-                zone: String::new(),
-                healthy: true,
-                weight: 1,
-            })
-            .collect(),
-    }];
+    let pods: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("10.0.0.{i}:80"), String::new()))
+        .collect();
+    let snapshot = snapshot(&pods);
     let mut rng = Rng::new(5);
     // (device key, current stream id, rate in phase A, rate in phase B)
     let mut devices: Vec<(u64, u64, f64, f64)> = (0..60)
