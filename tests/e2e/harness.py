@@ -189,7 +189,32 @@ def _http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0
 # Pods (lab pods)
 
 
-class Pods:
+class _Managed:
+    """A started process with a work folder: a context manager that stops it and removes the
+    folder (when it made it). Subclasses set `proc`, `workdir`, `_own_workdir` and define
+    `start_process()`."""
+
+    proc: "Proc | None" = None
+    workdir: Path
+    _own_workdir: bool = False
+
+    def start_process(self):  # pragma: no cover - overridden
+        return self
+
+    def __enter__(self):
+        return self.start_process()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc:
+            self.proc.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Pods(_Managed):
     """`lab pods`: gRPC test pods in zones, all in one process.
 
     The process prints one JSON line: {"control": "127.0.0.1:P", "pods": [{"name", "zone",
@@ -241,18 +266,6 @@ class Pods:
             time.sleep(0.05)
         self.proc.stop()
         raise RuntimeError(f"lab pods did not report its pods:\n{self.proc.tail()}")
-
-    def __enter__(self) -> "Pods":
-        return self.start_process()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.proc:
-            self.proc.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- lookups
     @property
@@ -453,7 +466,7 @@ def render_yaml(**kwargs: Any) -> str:
 # Envoy
 
 
-class Envoy:
+class Envoy(_Managed):
     """Envoy 1.40 in front of `pods`, rendered from envoy/envoy.yaml.tmpl.
 
     filter_config None runs without the streamlb filter. Exposes listen_addr, admin(path),
@@ -571,18 +584,6 @@ class Envoy:
         self.proc.stop()
         raise RuntimeError(f"envoy did not become ready:\n{self.proc.tail(60)}")
 
-    def __enter__(self) -> "Envoy":
-        return self.start_process()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.proc:
-            self.proc.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
     def running(self) -> bool:
         return bool(self.proc and self.proc.running())
 
@@ -675,7 +676,7 @@ def devices_argv(
     return argv + list(extra_args)
 
 
-class Devices:
+class Devices(_Managed):
     """`lab devices` running in the background; wait() returns its JSON summary:
     {"streams": [{"device", "rate", "pods", "zone", "headers", "sent", "acked", "failed",
     "resent", "reconnects", "statuses"}], "totals": {...}, "latency_ms": {...}}."""
@@ -691,11 +692,8 @@ class Devices:
         argv = devices_argv(target, streams, mean_rate, dist, duration, self.out, **kwargs)
         self.proc = Proc("devices", argv, self.workdir)
 
-    def __enter__(self) -> "Devices":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def start_process(self) -> "Devices":
+        return self  # started in __init__
 
     def running(self) -> bool:
         return self.proc.running()
@@ -715,11 +713,6 @@ class Devices:
 
     def stop(self) -> None:
         self.proc.stop()
-
-    def close(self) -> None:
-        self.proc.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def start_devices(target: str, streams: int, mean_rate: float, dist: str, duration: float, **kwargs: Any) -> Devices:
