@@ -48,6 +48,15 @@ def pod_rates(pods: harness.Pods, seconds: float) -> dict[str, float]:
     return {n: (after[n]["messages"] - before[n]["messages"]) / seconds for n in after}
 
 
+def steady_rates(pods: harness.Pods, envoy: harness.Envoy, settle: float, window: float, **devices) -> dict[str, float]:
+    """Starts devices through `envoy`, waits `settle` s, returns each pod's msgs/s over `window` s."""
+    with harness.start_devices(envoy.listen_addr, **devices) as running:
+        time.sleep(settle)
+        rates = pod_rates(pods, window)
+        running.stop()
+    return rates
+
+
 def max_over_mean(rates: dict[str, float]) -> float:
     values = list(rates.values())
     mean = sum(values) / len(values)
@@ -85,12 +94,9 @@ def run_skew(pods, envoy_kwargs, seed):
     with harness.Envoy(pods, **envoy_kwargs) as envoy:
         if envoy_kwargs.get("filter_config"):
             wait_for_discovery(envoy)
-        with harness.start_devices(envoy.listen_addr, streams=300, mean_rate=5, dist="zipf:0.8", duration=40,
-                                   seed=seed, extra_args=["--ramp", "20"]) as devices:
-            time.sleep(24)  # the ramp, plus a few seconds
-            rates = pod_rates(pods, 10)
-            devices.stop()
-    return rates
+        # Settle: the 20 s ramp plus a few seconds.
+        return steady_rates(pods, envoy, 24, 10, streams=300, mean_rate=5, dist="zipf:0.8", duration=40,
+                            seed=seed, extra_args=["--ramp", "20"])
 
 
 def test_skewed_rates_are_balanced_better_than_least_request(make_pods):
@@ -114,11 +120,8 @@ def test_zone_traffic_stays_local_while_the_zone_has_capacity(make_pods):
     weighted = [dict(p, weight=20 if p["zone"] == "a" else 1) for p in pods.pods]
     with harness.Envoy(weighted, filter_config=config(), node_zone="a") as envoy:
         wait_for_discovery(envoy)
-        with harness.start_devices(envoy.listen_addr, streams=40, mean_rate=20, dist="constant", duration=20,
-                                   extra_args=["--ramp", "5"]) as devices:
-            time.sleep(8)
-            rates = pod_rates(pods, 6)
-            devices.stop()
+        rates = steady_rates(pods, envoy, 8, 6, streams=40, mean_rate=20, dist="constant", duration=20,
+                             extra_args=["--ramp", "5"])
     local = zone_share(pods, rates, "a")
     print(f"\nzone a share with zone a at 40/44 of capacity: {local:.3f}")
     assert local >= 0.95
@@ -129,11 +132,8 @@ def test_zone_spills_only_the_excess(make_pods):
     pods = make_pods(zones={"a": 2, "b": 2, "c": 2})
     with harness.Envoy(pods, filter_config=config(), node_zone="a") as envoy:
         wait_for_discovery(envoy)
-        with harness.start_devices(envoy.listen_addr, streams=60, mean_rate=20, dist="constant", duration=25,
-                                   extra_args=["--ramp", "8"]) as devices:
-            time.sleep(12)
-            rates = pod_rates(pods, 8)
-            devices.stop()
+        rates = steady_rates(pods, envoy, 12, 8, streams=60, mean_rate=20, dist="constant", duration=25,
+                             extra_args=["--ramp", "8"])
         stats = envoy.stats("streamlb_decisions_total")
     local = zone_share(pods, rates, "a")
     minimum_cross = 1 - 1.1 / 3
