@@ -370,10 +370,7 @@ impl Router {
         let Some(s) = self.streams.get_mut(id) else {
             return;
         };
-        let d = match dir {
-            Direction::Upstream => 0,
-            Direction::Downstream => 1,
-        };
+        let d = dir.index();
         if let (Some(m), Some(b)) = (s.messages.get_mut(d), s.bytes.get_mut(d)) {
             *m += messages;
             *b += bytes;

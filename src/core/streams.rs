@@ -24,6 +24,16 @@ pub enum Direction {
     Downstream,
 }
 
+impl Direction {
+    /// Index into per-direction `[upstream, downstream]` arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Direction::Upstream => 0,
+            Direction::Downstream => 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Stream {
     pub cluster: usize,

@@ -224,10 +224,7 @@ impl StreamFilter {
             vm.host_error(host, "get body", &e);
         }
         vm.router.on_data(self.id, dir, dm, db);
-        let d = match dir {
-            Direction::Upstream => 0,
-            Direction::Downstream => 1,
-        };
+        let d = dir.index();
         let t = vm.stats.route(ri, ci);
         if let (Some(m), Some(b)) = (t.messages.get_mut(d), t.bytes.get_mut(d)) {
             *m += dm;
