@@ -96,7 +96,7 @@ test-unit: test-unit-native test-unit-wasm
 test-unit-native:
 	$(CARGO) test --workspace
 test-unit-wasm: $(STAMPS)/rust-targets wasm-bindgen-cli apt
-	$(CARGO) test -p streamlb --target wasm32-unknown-unknown
+	$(CARGO) test -p streamlb -p streamlb-core --target wasm32-unknown-unknown
 
 ## test-e2e: Envoy + the filter + lab pods/devices, driven by pytest.
 test-e2e: venv build

@@ -20,7 +20,7 @@ fi
 TARGETS=$(cargo fuzz list)
 # Seed corpora from the unit-test fixtures so the fuzzer starts from real shapes.
 mkdir -p corpus/admin_json corpus/orca corpus/snapshot corpus/grpc_framing corpus/config
-cp ../src/core/testdata/admin_clusters.json corpus/admin_json/envoy_1_40_sample.json
+cp ../core/src/testdata/admin_clusters.json corpus/admin_json/envoy_1_40_sample.json
 printf '%s' 'TEXT cpu_utilization=0.3, rps_fractional=120, named_metrics.queue_depth=5' > corpus/orca/text
 printf '%s' 'JSON {"cpu_utilization":0.3,"rps_fractional":120,"named_metrics":{"queue_depth":5}}' > corpus/orca/json
 printf '%s' 'BIN CQAAAAAAAPA/' > corpus/orca/bin

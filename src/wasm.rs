@@ -12,10 +12,10 @@ use proxy_wasm::types::{
     Action, BufferType, ContextType, GrpcStatusCode, MapType, MetricType, Status,
 };
 
-use crate::core::Nanos;
 use crate::filter::host::{Body, HeaderMap, Host, HostError, HostResult, LogLevel, MetricKind};
 use crate::filter::stream::{BodyAction, StreamFilter};
 use crate::filter::vm::Vm;
+use streamlb_core::Nanos;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use streamlb::core::discovery::{decode_snapshot, encode_snapshot, parse_admin_clusters};
+use streamlb_core::discovery::{decode_snapshot, encode_snapshot, parse_admin_clusters};
 
 fuzz_target!(|data: &[u8]| {
     let some = parse_admin_clusters(data, |name| name.len() % 2 == 0);

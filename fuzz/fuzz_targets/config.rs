@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use streamlb::core::config::Config;
+use streamlb_core::config::Config;
 
 fuzz_target!(|data: &[u8]| {
     let _ = Config::from_json(data);

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use streamlb::core::grpc_framing::FrameCounter;
+use streamlb_core::grpc_framing::FrameCounter;
 
 fn new_counter(grpc: bool) -> FrameCounter {
     if grpc {

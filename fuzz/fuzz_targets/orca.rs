@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use streamlb::core::orca::{parse, parse_bin, OrcaReport, MAX_NAMED, MAX_NAME_BYTES};
+use streamlb_core::orca::{parse, parse_bin, OrcaReport, MAX_NAMED, MAX_NAME_BYTES};
 
 fn check(r: &OrcaReport) {
     for v in [

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use streamlb::core::discovery::{decode_snapshot, encode_snapshot};
+use streamlb_core::discovery::{decode_snapshot, encode_snapshot};
 
 fuzz_target!(|data: &[u8]| {
     // Also try with a valid header so the fuzzer reaches the body quickly.

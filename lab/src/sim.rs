@@ -2,7 +2,7 @@
 //!
 //! Every policy sees the same devices (rates, client zones, arrival and reconnect times, bursts,
 //! faults). Each proxy decides on its own view: `streamlb` runs one real
-//! [`streamlb::core::router::Router`] per proxy worker (workers of one proxy share loads like
+//! [`streamlb_core::router::Router`] per proxy worker (workers of one proxy share loads like
 //! Envoy workers do through shared data; proxies share nothing). The peers are re-implemented:
 //! round robin, P2C on this proxy's stream counts (Envoy `least_request`), Envoy zone-aware
 //! routing (host-count split + least_request), `load_aware_locality`'s rule (ORCA utilisation per
@@ -21,13 +21,13 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::json;
 use std::collections::{BinaryHeap, HashMap};
-use streamlb::core::config::Config;
-use streamlb::core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
-use streamlb::core::penalty::Outcome;
-use streamlb::core::rng::Rng;
-use streamlb::core::router::Router;
-use streamlb::core::streams::Direction;
-use streamlb::core::Nanos;
+use streamlb_core::config::Config;
+use streamlb_core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
+use streamlb_core::penalty::Outcome;
+use streamlb_core::rng::Rng;
+use streamlb_core::router::Router;
+use streamlb_core::streams::Direction;
+use streamlb_core::Nanos;
 
 const SEC: Nanos = 1_000_000_000;
 pub const POLICIES: &[&str] = &[

@@ -1,7 +1,7 @@
 //! What the filter needs from its host (Envoy through proxy-wasm, or a mock in tests).
 //! Every call can fail; callers handle the error (log once, count, carry on).
 
-use crate::core::Nanos;
+use streamlb_core::Nanos;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostError {

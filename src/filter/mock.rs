@@ -7,7 +7,7 @@ use std::rc::Rc;
 use hashbrown::{HashMap, HashSet};
 
 use super::host::{Body, HeaderMap, Host, HostError, HostResult, LogLevel, MetricKind};
-use crate::core::Nanos;
+use streamlb_core::Nanos;
 
 pub type SharedStore = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
 /// (token, cluster, headers) of a dispatched HTTP call.

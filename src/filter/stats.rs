@@ -15,7 +15,7 @@ use hashbrown::HashMap;
 
 use super::host::{Host, HostError};
 use super::metrics::{tagged, Metrics};
-use crate::core::router::Router;
+use streamlb_core::router::Router;
 
 /// How a stream ended, as a bounded label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -14,14 +14,14 @@ use std::rc::Rc;
 use super::host::{string_property, Body, HeaderMap, Host};
 use super::stats::{StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US};
 use super::vm::Vm;
-use crate::core::config::{Mode, RebalanceMode};
-use crate::core::grpc_framing::FrameCounter;
-use crate::core::orca;
-use crate::core::penalty;
-use crate::core::rate_memory::{self, Bucket};
-use crate::core::router::Source;
-use crate::core::streams::Direction;
-use crate::core::Nanos;
+use streamlb_core::config::{Mode, RebalanceMode};
+use streamlb_core::grpc_framing::FrameCounter;
+use streamlb_core::orca;
+use streamlb_core::penalty;
+use streamlb_core::rate_memory::{self, Bucket};
+use streamlb_core::router::Source;
+use streamlb_core::streams::Direction;
+use streamlb_core::Nanos;
 
 pub const ORCA_HEADER: &str = "endpoint-load-metrics";
 

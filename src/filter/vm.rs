@@ -13,12 +13,12 @@ use hashbrown::{HashMap, HashSet};
 
 use super::host::{string_property, Host, HostError, LogLevel};
 use super::stats::Stats;
-use crate::core::config::{Config, RebalanceMode};
-use crate::core::discovery;
-use crate::core::rate_memory::{self, Bucket};
-use crate::core::router::Router;
-use crate::core::shared_view::{self, Slot};
-use crate::core::Nanos;
+use streamlb_core::config::{Config, RebalanceMode};
+use streamlb_core::discovery;
+use streamlb_core::rate_memory::{self, Bucket};
+use streamlb_core::router::Router;
+use streamlb_core::shared_view::{self, Slot};
+use streamlb_core::Nanos;
 
 pub const VM_SEQ_KEY: &str = "streamlb.vm_seq";
 pub const LEASE_KEY: &str = "streamlb.discovery.lease";

@@ -9,11 +9,11 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
-use streamlb::core::config::Config;
-use streamlb::core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
-use streamlb::core::penalty::Outcome;
-use streamlb::core::router::Router;
-use streamlb::core::streams::Direction;
+use streamlb_core::config::Config;
+use streamlb_core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
+use streamlb_core::penalty::Outcome;
+use streamlb_core::router::Router;
+use streamlb_core::streams::Direction;
 
 struct Counting;
 static LIVE: AtomicIsize = AtomicIsize::new(0);

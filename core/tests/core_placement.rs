@@ -10,11 +10,11 @@
 mod common;
 
 use common::snapshot;
-use streamlb::core::config::Config;
-use streamlb::core::rng::Rng;
-use streamlb::core::router::Router;
-use streamlb::core::streams::Direction;
-use streamlb::core::Nanos;
+use streamlb_core::config::Config;
+use streamlb_core::rng::Rng;
+use streamlb_core::router::Router;
+use streamlb_core::streams::Direction;
+use streamlb_core::Nanos;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 

@@ -222,9 +222,9 @@ pub fn plan_cluster(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::config::{Config, RebalanceConfig};
-    use crate::core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
-    use crate::core::streams::Stream;
+    use crate::config::{Config, RebalanceConfig};
+    use crate::discovery::{ClusterSnapshot, DiscoveredEndpoint};
+    use crate::streams::Stream;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

@@ -582,7 +582,7 @@ fn mean_orca(c: &Cluster, now: Nanos, max_age: Nanos) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::discovery::DiscoveredEndpoint;
+    use crate::discovery::DiscoveredEndpoint;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

@@ -451,7 +451,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(u64, Vec<ClusterSnapshot>), Disc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::rng::Rng;
+    use crate::rng::Rng;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

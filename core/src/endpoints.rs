@@ -313,7 +313,7 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::discovery::DiscoveredEndpoint;
+    use crate::discovery::DiscoveredEndpoint;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

@@ -15,12 +15,12 @@ use std::collections::HashMap;
 
 use common::snapshot;
 
-use streamlb::core::config::Config;
-use streamlb::core::penalty::Outcome;
-use streamlb::core::rng::Rng;
-use streamlb::core::router::{Router, Source};
-use streamlb::core::streams::Direction;
-use streamlb::core::Nanos;
+use streamlb_core::config::Config;
+use streamlb_core::penalty::Outcome;
+use streamlb_core::rng::Rng;
+use streamlb_core::router::{Router, Source};
+use streamlb_core::streams::Direction;
+use streamlb_core::Nanos;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 

@@ -500,7 +500,7 @@ fn parse_proto(bytes: &[u8]) -> Result<OrcaReport, OrcaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::rng::Rng;
+    use crate::rng::Rng;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

@@ -1,6 +1,6 @@
 //! Helpers shared by the core's simulated-time tests.
 
-use streamlb::core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
+use streamlb_core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
 
 /// A discovery snapshot of cluster `pods`: healthy endpoints of weight 1, (address, zone) each.
 pub fn snapshot(pods: &[(String, String)]) -> Vec<ClusterSnapshot> {
