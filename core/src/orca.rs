@@ -3,16 +3,19 @@
 //! Forms (the prefix picks the format, as in Envoy's `orca_parser`):
 //! - `TEXT cpu_utilization=0.3, rps_fractional=120, named_metrics.queue_depth=5` — comma
 //!   separated `key=value` pairs; `key:value` (Envoy's own spelling) is accepted too.
-//!   `named_metrics.NAME` and `utilization.NAME` fill those maps; `request_cost.NAME` and
-//!   unknown keys are ignored (forward compatible). A key given twice is an error.
+//!   `named_metrics.NAME` fills that map; other keys are ignored (forward compatible). A key
+//!   given twice is an error.
 //! - `JSON {"cpu_utilization":0.3,"named_metrics":{"queue_depth":5}}` — the proto3 JSON mapping
 //!   of xds `OrcaLoadReport`: snake_case or lowerCamelCase names, numbers or numeric strings;
 //!   unknown keys are ignored.
-//! - `BIN <base64 protobuf>`, and the gRPC trailer `endpoint-load-metrics-bin` through
-//!   [`parse_bin`].
+//! - `BIN <base64 protobuf>`, and the gRPC trailer `endpoint-load-metrics-bin` (what gRPC
+//!   servers send) through [`parse_bin`], decoded with `base64` and `prost`.
+//!
+//! Only the fields streamlb reads are kept: `cpu_utilization`, `application_utilization`,
+//! `rps_fractional` and `named_metrics`.
 //!
 //! Every number must be finite and `>= 0` (else the whole report is rejected). Reports come
-//! from backends, so the maps are bounded: at most [`MAX_NAMED`] entries each, and entries whose
+//! from backends, so the map is bounded: at most [`MAX_NAMED`] entries each, and entries whose
 //! name is longer than [`MAX_NAME_BYTES`] (or empty) are dropped.
 
 use std::borrow::Cow;
@@ -21,7 +24,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-/// Most entries kept per map (`named_metrics`, `utilization`); later ones are dropped.
+/// Most `named_metrics` entries kept; later ones are dropped.
 pub const MAX_NAMED: usize = 16;
 /// Longest metric name kept, in bytes; longer names are dropped.
 pub const MAX_NAME_BYTES: usize = 64;
@@ -33,16 +36,11 @@ const MAX_QUOTE_BYTES: usize = 64;
 pub struct OrcaReport {
     /// CPU use as a fraction of the available CPU; may exceed 1.
     pub cpu_utilization: f64,
-    pub mem_utilization: f64,
     pub application_utilization: f64,
     /// Queries per second served by the endpoint.
     pub rps_fractional: f64,
-    /// Errors per second.
-    pub eps: f64,
     /// Application-defined metrics, in report order (bounded, see module doc).
     pub named_metrics: Vec<(String, f64)>,
-    /// Resource utilizations (`utilization` map), in report order (bounded).
-    pub utilization: Vec<(String, f64)>,
 }
 
 impl OrcaReport {
@@ -178,10 +176,8 @@ pub fn parse(value: &str) -> Result<OrcaReport, OrcaError> {
 
 /// Bits of the fixed fields already set, for duplicate detection.
 const SEEN_CPU: u8 = 1;
-const SEEN_MEM: u8 = 2;
-const SEEN_APP: u8 = 4;
-const SEEN_RPS: u8 = 8;
-const SEEN_EPS: u8 = 16;
+const SEEN_APP: u8 = 2;
+const SEEN_RPS: u8 = 4;
 
 fn parse_text(body: &str) -> Result<OrcaReport, OrcaError> {
     let mut r = OrcaReport::default();
@@ -201,25 +197,16 @@ fn parse_text(body: &str) -> Result<OrcaReport, OrcaError> {
         }
         let (slot, bit) = match key {
             "cpu_utilization" => (&mut r.cpu_utilization, SEEN_CPU),
-            "mem_utilization" => (&mut r.mem_utilization, SEEN_MEM),
             "application_utilization" => (&mut r.application_utilization, SEEN_APP),
             "rps_fractional" => (&mut r.rps_fractional, SEEN_RPS),
-            "eps" => (&mut r.eps, SEEN_EPS),
             _ => {
                 if let Some(name) = key.strip_prefix("named_metrics.") {
                     if name.is_empty() {
                         return Err(OrcaError::MalformedPair(quote(item)));
                     }
                     insert_bounded(&mut r.named_metrics, name, number(key, val)?, key)?;
-                } else if let Some(name) = key.strip_prefix("utilization.") {
-                    if name.is_empty() {
-                        return Err(OrcaError::MalformedPair(quote(item)));
-                    }
-                    insert_bounded(&mut r.utilization, name, number(key, val)?, key)?;
-                } else if key.starts_with("request_cost.") {
-                    number(key, val)?;
                 }
-                // Unknown keys: ignored.
+                // Other keys: ignored.
                 continue;
             }
         };
@@ -299,18 +286,12 @@ impl<'de> Deserialize<'de> for BoundedMap {
 struct JsonReport {
     #[serde(default, alias = "cpuUtilization")]
     cpu_utilization: Option<JsonNumber>,
-    #[serde(default, alias = "memUtilization")]
-    mem_utilization: Option<JsonNumber>,
     #[serde(default, alias = "applicationUtilization")]
     application_utilization: Option<JsonNumber>,
     #[serde(default, alias = "rpsFractional")]
     rps_fractional: Option<JsonNumber>,
-    #[serde(default)]
-    eps: Option<JsonNumber>,
     #[serde(default, alias = "namedMetrics")]
     named_metrics: Option<BoundedMap>,
-    #[serde(default)]
-    utilization: Option<BoundedMap>,
 }
 
 fn parse_json(body: &str) -> Result<OrcaReport, OrcaError> {
@@ -322,179 +303,60 @@ fn parse_json(body: &str) -> Result<OrcaReport, OrcaError> {
     let field = |key: &str, v: Option<JsonNumber>| v.map_or(Ok(0.0), |n| check(key, n.0));
     Ok(OrcaReport {
         cpu_utilization: field("cpu_utilization", j.cpu_utilization)?,
-        mem_utilization: field("mem_utilization", j.mem_utilization)?,
         application_utilization: field("application_utilization", j.application_utilization)?,
         rps_fractional: field("rps_fractional", j.rps_fractional)?,
-        eps: field("eps", j.eps)?,
         named_metrics: j.named_metrics.map(|m| m.0).unwrap_or_default(),
-        utilization: j.utilization.map(|m| m.0).unwrap_or_default(),
     })
 }
 
-// ---------------------------------------------------------------------------------------------
-// Binary form: base64 (standard or URL-safe alphabet, padding optional) of the protobuf
-// `xds.data.orca.v3.OrcaLoadReport`: 1 cpu_utilization (double), 2 mem_utilization (double),
-// 3 rps (uint64, deprecated, ignored), 4 request_cost (map, ignored), 5 utilization
-// (map<string,double>), 6 rps_fractional (double), 7 eps (double), 8 named_metrics
-// (map<string,double>), 9 application_utilization (double). Unknown fields are skipped.
+// Binary form: the protobuf `xds.data.orca.v3.OrcaLoadReport`, base64-encoded (as gRPC sends
+// every `-bin` metadata value). Only the fields this filter reads are declared; prost skips the
+// others (rps, request_cost, utilization, eps, mem_utilization).
 
-/// Parses the base64 value of the `endpoint-load-metrics-bin` trailer (or the body after
-/// `BIN `).
-pub fn parse_bin(base64: &str) -> Result<OrcaReport, OrcaError> {
-    let bytes = decode_base64(base64.trim()).ok_or(OrcaError::Binary("invalid base64"))?;
+/// The fields of `xds.data.orca.v3.OrcaLoadReport` that streamlb uses (same tags).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OrcaLoadReportProto {
+    #[prost(double, tag = "1")]
+    pub cpu_utilization: f64,
+    #[prost(double, tag = "6")]
+    pub rps_fractional: f64,
+    #[prost(btree_map = "string, double", tag = "8")]
+    pub named_metrics: std::collections::BTreeMap<String, f64>,
+    #[prost(double, tag = "9")]
+    pub application_utilization: f64,
+}
+
+/// Parses the value of the `endpoint-load-metrics-bin` trailer (or the body after `BIN `):
+/// base64, standard or URL-safe alphabet, padding optional.
+pub fn parse_bin(value: &str) -> Result<OrcaReport, OrcaError> {
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    use base64::Engine;
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, CONFIG);
+    const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, CONFIG);
+    let value = value.trim();
+    let bytes = STANDARD
+        .decode(value)
+        .or_else(|_| URL_SAFE.decode(value))
+        .map_err(|_| OrcaError::Binary("invalid base64"))?;
     parse_proto(&bytes)
 }
 
-fn base64_value(c: u8) -> Option<u32> {
-    let v = match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' | b'-' => 62,
-        b'/' | b'_' => 63,
-        _ => return None,
-    };
-    Some(u32::from(v))
-}
-
-fn decode_base64(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim_end_matches('=');
-    let mut out = Vec::with_capacity(s.len() / 4 * 3 + 2);
-    let mut acc: u32 = 0;
-    let mut bits = 0u32;
-    for c in s.bytes() {
-        acc = (acc << 6) | base64_value(c)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    // 6 leftover bits cannot come from a whole number of bytes.
-    if bits >= 6 {
-        return None;
-    }
-    Some(out)
-}
-
-struct Proto<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Proto<'a> {
-    fn varint(&mut self) -> Result<u64, OrcaError> {
-        let mut v: u64 = 0;
-        for shift in (0..70).step_by(7) {
-            let (&b, tail) = self
-                .rest
-                .split_first()
-                .ok_or(OrcaError::Binary("truncated varint"))?;
-            self.rest = tail;
-            if shift == 63 && b > 1 {
-                return Err(OrcaError::Binary("varint overflow"));
-            }
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(OrcaError::Binary("varint too long"))
-    }
-
-    fn take(&mut self, n: u64) -> Result<&'a [u8], OrcaError> {
-        let n = usize::try_from(n).map_err(|_| OrcaError::Binary("truncated"))?;
-        let (head, tail) = self
-            .rest
-            .split_at_checked(n)
-            .ok_or(OrcaError::Binary("truncated"))?;
-        self.rest = tail;
-        Ok(head)
-    }
-
-    fn double(&mut self) -> Result<f64, OrcaError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(f64::from_le_bytes(a))
-    }
-
-    /// Skips a field of `wire` type.
-    fn skip(&mut self, wire: u64) -> Result<(), OrcaError> {
-        match wire {
-            0 => self.varint().map(|_| ()),
-            1 => self.take(8).map(|_| ()),
-            2 => {
-                let n = self.varint()?;
-                self.take(n).map(|_| ())
-            }
-            5 => self.take(4).map(|_| ()),
-            _ => Err(OrcaError::Binary("unsupported wire type")),
-        }
-    }
-}
-
-/// A `map<string, double>` entry: key = field 1, value = field 2.
-fn map_entry(bytes: &[u8]) -> Result<(String, f64), OrcaError> {
-    let mut p = Proto { rest: bytes };
-    let (mut key, mut value) = (String::new(), 0.0);
-    while !p.rest.is_empty() {
-        let tag = p.varint()?;
-        match (tag >> 3, tag & 7) {
-            (1, 2) => {
-                let n = p.varint()?;
-                key = std::str::from_utf8(p.take(n)?)
-                    .map_err(|_| OrcaError::Binary("map key is not UTF-8"))?
-                    .to_owned();
-            }
-            (2, 1) => value = p.double()?,
-            (_, wire) => p.skip(wire)?,
-        }
-    }
-    Ok((key, value))
-}
-
 fn parse_proto(bytes: &[u8]) -> Result<OrcaReport, OrcaError> {
-    let mut r = OrcaReport::default();
-    let mut p = Proto { rest: bytes };
-    while !p.rest.is_empty() {
-        let tag = p.varint()?;
-        let (field, wire) = (tag >> 3, tag & 7);
-        let scalar = match (field, wire) {
-            (1, 1) => Some(("cpu_utilization", &mut r.cpu_utilization)),
-            (2, 1) => Some(("mem_utilization", &mut r.mem_utilization)),
-            (6, 1) => Some(("rps_fractional", &mut r.rps_fractional)),
-            (7, 1) => Some(("eps", &mut r.eps)),
-            (9, 1) => Some(("application_utilization", &mut r.application_utilization)),
-            _ => None,
-        };
-        if let Some((key, slot)) = scalar {
-            // Protobuf: the last occurrence of a scalar wins.
-            *slot = check(key, p.double()?)?;
-            continue;
-        }
-        match (field, wire) {
-            (5, 2) | (8, 2) => {
-                let n = p.varint()?;
-                let (name, v) = map_entry(p.take(n)?)?;
-                let v = check(&name, v)?;
-                let map = if field == 8 {
-                    &mut r.named_metrics
-                } else {
-                    &mut r.utilization
-                };
-                // Protobuf maps: a repeated key replaces the earlier value.
-                if let Some(slot) = map.iter_mut().find(|(n, _)| *n == name) {
-                    slot.1 = v;
-                } else {
-                    insert_bounded(map, &name, v, &name)?;
-                }
-            }
-            (0, _) => return Err(OrcaError::Binary("field number 0")),
-            (_, wire) => p.skip(wire)?,
-        }
+    let p = <OrcaLoadReportProto as prost::Message>::decode(bytes)
+        .map_err(|_| OrcaError::Binary("invalid protobuf"))?;
+    let mut named_metrics = Vec::new();
+    for (name, v) in &p.named_metrics {
+        insert_bounded(&mut named_metrics, name, check(name, *v)?, name)?;
     }
-    Ok(r)
+    Ok(OrcaReport {
+        cpu_utilization: check("cpu_utilization", p.cpu_utilization)?,
+        application_utilization: check("application_utilization", p.application_utilization)?,
+        rps_fractional: check("rps_fractional", p.rps_fractional)?,
+        named_metrics,
+    })
 }
 
 #[cfg(test)]
@@ -533,13 +395,16 @@ mod tests {
              eps=2,rps_fractional=1e3,utilization.gpu=0.9,request_cost.db=12,future_key=x,,",
         )
         .unwrap();
-        assert_eq!(r.cpu_utilization, 0.5);
-        assert_eq!(r.mem_utilization, 0.25);
-        assert_eq!(r.application_utilization, 0.7);
-        assert_eq!(r.eps, 2.0);
-        assert_eq!(r.rps_fractional, 1000.0);
-        assert_eq!(r.utilization, named(&[("gpu", 0.9)]));
-        assert!(r.named_metrics.is_empty());
+        assert_eq!(
+            r,
+            OrcaReport {
+                cpu_utilization: 0.5,
+                application_utilization: 0.7,
+                rps_fractional: 1000.0,
+                named_metrics: vec![],
+            },
+            "fields streamlb does not use are ignored"
+        );
         assert_eq!(r.utilization(), Some(0.7), "application wins over cpu");
     }
 
@@ -565,12 +430,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(camel.cpu_utilization, 0.4);
-        assert_eq!(camel.mem_utilization, 0.1);
         assert_eq!(camel.application_utilization, 0.2);
         assert_eq!(camel.rps_fractional, 3.0);
-        assert_eq!(camel.eps, 1.0);
         assert_eq!(camel.named_metrics, named(&[("a", 1.0), ("b", 2.0)]));
-        assert_eq!(camel.utilization, named(&[("gpu", 0.5)]));
         assert_eq!(
             parse("JSON {}").unwrap(),
             OrcaReport::default(),
@@ -628,7 +490,7 @@ mod tests {
             ("TEXT cpu_utilization=NaN", |e| {
                 matches!(e, OrcaError::BadNumber { reason: "NaN", .. })
             }),
-            ("TEXT eps=inf", |e| {
+            ("TEXT rps_fractional=inf", |e| {
                 matches!(
                     e,
                     OrcaError::BadNumber {
@@ -650,7 +512,7 @@ mod tests {
                 "TEXT named_metrics.q=-0.5",
                 |e| matches!(e, OrcaError::BadNumber { key, .. } if key == "named_metrics.q"),
             ),
-            ("TEXT eps=1e400", |e| {
+            ("TEXT cpu_utilization=1e400", |e| {
                 matches!(e, OrcaError::BadNumber { .. })
             }),
             ("TEXT cpu_utilization=0.1, cpu_utilization=0.2", |e| {
@@ -674,7 +536,7 @@ mod tests {
                     }
                 )
             }),
-            (r#"JSON {"eps":"Infinity"}"#, |e| {
+            (r#"JSON {"rps_fractional":"Infinity"}"#, |e| {
                 matches!(
                     e,
                     OrcaError::BadNumber {
@@ -725,58 +587,32 @@ mod tests {
         }
     }
 
-    fn proto_double(out: &mut Vec<u8>, field: u8, v: f64) {
-        out.push(field << 3 | 1);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-
-    fn proto_map_entry(out: &mut Vec<u8>, field: u8, k: &str, v: f64) {
-        let mut entry = vec![0x0a, k.len() as u8];
-        entry.extend_from_slice(k.as_bytes());
-        proto_double(&mut entry, 2, v);
-        out.push(field << 3 | 2);
-        out.push(entry.len() as u8);
-        out.extend(entry);
+    fn encode(report: &OrcaLoadReportProto) -> Vec<u8> {
+        prost::Message::encode_to_vec(report)
     }
 
     fn base64(bytes: &[u8]) -> String {
-        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut s = String::new();
-        for c in bytes.chunks(3) {
-            let n = (u32::from(c[0]) << 16)
-                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-                | u32::from(*c.get(2).unwrap_or(&0));
-            for i in 0..=c.len() {
-                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            }
-        }
-        while !s.len().is_multiple_of(4) {
-            s.push('=');
-        }
-        s
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
     }
 
     #[test]
     fn binary_form() {
-        let mut p = Vec::new();
-        proto_double(&mut p, 1, 0.3);
-        p.extend([3 << 3, 0x96, 0x01]); // rps = 150, ignored
-        proto_map_entry(&mut p, 8, "queue_depth", 5.0);
-        proto_map_entry(&mut p, 5, "gpu", 0.5);
-        proto_map_entry(&mut p, 4, "cost", 9.0); // request_cost, ignored
-        proto_double(&mut p, 6, 120.0);
-        proto_double(&mut p, 7, 1.5);
-        proto_double(&mut p, 9, 0.45);
-        proto_double(&mut p, 2, 0.2);
+        let proto = OrcaLoadReportProto {
+            cpu_utilization: 0.3,
+            rps_fractional: 120.0,
+            named_metrics: [("queue_depth".to_owned(), 5.0)].into_iter().collect(),
+            application_utilization: 0.45,
+        };
+        let mut p = encode(&proto);
+        p.extend([3 << 3, 0x96, 0x01]); // rps = 150: a field streamlb skips
+        p.extend([7 << 3 | 1, 0, 0, 0, 0, 0, 0, 0xf8, 0x3f]); // eps = 1.5: skipped
         p.extend([15 << 3 | 5, 1, 2, 3, 4]); // unknown fixed32
         let want = OrcaReport {
             cpu_utilization: 0.3,
-            mem_utilization: 0.2,
             application_utilization: 0.45,
             rps_fractional: 120.0,
-            eps: 1.5,
             named_metrics: named(&[("queue_depth", 5.0)]),
-            utilization: named(&[("gpu", 0.5)]),
         };
         let b64 = base64(&p);
         assert_eq!(parse_bin(&b64).unwrap(), want);
@@ -786,16 +622,41 @@ mod tests {
             want,
             "unpadded"
         );
+        let url_safe = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE, &p);
+        assert_eq!(parse_bin(&url_safe).unwrap(), want, "URL-safe alphabet");
         assert_eq!(parse_bin("").unwrap(), OrcaReport::default());
 
-        let mut neg = Vec::new();
-        proto_double(&mut neg, 1, -1.0);
+        let negative = OrcaLoadReportProto {
+            cpu_utilization: -1.0,
+            ..OrcaLoadReportProto::default()
+        };
         assert!(matches!(
-            parse_bin(&base64(&neg)),
+            parse_bin(&base64(&encode(&negative))),
+            Err(OrcaError::BadNumber { .. })
+        ));
+        let nan = OrcaLoadReportProto {
+            named_metrics: [("q".to_owned(), f64::NAN)].into_iter().collect(),
+            ..OrcaLoadReportProto::default()
+        };
+        assert!(matches!(
+            parse_bin(&base64(&encode(&nan))),
             Err(OrcaError::BadNumber { .. })
         ));
         assert!(parse_bin(&base64(&p[..p.len() - 2])).is_err(), "truncated");
         assert!(parse_bin("A").is_err(), "6 dangling bits");
+        assert!(parse_bin("!!!").is_err());
+    }
+
+    #[test]
+    fn binary_named_metrics_are_bounded() {
+        let proto = OrcaLoadReportProto {
+            named_metrics: (0..40)
+                .map(|i| (format!("m{i:02}"), f64::from(i)))
+                .collect(),
+            ..OrcaLoadReportProto::default()
+        };
+        let r = parse_bin(&base64(&encode(&proto))).unwrap();
+        assert_eq!(r.named_metrics.len(), MAX_NAMED);
     }
 
     #[test]
@@ -827,8 +688,7 @@ mod tests {
             if let Ok(r) = parse(&s) {
                 for v in [
                     r.cpu_utilization,
-                    r.mem_utilization,
-                    r.eps,
+                    r.application_utilization,
                     r.rps_fractional,
                 ] {
                     assert!(v.is_finite() && v >= 0.0, "{s:?}");

@@ -8,19 +8,15 @@ use streamlb_core::orca::{parse, parse_bin, OrcaReport, MAX_NAMED, MAX_NAME_BYTE
 fn check(r: &OrcaReport) {
     for v in [
         r.cpu_utilization,
-        r.mem_utilization,
         r.application_utilization,
         r.rps_fractional,
-        r.eps,
     ] {
         assert!(v.is_finite() && v >= 0.0);
     }
-    for map in [&r.named_metrics, &r.utilization] {
-        assert!(map.len() <= MAX_NAMED);
-        for (name, v) in map {
-            assert!(!name.is_empty() && name.len() <= MAX_NAME_BYTES);
-            assert!(v.is_finite() && *v >= 0.0);
-        }
+    assert!(r.named_metrics.len() <= MAX_NAMED);
+    for (name, v) in &r.named_metrics {
+        assert!(!name.is_empty() && name.len() <= MAX_NAME_BYTES);
+        assert!(v.is_finite() && *v >= 0.0);
     }
     if let Some(u) = r.utilization() {
         assert!(u > 0.0);

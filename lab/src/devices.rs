@@ -256,7 +256,12 @@ struct Device {
 
 impl Device {
     fn record_headers(&mut self, metadata: &MetadataMap) {
+        // A `-bin` value is kept as sent on the wire (base64).
         let text = |name: &str| {
+            if name.ends_with("-bin") {
+                let v = metadata.get_bin(name)?;
+                return Some(String::from_utf8_lossy(v.as_encoded_bytes()).into_owned());
+            }
             metadata
                 .get(name)
                 .and_then(|v| v.to_str().ok())

@@ -31,9 +31,13 @@ enum Command {
         /// Messages/s per pod before acks are delayed (0 = unlimited).
         #[arg(long, default_value_t = 0.0)]
         capacity: f64,
-        /// Report load in `endpoint-load-metrics` (initial metadata and trailers).
+        /// Report load in ORCA form (initial metadata and trailers).
         #[arg(long)]
         orca: bool,
+        /// The ORCA form with --orca: `text` (`endpoint-load-metrics`) or `bin`
+        /// (`endpoint-load-metrics-bin`, as gRPC servers send it).
+        #[arg(long, value_enum, default_value_t = pods::OrcaFormat::Text)]
+        orca_format: pods::OrcaFormat,
         /// Request header echoed back as `x-pod-saw-endpoint-header` when a request carries it.
         #[arg(long, default_value = pods::DEFAULT_ENDPOINT_HEADER)]
         endpoint_header: String,
@@ -152,6 +156,7 @@ fn main() -> anyhow::Result<()> {
             zones,
             capacity,
             orca,
+            orca_format,
             endpoint_header,
             ignore_stdin,
             host,
@@ -164,7 +169,7 @@ fn main() -> anyhow::Result<()> {
             let config = PodsConfig {
                 zones: pods::parse_zones(&zones)?,
                 capacity,
-                orca,
+                orca: orca.then_some(orca_format),
                 endpoint_header: http::HeaderName::from_bytes(
                     endpoint_header.to_ascii_lowercase().as_bytes(),
                 )
@@ -235,7 +240,7 @@ async fn run_pods(config: PodsConfig, listen: Listen, watch_stdin: bool) -> anyh
         stdout.flush().context("flushing stdout")?;
     }
     eprintln!(
-        "lab pods: {} pods, control http://{}, capacity {}, orca {}",
+        "lab pods: {} pods, control http://{}, capacity {}, orca {:?}",
         fleet.pods.len(),
         fleet.control,
         config.capacity,

@@ -13,6 +13,8 @@
 use crate::proto::telemetry_server::{Telemetry, TelemetryServer};
 use crate::proto::{Ack, Reading, UploadSummary};
 use anyhow::{bail, Context};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -178,7 +180,7 @@ pub struct Pod {
     pub address: SocketAddr,
     /// msgs/s; 0 = unlimited.
     pub capacity: f64,
-    pub orca: bool,
+    pub orca: Option<OrcaFormat>,
     /// Request header echoed back as `x-pod-saw-endpoint-header` when present.
     pub endpoint_header: http::HeaderName,
     pub stats: PodStats,
@@ -283,14 +285,25 @@ impl Pod {
         }
     }
 
-    /// The `endpoint-load-metrics` header value (Envoy's TEXT format).
-    pub fn load_report(&self) -> String {
+    /// The ORCA load report as a (header name, value) pair in the given form.
+    pub fn load_report(&self, format: OrcaFormat) -> (&'static str, String) {
         let rate = self.rate();
-        format!(
-            "TEXT application_utilization={:.4}, rps_fractional={:.2}",
-            self.utilization(rate),
-            rate
-        )
+        let utilization = self.utilization(rate);
+        match format {
+            OrcaFormat::Text => (
+                ORCA_HEADER,
+                format!("TEXT application_utilization={utilization:.4}, rps_fractional={rate:.2}"),
+            ),
+            OrcaFormat::Bin => {
+                let report = streamlb_core::orca::OrcaLoadReportProto {
+                    application_utilization: utilization,
+                    rps_fractional: rate,
+                    ..Default::default()
+                };
+                let bytes = prost::Message::encode_to_vec(&report);
+                (ORCA_BIN_HEADER, BASE64.encode(bytes))
+            }
+        }
     }
 
     /// Overload delay for an ack right now (see the module doc).
@@ -433,19 +446,18 @@ fn decorate(
     let (mut parts, body) = response.into_parts();
     parts.headers.insert("x-pod", header_value(&pod.name));
     parts.headers.insert("x-pod-zone", header_value(&pod.zone));
-    if pod.orca {
-        parts
-            .headers
-            .insert("endpoint-load-metrics", header_value(&pod.load_report()));
+    if let Some(format) = pod.orca {
+        let (name, value) = pod.load_report(format);
+        parts.headers.insert(name, header_value(&value));
     }
-    let orca = pod.orca.then(|| pod.clone());
+    let orca = pod.orca.map(|format| (pod.clone(), format));
     http::Response::from_parts(parts, PodBody { inner: body, orca })
 }
 
 /// Response body that stamps ORCA load into the trailers.
 pub struct PodBody {
     inner: tonic::body::Body,
-    orca: Option<Arc<Pod>>,
+    orca: Option<(Arc<Pod>, OrcaFormat)>,
 }
 
 impl http_body::Body for PodBody {
@@ -460,8 +472,9 @@ impl http_body::Body for PodBody {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match (frame.into_trailers(), orca) {
-                    (Ok(mut trailers), Some(pod)) => {
-                        trailers.insert("endpoint-load-metrics", header_value(&pod.load_report()));
+                    (Ok(mut trailers), Some((pod, format))) => {
+                        let (name, value) = pod.load_report(format);
+                        trailers.insert(name, header_value(&value));
                         http_body::Frame::trailers(trailers)
                     }
                     (Ok(trailers), None) => http_body::Frame::trailers(trailers),
@@ -648,10 +661,23 @@ pub fn parse_zones(text: &str) -> anyhow::Result<Vec<(String, usize)>> {
 pub struct PodsConfig {
     pub zones: Vec<(String, usize)>,
     pub capacity: f64,
-    pub orca: bool,
+    /// Report ORCA load in this form (`None`: no report).
+    pub orca: Option<OrcaFormat>,
     /// Request header to echo as `x-pod-saw-endpoint-header` (see the module doc).
     pub endpoint_header: http::HeaderName,
 }
+
+/// The form of the pods' ORCA load report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrcaFormat {
+    /// `endpoint-load-metrics: TEXT application_utilization=…, rps_fractional=…`.
+    Text,
+    /// `endpoint-load-metrics-bin: <base64 OrcaLoadReport protobuf>`, as gRPC servers send it.
+    Bin,
+}
+
+pub const ORCA_HEADER: &str = "endpoint-load-metrics";
+pub const ORCA_BIN_HEADER: &str = "endpoint-load-metrics-bin";
 
 /// The Gateway API Inference Extension endpoint-picker header (what override_host reads).
 pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
@@ -989,7 +1015,7 @@ mod tests {
         let config = PodsConfig {
             zones: vec![("a".into(), 2), ("b".into(), 1)],
             capacity: 0.0,
-            orca: false,
+            orca: None,
             endpoint_header: http::HeaderName::from_static(DEFAULT_ENDPOINT_HEADER),
         };
         let (fleet, base) = launch_fixed(&config).await;

@@ -4,10 +4,10 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 use streamlb_lab::devices::{self, DevicesConfig, Kind, Report};
-use streamlb_lab::pods::{Fleet, Pod, PodsConfig};
+use streamlb_lab::pods::{Fleet, OrcaFormat, Pod, PodsConfig};
 use streamlb_lab::rates::RateDist;
 
-fn fleet_config(capacity: f64, orca: bool) -> PodsConfig {
+fn fleet_config(capacity: f64, orca: Option<OrcaFormat>) -> PodsConfig {
     PodsConfig {
         zones: vec![("a".into(), 1), ("b".into(), 1)],
         capacity,
@@ -56,7 +56,7 @@ fn check_ledger(report: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bidi_streams_are_all_acked_and_counted_by_the_pod() {
-    let fleet = Fleet::launch(&fleet_config(0.0, true))
+    let fleet = Fleet::launch(&fleet_config(0.0, Some(OrcaFormat::Text)))
         .await
         .expect("fleet");
     let pod = fleet.pods[0].clone();
@@ -87,8 +87,35 @@ async fn bidi_streams_are_all_acked_and_counted_by_the_pod() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_orca_reports_decode_with_the_filters_parser() {
+    let fleet = Fleet::launch(&fleet_config(0.0, Some(OrcaFormat::Bin)))
+        .await
+        .expect("fleet");
+    let pod = fleet.pods[0].clone();
+    let mut config = devices_config(&pod, Kind::Bidi, 2.0, false);
+    config.record_headers = vec![
+        "endpoint-load-metrics-bin".into(),
+        "endpoint-load-metrics".into(),
+    ];
+    let report = devices::run(config).await.expect("devices");
+    assert_eq!(report.totals.statuses.get("OK"), Some(&20));
+    for s in &report.streams {
+        assert!(
+            !s.headers.contains_key("endpoint-load-metrics"),
+            "text form not sent"
+        );
+        let value = s
+            .headers
+            .get("endpoint-load-metrics-bin")
+            .expect("bin header");
+        streamlb_core::orca::parse_bin(value).expect("valid OrcaLoadReport");
+    }
+    fleet.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_pod_fails_streams_and_reconnects_resend_everything() {
-    let fleet = Fleet::launch(&fleet_config(0.0, false))
+    let fleet = Fleet::launch(&fleet_config(0.0, None))
         .await
         .expect("fleet");
     let pod = fleet.pods[0].clone();
@@ -129,7 +156,7 @@ async fn a_stopped_pod_fails_streams_and_reconnects_resend_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_summary_counts_every_reading() {
-    let fleet = Fleet::launch(&fleet_config(0.0, false))
+    let fleet = Fleet::launch(&fleet_config(0.0, None))
         .await
         .expect("fleet");
     let pod = fleet.pods[1].clone();
@@ -148,7 +175,7 @@ async fn upload_summary_counts_every_reading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overloaded_pod_delays_acks() {
     // 20 streams * 25/s = 500 msgs/s against capacity 250: delay = (500 - 250) / 250 = 1 s.
-    let fleet = Fleet::launch(&fleet_config(250.0, false))
+    let fleet = Fleet::launch(&fleet_config(250.0, None))
         .await
         .expect("fleet");
     let pod = fleet.pods[0].clone();
@@ -164,7 +191,7 @@ async fn overloaded_pod_delays_acks() {
 /// A gRPC message whose length prefix promises more bytes than the stream carries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_message_is_counted() {
-    let fleet = Fleet::launch(&fleet_config(0.0, false))
+    let fleet = Fleet::launch(&fleet_config(0.0, None))
         .await
         .expect("fleet");
     let pod = fleet.pods[0].clone();

@@ -16,7 +16,7 @@ use super::stats::{StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US};
 use super::vm::Vm;
 use streamlb_core::config::{Mode, RebalanceMode};
 use streamlb_core::grpc_framing::FrameCounter;
-use streamlb_core::orca;
+use streamlb_core::orca::{self, OrcaError, OrcaReport};
 use streamlb_core::penalty;
 use streamlb_core::rate_memory::{self, Bucket};
 use streamlb_core::router::Source;
@@ -24,6 +24,8 @@ use streamlb_core::streams::Direction;
 use streamlb_core::Nanos;
 
 pub const ORCA_HEADER: &str = "endpoint-load-metrics";
+/// The binary form gRPC servers send (base64 `OrcaLoadReport`), usually as a trailer.
+pub const ORCA_BIN_HEADER: &str = "endpoint-load-metrics-bin";
 
 pub struct StreamFilter {
     vm: Rc<RefCell<Vm>>,
@@ -266,10 +268,8 @@ impl StreamFilter {
             Ok(None) => {}
             Err(e) => vm.host_error(host, "get_property (upstream)", &e),
         }
-        if let Ok(Some(v)) = host.header(HeaderMap::Response, ORCA_HEADER) {
-            if let Ok(report) = orca::parse(&v) {
-                vm.router.on_orca(now, self.id, &report);
-            }
+        if let Some(Ok(report)) = orca_report(host, HeaderMap::Response) {
+            vm.router.on_orca(now, self.id, &report);
         }
         if !vm.config().rebalance.allow_reset {
             vm.router.set_unmovable(self.id); // from now on only a reset could end it
@@ -298,8 +298,8 @@ impl StreamFilter {
         if let Ok(Some(s)) = host.header(HeaderMap::ResponseTrailers, "grpc-status") {
             self.grpc_status = s.parse().ok();
         }
-        if let Ok(Some(v)) = host.header(HeaderMap::ResponseTrailers, ORCA_HEADER) {
-            if let (Ok(report), Ok(mut vm)) = (orca::parse(&v), self.vm.try_borrow_mut()) {
+        if let Some(Ok(report)) = orca_report(host, HeaderMap::ResponseTrailers) {
+            if let Ok(mut vm) = self.vm.try_borrow_mut() {
                 let now = host.now().unwrap_or(0);
                 vm.router.on_orca(now, self.id, &report);
             }
@@ -344,6 +344,17 @@ impl StreamFilter {
             vm.host_error(host, "histogram", &e);
         }
     }
+}
+
+/// The ORCA report in `map`: the text header, else the binary one; `None` when neither is there.
+fn orca_report(host: &dyn Host, map: HeaderMap) -> Option<Result<OrcaReport, OrcaError>> {
+    if let Ok(Some(v)) = host.header(map, ORCA_HEADER) {
+        return Some(orca::parse(&v));
+    }
+    if let Ok(Some(v)) = host.header(map, ORCA_BIN_HEADER) {
+        return Some(orca::parse_bin(&v));
+    }
+    None
 }
 
 fn is_cross_zone(local: &str, endpoint: &str) -> bool {
