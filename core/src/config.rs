@@ -55,6 +55,65 @@ pub struct Config {
     pub penalty: PenaltyConfig,
     pub rate_memory: RateMemoryConfig,
     pub rebalance: RebalanceConfig,
+    pub probe: ProbeConfig,
+    /// The reporter role (on a pod's inbound proxy): answer load probes. Off (`null`) by default.
+    pub reporter: Option<ReporterConfig>,
+}
+
+/// Probing the pods of the placed clusters for their load reports (the fleet view).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Probe pods; off: the local view only.
+    pub enabled: bool,
+    /// Path probed (a `GET` through the placed cluster, the pod named with `endpoint_header`).
+    pub path: String,
+    /// `:authority` of a probe.
+    pub authority: String,
+    /// Each pod is probed at most this often by one proxy.
+    pub interval_ms: u64,
+    /// At most this many probes per tick per proxy.
+    pub max_per_tick: usize,
+    pub timeout_ms: u64,
+    /// Reports older than this are ignored; a cluster without a fresh report uses the local view.
+    pub max_age_ms: u64,
+}
+
+/// The reporter role: streamlb on a pod's inbound proxy measures every stream into the pod and
+/// answers `GET path` locally with an ORCA report (the request never reaches the app).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReporterConfig {
+    pub path: String,
+    /// Messages/s the pod can serve (utilisation = rate / capacity); 0: the app's own ORCA
+    /// utilisation when it sends one, else none.
+    pub capacity: f64,
+}
+
+/// The probe and reporter path.
+pub const DEFAULT_LOAD_PATH: &str = "/.well-known/streamlb/load";
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            enabled: true,
+            path: DEFAULT_LOAD_PATH.into(),
+            authority: "streamlb-probe".into(),
+            interval_ms: 1000,
+            max_per_tick: 16,
+            timeout_ms: 250,
+            max_age_ms: 5000,
+        }
+    }
+}
+
+impl Default for ReporterConfig {
+    fn default() -> Self {
+        ReporterConfig {
+            path: DEFAULT_LOAD_PATH.into(),
+            capacity: 0.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -217,6 +276,8 @@ impl Default for Config {
             penalty: PenaltyConfig::default(),
             rate_memory: RateMemoryConfig::default(),
             rebalance: RebalanceConfig::default(),
+            probe: ProbeConfig::default(),
+            reporter: None,
         }
     }
 }
@@ -327,10 +388,10 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.clusters.is_empty() {
+        if self.clusters.is_empty() && self.reporter.is_none() {
             return Err(err(
                 "clusters",
-                "must name at least one upstream cluster".into(),
+                "must name at least one upstream cluster (or configure `reporter`)".into(),
             ));
         }
         for (i, c) in self.clusters.iter().enumerate() {
@@ -428,6 +489,26 @@ impl Config {
             0.0,
             1.0,
         )?;
+        let p = &self.probe;
+        path_in("probe.path", &p.path)?;
+        non_empty("probe.authority", &p.authority)?;
+        int_in("probe.interval_ms", p.interval_ms, 50, 3_600_000)?;
+        int_in("probe.max_per_tick", p.max_per_tick as u64, 0, 1000)?;
+        int_in("probe.timeout_ms", p.timeout_ms, 10, 10_000)?;
+        int_in("probe.max_age_ms", p.max_age_ms, 100, 3_600_000)?;
+        if p.max_age_ms < p.interval_ms {
+            return Err(err(
+                "probe.max_age_ms",
+                format!(
+                    "must be at least probe.interval_ms ({}), got {}",
+                    p.interval_ms, p.max_age_ms
+                ),
+            ));
+        }
+        if let Some(r) = &self.reporter {
+            path_in("reporter.path", &r.path)?;
+            float_in("reporter.capacity", r.capacity, 0.0, 1e12)?;
+        }
         Ok(())
     }
 
@@ -435,6 +516,19 @@ impl Config {
     pub fn covers(&self, route: &str, cluster: &str) -> bool {
         self.clusters.iter().any(|c| c == cluster)
             && (self.routes.is_empty() || self.routes.iter().any(|r| r == route))
+    }
+}
+
+/// An HTTP path without query: `/` then visible ASCII.
+fn path_in(path: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = v.starts_with('/') && v.bytes().all(|b| b.is_ascii_graphic() && b != b'?');
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            path,
+            format!("must be an absolute path without query, got {v:?}"),
+        ))
     }
 }
 

@@ -4,11 +4,14 @@
 //! passively by the real upstream seen on responses. Load bookkeeping:
 //!
 //! ```text
-//! load_j     = local_rate_j + local_pending_j + remote_load_j
+//! own_j      = local_rate_j + local_pending_j + remote_load_j
+//! load_j     = own_j, or max(F_j + local_pending_j, own_j) with the fleet view
 //! local_rate_j    = Σ over this VM's streams on j of their rate EWMA
 //! local_pending_j = Σ prior_s · e^(−age_s/τ)   (what the EWMA has not yet learned of young streams)
-//! capacity_j = weight_j · slow_start_j · penalty_j
+//! capacity_j = base_j · slow_start_j · penalty_j,  base_j = weight_j, or c_j with the fleet view
 //! ```
+//!
+//! `F_j` and `c_j` come from the pods' load reports ([`crate::fleet`]).
 //!
 //! `local_*` is recomputed from the stream table on every tick and adjusted incrementally
 //! between ticks (placement, re-attribution, stream end), so a burst of placements between two
@@ -20,6 +23,7 @@ use hashbrown::HashMap;
 use super::config::Config;
 use super::discovery::ClusterSnapshot;
 use super::ewma::Decaying;
+use super::fleet::{FleetSummary, LoadReport};
 use super::{penalty, slow_start, Nanos};
 
 #[derive(Debug, Clone)]
@@ -44,8 +48,15 @@ pub struct Endpoint {
     pub penalty: Decaying,
     /// Latest ORCA utilisation and when it was reported.
     pub orca: Option<(f64, Nanos)>,
+    /// The pod's latest load report (fleet view) and when this proxy last probed it.
+    pub report: Option<LoadReport>,
+    pub last_probe: Option<Nanos>,
+    /// Fleet load `F_j` as of the last refresh; `None` when the cluster uses the local view.
+    pub fleet_load: Option<f64>,
     /// Capacity as of the last refresh (slow start and penalties change it over time).
     pub capacity: f64,
+    /// `capacity` before slow start and penalties: the weight, or `c_j` with the fleet view.
+    base_capacity: f64,
 }
 
 impl Endpoint {
@@ -64,12 +75,24 @@ impl Endpoint {
             remote_active: 0,
             penalty: Decaying::default(),
             orca: None,
+            report: None,
+            last_probe: None,
+            fleet_load: None,
             capacity: 1.0,
+            base_capacity: 1.0,
         }
     }
 
-    pub fn load(&self) -> f64 {
+    /// What this Envoy itself measured and placed on the endpoint.
+    pub fn own_load(&self) -> f64 {
         self.local_rate + self.local_pending + self.remote_load
+    }
+
+    /// The endpoint's load: the fleet view's when the cluster has one, else [`Self::own_load`].
+    pub fn load(&self) -> f64 {
+        let own = self.own_load();
+        self.fleet_load
+            .map_or(own, |f| (f + self.local_pending).max(own))
     }
 
     pub fn active(&self) -> u32 {
@@ -92,7 +115,7 @@ impl Endpoint {
         let penalty_score = self
             .penalty
             .value(now, cfg.penalty.half_life_ms as f64 / 1000.0);
-        self.capacity = self.weight
+        self.capacity = self.base_capacity
             * slow_start::capacity_factor(&cfg.slow_start, self.first_seen, now)
             * penalty::capacity_factor(penalty_score, cfg.penalty.weight);
     }
@@ -115,6 +138,8 @@ pub struct Cluster {
     pub zones: Vec<Zone>,
     /// When the last discovery snapshot was applied.
     pub snapshot_at: Option<Nanos>,
+    /// The fleet picture as of the last refresh; `None`: local view.
+    pub fleet: Option<FleetSummary>,
 }
 
 impl Cluster {
@@ -125,6 +150,7 @@ impl Cluster {
             by_address: HashMap::new(),
             zones: Vec::new(),
             snapshot_at: None,
+            fleet: None,
         }
     }
 
@@ -206,8 +232,29 @@ impl Cluster {
         i
     }
 
-    /// Recompute capacities and zone aggregates from the endpoints.
+    /// Recompute the fleet view, capacities and zone aggregates from the endpoints.
     pub fn refresh(&mut self, cfg: &Config, now: Nanos) {
+        let max_age = cfg.probe.max_age_ms.saturating_mul(1_000_000);
+        let fresh = |e: &Endpoint| e.report.as_ref().filter(|r| r.fresh(now, max_age)).copied();
+        self.fleet = FleetSummary::of(self.endpoints.iter().filter(|e| e.eligible()).map(|e| {
+            (
+                e.weight,
+                e.report.as_ref().filter(|r| r.fresh(now, max_age)),
+            )
+        }));
+        for e in &mut self.endpoints {
+            match self.fleet {
+                Some(summary) => {
+                    let (load, base) = summary.estimate(e.weight, fresh(e).as_ref());
+                    e.fleet_load = Some(load);
+                    e.base_capacity = base;
+                }
+                None => {
+                    e.fleet_load = None;
+                    e.base_capacity = e.weight;
+                }
+            }
+        }
         for z in &mut self.zones {
             z.healthy.clear();
             z.load = 0.0;

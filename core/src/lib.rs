@@ -4,6 +4,7 @@ pub mod config;
 pub mod discovery;
 pub mod endpoints;
 pub mod ewma;
+pub mod fleet;
 pub mod grpc_framing;
 pub mod orca;
 pub mod penalty;

@@ -8,6 +8,9 @@
 //! 3. endpoint by [`pick::pick`] over the zone's healthy endpoints, scoring
 //!    `(load_j + e) / capacity_j` (blended with ORCA utilisation when `load.orca_weight > 0`);
 //! 4. the stream is recorded with prior `e` on the chosen endpoint, so the next placement sees it.
+//!
+//! Loads and capacities are the fleet view's when the pods' load reports are fresh
+//! ([`crate::fleet`], applied with [`Router::apply_reports`]), else this Envoy's own.
 
 use hashbrown::HashMap;
 
@@ -15,6 +18,7 @@ use super::config::{Config, LoadSignal};
 use super::discovery::ClusterSnapshot;
 use super::endpoints::Cluster;
 use super::ewma::prior_weight;
+use super::fleet::{self, LoadReport, View};
 use super::orca::OrcaReport;
 use super::penalty::Outcome;
 use super::pick::{self, pick};
@@ -38,6 +42,8 @@ pub struct Decision {
     /// (1.0 = at the mean).
     pub projected: f64,
     pub expected_rate: f64,
+    /// The load picture used.
+    pub view: View,
 }
 
 impl Decision {
@@ -53,12 +59,13 @@ impl Decision {
     /// Value for the debug response header.
     pub fn debug_value(&self) -> String {
         format!(
-            "zone={};endpoint={};reason={};load={:.3};expected={:.3}",
+            "zone={};endpoint={};reason={};load={:.3};expected={:.3};view={}",
             self.zone,
             self.primary.as_deref().unwrap_or("-"),
             self.reason.as_str(),
             self.projected,
-            self.expected_rate
+            self.expected_rate,
+            self.view.as_str()
         )
     }
 }
@@ -80,6 +87,8 @@ pub struct Counters {
     pub decisions: HashMap<(usize, Reason), u64>,
     /// (cluster, zone of the chosen endpoint) → decisions.
     pub to_zone: HashMap<(usize, String), u64>,
+    /// (cluster, view) → decisions.
+    pub views: HashMap<(usize, View), u64>,
 }
 
 pub struct Router {
@@ -240,6 +249,11 @@ impl Router {
             secondary: None,
             projected: 0.0,
             expected_rate: e,
+            view: if c.fleet.is_some() {
+                View::Fleet
+            } else {
+                View::Local
+            },
         };
         let mut placed_on = None;
         if reason != Reason::Fallback {
@@ -319,6 +333,7 @@ impl Router {
             .decisions
             .entry((ci, decision.reason))
             .or_default() += 1;
+        *self.counters.views.entry((ci, decision.view)).or_default() += 1;
         if decision.primary.is_some() {
             *self
                 .counters
@@ -522,6 +537,56 @@ impl Router {
         }
     }
 
+    /// Load reports the pods of `cluster` answered probes with: (address, report).
+    /// Unknown addresses are ignored; an older report never replaces a newer one.
+    pub fn apply_reports(&mut self, now: Nanos, cluster: &str, reports: &[(String, LoadReport)]) {
+        let Some(c) = self.clusters.iter_mut().find(|c| c.name == cluster) else {
+            return;
+        };
+        for (address, r) in reports {
+            let Some(e) = c.index_of(address).and_then(|j| c.endpoint_mut(j)) else {
+                continue;
+            };
+            if e.report.is_none_or(|old| old.at <= r.at) {
+                e.report = Some(*r);
+            }
+        }
+        c.refresh(&self.cfg, now);
+    }
+
+    /// Pods to probe now, (cluster index, address): healthy endpoints whose last probe is
+    /// oldest, at most `probe.max_per_tick` over all clusters, none more often than
+    /// `probe.interval_ms`. They are marked as probed now.
+    pub fn due_probes(&mut self, now: Nanos) -> Vec<(usize, String)> {
+        let p = &self.cfg.probe;
+        if !p.enabled {
+            return Vec::new();
+        }
+        let interval = p.interval_ms.saturating_mul(1_000_000);
+        let mut left = p.max_per_tick;
+        let mut out = Vec::new();
+        for (ci, c) in self.clusters.iter_mut().enumerate() {
+            let eligible: Vec<usize> = c
+                .zones
+                .iter()
+                .flat_map(|z| z.healthy.iter().copied())
+                .collect();
+            let last: Vec<Option<Nanos>> = eligible
+                .iter()
+                .map(|&j| c.endpoint(j).and_then(|e| e.last_probe))
+                .collect();
+            for k in fleet::due_probes(&last, now, interval, left) {
+                let Some(e) = eligible.get(k).and_then(|&j| c.endpoint_mut(j)) else {
+                    continue;
+                };
+                e.last_probe = Some(now);
+                out.push((ci, e.address.clone()));
+                left -= 1;
+            }
+        }
+        out
+    }
+
     pub fn take_counters(&mut self) -> Counters {
         std::mem::take(&mut self.counters)
     }
@@ -671,6 +736,150 @@ mod tests {
         // Learned expected rate ≈ 100/s, not the default 1.
         let rt = r.routes.intern("rt");
         assert!((r.expected_rate(0, rt) - 100.0).abs() < 1.0);
+    }
+
+    fn report(rate: f64, utilization: Option<f64>, at: Nanos) -> LoadReport {
+        LoadReport {
+            rate,
+            utilization,
+            at,
+        }
+    }
+
+    /// Where `n` new streams (expected 10/s each) land, per address.
+    fn spread(r: &mut Router, now: Nanos, first_id: u64, n: u64) -> HashMap<String, u32> {
+        let mut out = HashMap::new();
+        for id in first_id..first_id + n {
+            let d = r.place(now, id, "rt", "pods").unwrap();
+            *out.entry(d.primary.unwrap()).or_default() += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn reports_show_other_proxies_load() {
+        // Locally nothing is known; the pods report that other proxies loaded e1 heavily.
+        let mut r = Router::new(
+            cfg(r#"{"clusters":["pods"],"pick":{"choices":3},"load":{"default_stream_rate":10}}"#),
+            "",
+            11,
+        );
+        r.apply_snapshot(
+            0,
+            &snapshot(&[("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)]),
+        );
+        let reports = [
+            ("e1:1".to_owned(), report(300.0, None, S)),
+            ("e2:1".to_owned(), report(0.0, None, S)),
+            ("e3:1".to_owned(), report(0.0, None, S)),
+        ];
+        r.apply_reports(S, "pods", &reports);
+        let got = spread(&mut r, S, 1, 20);
+        assert_eq!(got.get("e1:1"), None, "{got:?}");
+        assert_eq!(got.get("e2:1"), Some(&10), "{got:?}");
+        let d = r.place(S, 100, "rt", "pods").unwrap();
+        assert_eq!(d.view, View::Fleet);
+        assert_eq!(r.take_counters().views.get(&(0, View::Fleet)), Some(&21));
+        // Reports age out after probe.max_age_ms (5 s): back to the local view.
+        r.tick(7 * S);
+        assert_eq!(r.place(7 * S, 101, "rt", "pods").unwrap().view, View::Local);
+    }
+
+    #[test]
+    fn a_degraded_pod_gets_its_capacity_share() {
+        // Same rate everywhere, but e1 says it is full (capacity 50) and e2, e3 at a quarter
+        // (capacity 200): new streams go mostly to e2 and e3, in proportion to the room left.
+        let mut r = Router::new(
+            cfg(r#"{"clusters":["pods"],"pick":{"choices":3},"load":{"default_stream_rate":10}}"#),
+            "",
+            12,
+        );
+        r.apply_snapshot(
+            0,
+            &snapshot(&[("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)]),
+        );
+        let reports = [
+            ("e1:1".to_owned(), report(50.0, Some(1.0), S)),
+            ("e2:1".to_owned(), report(50.0, Some(0.25), S)),
+            ("e3:1".to_owned(), report(50.0, Some(0.25), S)),
+        ];
+        r.apply_reports(S, "pods", &reports);
+        let got = spread(&mut r, S, 1, 30);
+        // Fill to equal utilisation: (50 + 10·n1)/50 = (50 + 10·n2)/200 → n1 ≈ 0, n2 = n3 = 15.
+        assert!(got.get("e1:1").copied().unwrap_or(0) <= 1, "{got:?}");
+        assert!(got.get("e2:1").copied().unwrap_or(0) >= 14, "{got:?}");
+    }
+
+    #[test]
+    fn a_silent_pod_is_assumed_at_the_mean_not_idle() {
+        let mut r = Router::new(
+            cfg(r#"{"clusters":["pods"],"pick":{"choices":3},"load":{"default_stream_rate":10}}"#),
+            "",
+            13,
+        );
+        r.apply_snapshot(
+            0,
+            &snapshot(&[("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)]),
+        );
+        let reports = [
+            ("e1:1".to_owned(), report(100.0, Some(0.5), S)),
+            ("e2:1".to_owned(), report(20.0, Some(0.1), S)),
+        ];
+        r.apply_reports(S, "pods", &reports);
+        let c = &r.clusters()[0];
+        let e3 = c.endpoint(c.index_of("e3:1").unwrap()).unwrap();
+        // Mean utilisation 120/400 = 0.3 on capacity 200 (the others' mean per weight).
+        assert!((e3.load() - 60.0).abs() < 1e-9, "{}", e3.load());
+        assert!((e3.capacity - 200.0).abs() < 1e-9);
+        // e2 runs at 0.1 of 200: four streams of 10/s bring it to e3's assumed 0.3.
+        let got = spread(&mut r, S, 1, 4);
+        assert_eq!(
+            got.get("e2:1"),
+            Some(&4),
+            "the least utilised pod first: {got:?}"
+        );
+        let got = spread(&mut r, S, 10, 20);
+        assert!(
+            got.get("e3:1").copied().unwrap_or(0) >= 8,
+            "then e3 too: {got:?}"
+        );
+    }
+
+    #[test]
+    fn probes_rotate_over_healthy_pods_within_the_budget() {
+        let mut r = Router::new(
+            cfg(r#"{"clusters":["pods"],"probe":{"max_per_tick":2,"interval_ms":1000}}"#),
+            "",
+            14,
+        );
+        r.apply_snapshot(
+            0,
+            &snapshot(&[
+                ("e1:1", "", true),
+                ("e2:1", "", false),
+                ("e3:1", "", true),
+                ("e4:1", "", true),
+            ]),
+        );
+        let first = r.due_probes(S);
+        assert_eq!(first.len(), 2);
+        let second = r.due_probes(S + S / 2);
+        assert_eq!(
+            second.len(),
+            1,
+            "the third healthy pod, the others were probed 0.5 s ago"
+        );
+        let all: Vec<String> = first.into_iter().chain(second).map(|(_, a)| a).collect();
+        assert!(
+            !all.contains(&"e2:1".to_owned()),
+            "unhealthy pods are not probed"
+        );
+        assert!(r.due_probes(S + S / 2).is_empty());
+        assert_eq!(r.due_probes(3 * S).len(), 2);
+        let off = cfg(r#"{"clusters":["pods"],"probe":{"enabled":false}}"#);
+        let mut r = Router::new(off, "", 1);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true)]));
+        assert!(r.due_probes(S).is_empty());
     }
 
     #[test]
