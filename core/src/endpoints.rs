@@ -5,13 +5,14 @@
 //!
 //! ```text
 //! own_j      = local_rate_j + local_pending_j + remote_load_j
-//! load_j     = own_j, or max(F_j + local_pending_j, own_j) with the fleet view
+//! load_j     = own_j, or max(F_j + placed_j, own_j) with the fleet view
 //! local_rate_j    = Σ over this VM's streams on j of their rate EWMA
 //! local_pending_j = Σ prior_s · e^(−age_s/τ)   (what the EWMA has not yet learned of young streams)
 //! capacity_j = base_j · slow_start_j · penalty_j,  base_j = weight_j, or c_j with the fleet view
 //! ```
 //!
-//! `F_j` and `c_j` come from the pods' load reports ([`crate::fleet`]).
+//! `F_j` and `c_j` come from the pods' load reports ([`crate::fleet`]); `placed_j` is the expected
+//! rate of the streams this VM placed on j since its last report (the report cannot know them).
 //!
 //! `local_*` is recomputed from the stream table on every tick and adjusted incrementally
 //! between ticks (placement, re-attribution, stream end), so a burst of placements between two
@@ -53,6 +54,10 @@ pub struct Endpoint {
     pub last_probe: Option<Nanos>,
     /// Fleet load `F_j` as of the last refresh; `None` when the cluster uses the local view.
     pub fleet_load: Option<f64>,
+    /// Its report was fresh at the last refresh.
+    pub reported: bool,
+    /// Expected rate of the streams this VM placed here since the last report.
+    pub placed_since_report: f64,
     /// Capacity as of the last refresh (slow start and penalties change it over time).
     pub capacity: f64,
     /// `capacity` before slow start and penalties: the weight, or `c_j` with the fleet view.
@@ -78,6 +83,8 @@ impl Endpoint {
             report: None,
             last_probe: None,
             fleet_load: None,
+            reported: false,
+            placed_since_report: 0.0,
             capacity: 1.0,
             base_capacity: 1.0,
         }
@@ -92,7 +99,7 @@ impl Endpoint {
     pub fn load(&self) -> f64 {
         let own = self.own_load();
         self.fleet_load
-            .map_or(own, |f| (f + self.local_pending).max(own))
+            .map_or(own, |f| (f + self.placed_since_report).max(own))
     }
 
     pub fn active(&self) -> u32 {
@@ -242,10 +249,29 @@ impl Cluster {
                 e.report.as_ref().filter(|r| r.fresh(now, max_age)),
             )
         }));
+        // Per zone: (Σ reported load, Σ capacity) of the pods with a fresh report.
+        let mut zone_sums: HashMap<&str, (f64, f64)> = HashMap::new();
+        if let Some(summary) = self.fleet {
+            for e in self.endpoints.iter().filter(|e| e.eligible()) {
+                if let Some(r) = fresh(e) {
+                    let acc = zone_sums.entry(e.zone.as_str()).or_default();
+                    acc.0 += r.rate;
+                    acc.1 += summary.capacity(e.weight, Some(&r));
+                }
+            }
+        }
+        let zone_utilization: HashMap<String, f64> = zone_sums
+            .into_iter()
+            .filter(|(_, (_, c))| *c > 0.0)
+            .map(|(z, (l, c))| (z.to_owned(), l / c))
+            .collect();
         for e in &mut self.endpoints {
+            let report = fresh(e);
+            e.reported = report.is_some();
             match self.fleet {
                 Some(summary) => {
-                    let (load, base) = summary.estimate(e.weight, fresh(e).as_ref());
+                    let zu = zone_utilization.get(&e.zone).copied();
+                    let (load, base) = summary.estimate(e.weight, report.as_ref(), zu);
                     e.fleet_load = Some(load);
                     e.base_capacity = base;
                 }
@@ -312,6 +338,7 @@ impl Cluster {
         e.local_rate += rate;
         e.local_pending += pending;
         e.local_active += 1;
+        e.placed_since_report += pending;
         self.add_zone_load(i, rate + pending);
     }
 

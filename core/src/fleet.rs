@@ -14,15 +14,20 @@
 //! capacity per unit weight         κ   = Σ c_j / Σ weight_j   over pods with c_j (else 1)
 //! capacity of the others           c_j = weight_j · κ
 //! fleet load of a reporting pod    F_j = R_j
-//! fleet load of a silent pod       F_j = ū · c_j,  ū = Σ R / Σ c over reporting pods
+//! fleet load of a silent pod       F_j = ū_z · c_j,  ū_z = Σ R / Σ c over the reporting pods
+//!                                  of its zone (of the cluster if none reports in the zone)
 //! ```
 //!
-//! A silent pod (no fresh report) is assumed to run at the mean, never idle. The load a placement
-//! sees is `max(F_j + pending_j, own_j)`: `pending_j` is what this VM placed on j that the pod's
-//! own rate estimate has not learned yet (`prior · e^(−age/τ)` per young stream, see
-//! `endpoints.rs`), `own_j` this proxy's own measured load on j. Capacities are then multiplied by
-//! slow start and penalties as before. With no fresh report in a cluster, the cluster uses the
-//! local view (this proxy's own streams only).
+//! A silent pod (no fresh report) is assumed to run at its zone's mean, never idle. A placement
+//! draws its `pick.choices` candidates among the zone's pods with a fresh report (Prequal's pool
+//! of probed replicas), when there are at least two.
+//!
+//! The load a placement sees is `max(F_j + placed_j, own_j)`: `placed_j` is the expected rate of
+//! the streams this VM placed on j since j's report (the report cannot know them), `own_j` this
+//! Envoy's own load on j. A reporter counts its young streams at their fading prior
+//! (`prior · e^(−age/τ)`, as the filter does), so the streams that other proxies just placed are
+//! in `F_j`. Capacities are then multiplied by slow start and penalties as before. With no fresh
+//! report in a cluster, the cluster uses the local view (this Envoy's own streams only).
 
 use std::fmt;
 
@@ -209,17 +214,25 @@ impl FleetSummary {
         })
     }
 
-    /// (fleet load, base capacity) of an endpoint of `weight` with its fresh report, if any.
-    pub fn estimate(&self, weight: f64, report: Option<&LoadReport>) -> (f64, f64) {
+    /// Base capacity of an endpoint of `weight` with its fresh report, if any.
+    pub fn capacity(&self, weight: f64, report: Option<&LoadReport>) -> f64 {
+        report
+            .and_then(LoadReport::capacity)
+            .unwrap_or(weight * self.capacity_per_weight)
+    }
+
+    /// (fleet load, base capacity) of an endpoint of `weight` with its fresh report, if any;
+    /// a silent one runs at `zone_utilization` (its zone's mean), else at the cluster's mean.
+    pub fn estimate(
+        &self,
+        weight: f64,
+        report: Option<&LoadReport>,
+        zone_utilization: Option<f64>,
+    ) -> (f64, f64) {
+        let c = self.capacity(weight, report);
         match report {
-            Some(r) => {
-                let c = r.capacity().unwrap_or(weight * self.capacity_per_weight);
-                (r.rate, c)
-            }
-            None => {
-                let c = weight * self.capacity_per_weight;
-                (self.mean_utilization * c, c)
-            }
+            Some(r) => (r.rate, c),
+            None => (zone_utilization.unwrap_or(self.mean_utilization) * c, c),
         }
     }
 }
@@ -388,13 +401,18 @@ mod tests {
         assert_eq!(s.reporting, 2);
         assert!((s.capacity_per_weight - 112.5).abs() < 1e-9);
         assert!((s.mean_utilization - 125.0 / 225.0).abs() < 1e-9);
-        assert_eq!(s.estimate(1.0, Some(&r0)), (100.0, 200.0));
-        assert_eq!(s.estimate(1.0, Some(&r1)), (25.0, 25.0));
-        let (load, cap) = s.estimate(2.0, None);
+        assert_eq!(s.estimate(1.0, Some(&r0), None), (100.0, 200.0));
+        assert_eq!(s.estimate(1.0, Some(&r1), None), (25.0, 25.0));
+        let (load, cap) = s.estimate(2.0, None, None);
         assert!((cap - 225.0).abs() < 1e-9);
         assert!(
             (load / cap - s.mean_utilization).abs() < 1e-9,
             "silent = at the mean"
+        );
+        assert_eq!(
+            s.estimate(2.0, None, Some(0.9)),
+            (0.9 * 225.0, 225.0),
+            "its zone's mean"
         );
         assert_eq!(FleetSummary::of([(1.0, None)].into_iter()), None);
     }
@@ -404,8 +422,8 @@ mod tests {
         let r = report(30.0, None);
         let s = FleetSummary::of([(2.0, Some(&r)), (1.0, None)].into_iter()).unwrap();
         assert_eq!(s.capacity_per_weight, 1.0);
-        assert_eq!(s.estimate(2.0, Some(&r)), (30.0, 2.0));
-        assert_eq!(s.estimate(1.0, None), (15.0, 1.0));
+        assert_eq!(s.estimate(2.0, Some(&r), None), (30.0, 2.0));
+        assert_eq!(s.estimate(1.0, None, None), (15.0, 1.0));
         // An idle pod (utilisation 0) says nothing about its capacity.
         assert_eq!(report(0.0, Some(0.0)).capacity(), None);
     }

@@ -3,7 +3,13 @@
 //! Every policy sees the same devices (rates, client zones, arrival and reconnect times, bursts,
 //! faults). Each proxy decides on its own view: `streamlb` runs one real
 //! [`streamlb_core::router::Router`] per proxy worker (workers of one proxy share loads like
-//! Envoy workers do through shared data; proxies share nothing). The peers are re-implemented:
+//! Envoy workers do through shared data). `streamlb` probes the pods as the filter does
+//! (`Router::due_probes` each second, a probe lost with probability `PROBE_LOSS`); a pod answers
+//! with its load as a reporter measures it (EWMA with the filter's τ of its true load plus the
+//! fading priors of its young streams, and utilisation = load / capacity when the zone has one),
+//! and every worker of the proxy gets the reports. `streamlb_local` is the same without probes (each proxy sees only its own streams);
+//! `streamlb_global_view` shares every proxy's own load with all, an ideal no Envoy has.
+//! The peers are re-implemented:
 //! round robin, P2C on this proxy's stream counts (Envoy `least_request`), Envoy zone-aware
 //! routing (host-count split + least_request), `load_aware_locality`'s rule (ORCA utilisation per
 //! zone, EWMA τ 5 s) with round robin inside the zone. The oracle is the lower bound
@@ -23,6 +29,7 @@ use serde_json::json;
 use std::collections::{BinaryHeap, HashMap};
 use streamlb_core::config::Config;
 use streamlb_core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
+use streamlb_core::fleet::LoadReport;
 use streamlb_core::penalty::Outcome;
 use streamlb_core::rng::Rng;
 use streamlb_core::router::Router;
@@ -32,6 +39,7 @@ use streamlb_core::Nanos;
 const SEC: Nanos = 1_000_000_000;
 pub const POLICIES: &[&str] = &[
     "streamlb",
+    "streamlb_local",
     "round_robin",
     "least_request",
     "zone_aware",
@@ -79,6 +87,16 @@ trait Policy {
     fn fallbacks(&self) -> u64 {
         0
     }
+    /// (sent, unanswered) load probes.
+    fn probes(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+fn without_probes(cfg: &Config) -> Config {
+    let mut cfg = cfg.clone();
+    cfg.probe.enabled = false;
+    cfg
 }
 
 fn p2c(rng: &mut Rng, cands: &[usize], count: &[u32]) -> Option<usize> {
@@ -268,7 +286,20 @@ struct Streamlb {
     /// Share loads across every router (all proxies), not only within a proxy: an idealised
     /// global view the filter does not have across Envoys.
     global_view: bool,
+    /// Pods' own load estimate (what a reporter would answer): EWMA of the true load, and the
+    /// fading priors of streams too young to be in it.
+    reported: Vec<f64>,
+    young: Vec<f64>,
+    /// Mean rate per active stream (a reporter's prior for a new stream).
+    prior: f64,
+    tau_s: f64,
+    rng: Rng,
+    /// Probes sent and lost, over the run.
+    probes: (u64, u64),
 }
+
+/// Share of probes that get no answer (timeouts, resets).
+pub const PROBE_LOSS: f64 = 0.02;
 
 impl Streamlb {
     fn new(w: &World, cfg: Config, workers: usize, seed: u64, global_view: bool) -> Self {
@@ -300,6 +331,12 @@ impl Streamlb {
             poll,
             last_poll: None,
             global_view,
+            reported: vec![0.0; w.pod_up.len()],
+            young: vec![0.0; w.pod_up.len()],
+            prior: 0.0,
+            tau_s: cfg.load.tau_ms as f64 / 1000.0,
+            rng: Rng::new(seed ^ 0x9b0b),
+            probes: (0, 0),
         };
         s.discover(w, 0);
         s
@@ -350,6 +387,7 @@ impl Policy for Streamlb {
             }
         };
         router.on_upstream(now, id, &w.pod_name[pod], &w.zones[w.pod_zone[pod]]);
+        self.young[pod] += self.prior;
         Some(pod)
     }
     fn end(&mut self, w: &World, now: Nanos, dev: usize, _pod: usize, failed: bool) {
@@ -357,7 +395,7 @@ impl Policy for Streamlb {
         let outcome = if failed { Outcome::Failed } else { Outcome::Ok };
         self.routers[r].on_end(now, self.stream_id[dev], outcome);
     }
-    fn second(&mut self, w: &World, now: Nanos, assign: &[Option<usize>], _loads: &[f64]) {
+    fn second(&mut self, w: &World, now: Nanos, assign: &[Option<usize>], loads: &[f64]) {
         for (dev, a) in assign.iter().enumerate() {
             if a.is_none() {
                 continue;
@@ -379,6 +417,7 @@ impl Policy for Streamlb {
         for r in &mut self.routers {
             r.tick(now);
         }
+        self.probe(w, now, loads);
         let group = if self.global_view {
             self.routers.len()
         } else {
@@ -411,6 +450,52 @@ impl Policy for Streamlb {
     fn fallbacks(&self) -> u64 {
         self.fallbacks
     }
+    fn probes(&self) -> (u64, u64) {
+        self.probes
+    }
+}
+
+impl Streamlb {
+    /// Pods update their own load estimate; each proxy's first worker probes the pods due, and
+    /// every worker of the proxy gets the answers (shared data in Envoy).
+    fn probe(&mut self, w: &World, now: Nanos, loads: &[f64]) {
+        let alpha = 1.0 - (-1.0 / self.tau_s).exp();
+        for ((r, y), &l) in self.reported.iter_mut().zip(&mut self.young).zip(loads) {
+            *r += alpha * (l - *r);
+            *y *= 1.0 - alpha;
+        }
+        let active = self.stream_id.iter().filter(|&&id| id > 0).count();
+        self.prior = loads.iter().sum::<f64>() / active.max(1) as f64;
+        for p in 0..self.routers.len() / self.workers {
+            let base = p * self.workers;
+            let due = self.routers[base].due_probes(now);
+            let mut reports = Vec::new();
+            for (_, address) in due {
+                self.probes.0 += 1;
+                let Some(&j) = self.addr_to_pod.get(&address) else {
+                    continue;
+                };
+                if !w.pod_up[j] || self.rng.next_f64() < PROBE_LOSS {
+                    self.probes.1 += 1;
+                    continue;
+                }
+                let rate = self.reported[j] + self.young[j];
+                let c = w.pod_capacity[j];
+                let report = LoadReport {
+                    rate,
+                    utilization: (c > 0.0).then(|| rate / c),
+                    at: now,
+                };
+                reports.push((address, report));
+            }
+            if reports.is_empty() {
+                continue;
+            }
+            for r in &mut self.routers[base..base + self.workers] {
+                r.apply_reports(now, "pods", &reports);
+            }
+        }
+    }
 }
 
 fn make_policy(
@@ -425,7 +510,10 @@ fn make_policy(
     let mut rng = Rng::new(seed);
     Ok(match name {
         "streamlb" => Box::new(Streamlb::new(w, cfg.clone(), workers, seed, false)),
-        "streamlb_global_view" => Box::new(Streamlb::new(w, cfg.clone(), workers, seed, true)),
+        "streamlb_local" => Box::new(Streamlb::new(w, without_probes(cfg), workers, seed, false)),
+        "streamlb_global_view" => {
+            Box::new(Streamlb::new(w, without_probes(cfg), workers, seed, true))
+        }
         "round_robin" => Box::new(RoundRobin {
             next: (0..np).map(|_| rng.below(npods)).collect(),
         }),
@@ -811,6 +899,7 @@ pub fn run(
                 "worst_max_over_mean": s.iter().map(|x| x.max_over_mean).fold(0.0, f64::max),
                 "median_cross_zone": median(s.iter().map(|x| x.cross_zone).collect()),
                 "fallbacks": pols[pi].fallbacks(),
+                "probes": {"sent": pols[pi].probes().0, "unanswered": pols[pi].probes().1},
                 "reconverge": reconv,
                 "series": samples[pi],
                 "pod_loads": if keep_pods { json!(pod_series[pi]) } else { serde_json::Value::Null },
@@ -909,5 +998,40 @@ mod tests {
             "{}",
             cross("streamlb_global_view")
         );
+        // The pods' reports give each proxy most of that view.
+        println!(
+            "cross-zone: streamlb {:.3}, streamlb_local {:.3}, global view {:.3}, minimum {min:.3}",
+            cross("streamlb"),
+            cross("streamlb_local"),
+            cross("streamlb_global_view")
+        );
+        assert!(cross("streamlb") < min + 0.05, "{}", cross("streamlb"));
+        assert!(cross("streamlb") + 0.1 < cross("streamlb_local"));
+    }
+
+    #[test]
+    fn a_pod_slowed_to_a_quarter_gets_a_quarter_share_with_the_fleet_view() {
+        // Two proxies, equal pods of capacity 400 msgs/s; b-0 is slowed to 100 before any
+        // stream arrives. Its utilisation is reported, so new streams avoid it.
+        let sc = scenario(json!({
+            "name": "slow", "seed": 3, "duration_s": 80, "warmup_s": 60,
+            "zones": [{"name": "a", "pods": 4, "capacity": 400}],
+            "proxies": {"a": 2},
+            "streams": {"count": 400, "mean_rate": 2.5, "rate_dist": "constant",
+                        "client_zones": {"a": 1.0}, "ramp_s": 50},
+            "faults": [{"at_s": 0, "pod": "a-0", "action": "slow", "factor": 0.25}]
+        }));
+        let policies: Vec<String> = ["streamlb", "streamlb_local"].map(String::from).to_vec();
+        let r = run(&sc, &policies, 1, false).unwrap();
+        let m = |p: &str| r["policies"][p]["median_max_over_mean"].as_f64().unwrap();
+        println!(
+            "max/mean: streamlb {:.3}, streamlb_local {:.3}",
+            m("streamlb"),
+            m("streamlb_local")
+        );
+        // Utilisation max/mean: capacity-blind placement puts a quarter of the load on a pod of
+        // 1/13 of the capacity (≈ 3.2); the fleet view brings it near 1.
+        assert!(m("streamlb_local") > 2.5, "{}", m("streamlb_local"));
+        assert!(m("streamlb") < 1.3, "{}", m("streamlb"));
     }
 }
