@@ -108,6 +108,8 @@ pub struct PodStats {
     pub bidi: KindStats,
     pub upload: KindStats,
     pub window: RateWindow,
+    /// Load probes answered.
+    pub probes: AtomicU64,
 }
 
 impl PodStats {
@@ -122,6 +124,7 @@ impl PodStats {
             bidi: KindStats::default(),
             upload: KindStats::default(),
             window: RateWindow::new(),
+            probes: AtomicU64::new(0),
         }
     }
 
@@ -178,8 +181,8 @@ pub struct Pod {
     pub name: String,
     pub zone: String,
     pub address: SocketAddr,
-    /// msgs/s; 0 = unlimited.
-    pub capacity: f64,
+    /// msgs/s (f64 bits; the control API can change it); 0 = unlimited.
+    capacity: AtomicU64,
     pub orca: Option<OrcaFormat>,
     /// Request header echoed back as `x-pod-saw-endpoint-header` when present.
     pub endpoint_header: http::HeaderName,
@@ -226,7 +229,7 @@ impl Pod {
             name,
             zone,
             address,
-            capacity: config.capacity,
+            capacity: AtomicU64::new(config.capacity.to_bits()),
             orca: config.orca,
             endpoint_header: config.endpoint_header.clone(),
             stats: PodStats::new(),
@@ -276,13 +279,38 @@ impl Pod {
         self.stats.window.rate(Instant::now())
     }
 
+    /// msgs/s before acks are delayed; 0 = unlimited.
+    pub fn capacity(&self) -> f64 {
+        f64::from_bits(self.capacity.load(Ordering::Relaxed))
+    }
+
+    pub fn set_capacity(&self, capacity: f64) {
+        self.capacity.store(capacity.to_bits(), Ordering::Relaxed);
+    }
+
     /// ORCA-style utilisation: rate / capacity, or rate / 1000 when unlimited.
     pub fn utilization(&self, rate: f64) -> f64 {
-        if self.capacity > 0.0 {
-            rate / self.capacity
+        let capacity = self.capacity();
+        if capacity > 0.0 {
+            rate / capacity
         } else {
             rate / UNLIMITED_UTILIZATION_BASE
         }
+    }
+
+    /// The answer to a load probe (`GET /.well-known/streamlb/load`), as an ORCA-speaking app
+    /// gives it: messages/s in both directions (each bidi message is acked), utilisation and
+    /// active streams, in the `endpoint-load-metrics` TEXT form.
+    pub fn probe_report(&self) -> String {
+        let rate = self.rate();
+        let total = self.stats.messages.load(Ordering::Relaxed).max(1) as f64;
+        let bidi = self.stats.bidi.messages.load(Ordering::Relaxed) as f64;
+        let both_directions = rate * (1.0 + bidi / total);
+        format!(
+            "TEXT rps_fractional={both_directions:.3}, application_utilization={:.4}, named_metrics.streams={}",
+            self.utilization(rate),
+            self.stats.streams_active.load(Ordering::Relaxed)
+        )
     }
 
     /// The ORCA load report as a (header name, value) pair in the given form.
@@ -308,14 +336,15 @@ impl Pod {
 
     /// Overload delay for an ack right now (see the module doc).
     fn ack_delay(&self, now: Instant) -> Duration {
-        if self.capacity <= 0.0 {
+        let capacity = self.capacity();
+        if capacity <= 0.0 {
             return Duration::ZERO;
         }
         let rate = self.stats.window.rate(now);
-        if rate <= self.capacity {
+        if rate <= capacity {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64((rate - self.capacity) / self.capacity).min(MAX_ACK_DELAY)
+        Duration::from_secs_f64((rate - capacity) / capacity).min(MAX_ACK_DELAY)
     }
 
     pub fn snapshot(&self) -> PodSnapshot {
@@ -338,6 +367,8 @@ impl Pod {
             stream_errors: load(&self.stats.stream_errors),
             rate_1s: rate,
             utilization: self.utilization(rate),
+            capacity: self.capacity(),
+            probes: load(&self.stats.probes),
             kinds: KindsSnapshot {
                 bidi: kind(&self.stats.bidi),
                 upload: kind(&self.stats.upload),
@@ -379,6 +410,9 @@ pub struct PodSnapshot {
     pub stream_errors: u64,
     pub rate_1s: f64,
     pub utilization: f64,
+    pub capacity: f64,
+    /// Load probes the pod answered (`GET /.well-known/streamlb/load`).
+    pub probes: u64,
     pub kinds: KindsSnapshot,
 }
 
@@ -411,6 +445,17 @@ async fn serve_connection(pod: Arc<Pod>, tcp: TcpStream, stop: watch::Receiver<b
         let mut grpc = grpc.clone();
         let pod = pod.clone();
         async move {
+            if request.method() == http::Method::GET && request.uri().path() == LOAD_PATH {
+                pod.stats.probes.fetch_add(1, Ordering::Relaxed);
+                let mut response = http::Response::new(PodBody {
+                    inner: tonic::body::Body::empty(),
+                    orca: None,
+                });
+                response
+                    .headers_mut()
+                    .insert(ORCA_HEADER, header_value(&pod.probe_report()));
+                return Ok(response);
+            }
             let saw_endpoint = request.headers().get(&pod.endpoint_header).cloned();
             std::future::poll_fn(|cx| {
                 <TelemetryServer<PodService> as Service<http::Request<Incoming>>>::poll_ready(
@@ -677,6 +722,8 @@ pub enum OrcaFormat {
 }
 
 pub const ORCA_HEADER: &str = "endpoint-load-metrics";
+/// The path a pod answers load probes on (what streamlb probes by default).
+pub const LOAD_PATH: &str = streamlb_core::config::DEFAULT_LOAD_PATH;
 pub const ORCA_BIN_HEADER: &str = "endpoint-load-metrics-bin";
 
 /// The Gateway API Inference Extension endpoint-picker header (what override_host reads).
@@ -886,6 +933,28 @@ async fn control(
             };
             json_response(StatusCode::OK, stats)
         }
+        (&Method::POST, ["pods", name, "capacity", value]) => {
+            let Some(pod) = pods.iter().find(|p| p.name == *name) else {
+                return json_response(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({ "error": format!("unknown pod {name:?}") }),
+                );
+            };
+            match value.parse::<f64>() {
+                Ok(c) if c.is_finite() && c >= 0.0 => {
+                    pod.set_capacity(c);
+                    eprintln!("pod {name}: capacity {c}");
+                    json_response(
+                        StatusCode::OK,
+                        serde_json::json!({ "pod": name, "capacity": c }),
+                    )
+                }
+                _ => json_response(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": format!("capacity must be a number >= 0, got {value:?}") }),
+                ),
+            }
+        }
         (&Method::POST, ["pods", name, action @ ("stop" | "start")]) => {
             let Some(pod) = pods.iter().find(|p| p.name == *name) else {
                 return json_response(
@@ -914,7 +983,7 @@ async fn control(
         }
         _ => json_response(
             StatusCode::NOT_FOUND,
-            serde_json::json!({ "error": format!("no route {method} {path}; use GET /stats, POST /pods/NAME/stop|start") }),
+            serde_json::json!({ "error": format!("no route {method} {path}; use GET /stats, POST /pods/NAME/stop|start, POST /pods/NAME/capacity/MSGS_PER_S") }),
         ),
     }
 }

@@ -238,3 +238,63 @@ async fn truncated_message_is_counted() {
     );
     fleet.shutdown();
 }
+
+/// GET /.well-known/streamlb/load over h2c: the pod's ORCA load report.
+async fn probe(pod: &Arc<Pod>) -> String {
+    let tcp = tokio::net::TcpStream::connect(pod.address)
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::get(format!(
+        "http://{}{}",
+        pod.address,
+        streamlb_lab::pods::LOAD_PATH
+    ))
+    .body(http_body_util::Empty::<Bytes>::new())
+    .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    response
+        .headers()
+        .get("endpoint-load-metrics")
+        .expect("load report")
+        .to_str()
+        .expect("ascii")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_answer_load_probes_in_the_filters_units() {
+    let fleet = Fleet::launch(&fleet_config(1000.0, None))
+        .await
+        .expect("fleet");
+    let pod = fleet.pods[0].clone();
+    let run = tokio::spawn(devices::run(devices_config(&pod, Kind::Bidi, 2.0, false)));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let value = probe(&pod).await;
+    let orca = streamlb_core::orca::parse(&value).expect("valid ORCA");
+    let report = streamlb_core::fleet::LoadReport::from_orca(
+        &orca,
+        streamlb_core::config::LoadSignal::Messages,
+        0,
+    )
+    .expect("a load report");
+    // 20 streams × 25 msgs/s, each acked: ≈ 1000 messages/s in both directions.
+    assert!((800.0..=1200.0).contains(&report.rate), "{value}");
+    // Utilisation counts what the pod receives against its capacity: ≈ 500 / 1000.
+    let u = report.utilization.expect("utilisation");
+    assert!((0.4..=0.6).contains(&u), "{value}");
+    assert_eq!(orca.named_metric("streams"), Some(20.0), "{value}");
+    run.await.expect("join").expect("devices");
+    // The capacity can be cut at run time (a degraded pod): its utilisation goes up.
+    pod.set_capacity(250.0);
+    assert_eq!(pod.snapshot().capacity, 250.0);
+    assert_eq!(pod.snapshot().probes, 1);
+    fleet.shutdown();
+}
