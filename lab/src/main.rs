@@ -34,6 +34,10 @@ enum Command {
         /// Report load in `endpoint-load-metrics` (initial metadata and trailers).
         #[arg(long)]
         orca: bool,
+        /// Send these bytes (hex) as every `endpoint-load-metrics` value instead of the load
+        /// report: a backend that sends garbage (implies ORCA on).
+        #[arg(long)]
+        orca_raw_hex: Option<String>,
         /// Request header echoed back as `x-pod-saw-endpoint-header` when a request carries it.
         #[arg(long, default_value = pods::DEFAULT_ENDPOINT_HEADER)]
         endpoint_header: String,
@@ -152,6 +156,7 @@ fn main() -> anyhow::Result<()> {
             zones,
             capacity,
             orca,
+            orca_raw_hex,
             endpoint_header,
             ignore_stdin,
             host,
@@ -165,6 +170,7 @@ fn main() -> anyhow::Result<()> {
                 zones: pods::parse_zones(&zones)?,
                 capacity,
                 orca,
+                orca_raw: orca_raw_hex.as_deref().map(parse_hex).transpose()?,
                 endpoint_header: http::HeaderName::from_bytes(
                     endpoint_header.to_ascii_lowercase().as_bytes(),
                 )
@@ -303,4 +309,26 @@ fn run_sim(
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{json}").context("writing the report")?;
     Ok(())
+}
+
+/// `--orca-raw-hex`: pairs of hex digits.
+fn parse_hex(text: &str) -> anyhow::Result<Vec<u8>> {
+    let digits = text.as_bytes();
+    if !digits.len().is_multiple_of(2) {
+        anyhow::bail!("--orca-raw-hex: odd number of hex digits");
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .with_context(|| {
+                    format!(
+                        "--orca-raw-hex: bad hex {:?}",
+                        String::from_utf8_lossy(pair)
+                    )
+                })
+        })
+        .collect()
 }

@@ -179,6 +179,8 @@ pub struct Pod {
     /// msgs/s; 0 = unlimited.
     pub capacity: f64,
     pub orca: bool,
+    /// Sent as every `endpoint-load-metrics` value instead of the load report.
+    pub orca_raw: Option<http::HeaderValue>,
     /// Request header echoed back as `x-pod-saw-endpoint-header` when present.
     pub endpoint_header: http::HeaderName,
     pub stats: PodStats,
@@ -226,6 +228,12 @@ impl Pod {
             address,
             capacity: config.capacity,
             orca: config.orca,
+            orca_raw: config
+                .orca_raw
+                .as_deref()
+                .map(http::HeaderValue::from_bytes)
+                .transpose()
+                .context("--orca-raw-hex: not a valid header value")?,
             endpoint_header: config.endpoint_header.clone(),
             stats: PodStats::new(),
             run: Mutex::new(None),
@@ -280,6 +288,14 @@ impl Pod {
             rate / self.capacity
         } else {
             rate / UNLIMITED_UTILIZATION_BASE
+        }
+    }
+
+    /// The `endpoint-load-metrics` value: the configured raw bytes, else the load report.
+    fn orca_value(&self) -> http::HeaderValue {
+        match &self.orca_raw {
+            Some(raw) => raw.clone(),
+            None => header_value(&self.load_report()),
         }
     }
 
@@ -433,12 +449,12 @@ fn decorate(
     let (mut parts, body) = response.into_parts();
     parts.headers.insert("x-pod", header_value(&pod.name));
     parts.headers.insert("x-pod-zone", header_value(&pod.zone));
-    if pod.orca {
+    let orca = (pod.orca || pod.orca_raw.is_some()).then(|| pod.clone());
+    if let Some(pod) = &orca {
         parts
             .headers
-            .insert("endpoint-load-metrics", header_value(&pod.load_report()));
+            .insert("endpoint-load-metrics", pod.orca_value());
     }
-    let orca = pod.orca.then(|| pod.clone());
     http::Response::from_parts(parts, PodBody { inner: body, orca })
 }
 
@@ -461,7 +477,7 @@ impl http_body::Body for PodBody {
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match (frame.into_trailers(), orca) {
                     (Ok(mut trailers), Some(pod)) => {
-                        trailers.insert("endpoint-load-metrics", header_value(&pod.load_report()));
+                        trailers.insert("endpoint-load-metrics", pod.orca_value());
                         http_body::Frame::trailers(trailers)
                     }
                     (Ok(trailers), None) => http_body::Frame::trailers(trailers),
@@ -649,6 +665,9 @@ pub struct PodsConfig {
     pub zones: Vec<(String, usize)>,
     pub capacity: f64,
     pub orca: bool,
+    /// Bytes sent as every `endpoint-load-metrics` value instead of the report (a backend that
+    /// sends garbage, for tests).
+    pub orca_raw: Option<Vec<u8>>,
     /// Request header to echo as `x-pod-saw-endpoint-header` (see the module doc).
     pub endpoint_header: http::HeaderName,
 }
@@ -990,6 +1009,7 @@ mod tests {
             zones: vec![("a".into(), 2), ("b".into(), 1)],
             capacity: 0.0,
             orca: false,
+            orca_raw: None,
             endpoint_header: http::HeaderName::from_static(DEFAULT_ENDPOINT_HEADER),
         };
         let (fleet, base) = launch_fixed(&config).await;

@@ -81,6 +81,8 @@ pub struct Health {
     pub host_errors: u64,
     pub cas_retries: u64,
     pub endpoint_headers_stripped: u64,
+    /// ORCA headers/trailers from upstreams that could not be parsed (ignored).
+    pub orca_invalid: u64,
 }
 
 /// Rebalancing since the last flush, per cluster.
@@ -267,6 +269,7 @@ impl Stats {
                 "streamlb_endpoint_header_stripped_total",
                 h.endpoint_headers_stripped,
             ),
+            ("streamlb_orca_reports_invalid_total", h.orca_invalid),
         ] {
             note(m.count(host, name, n));
         }

@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::host::{string_property, Body, HeaderMap, Host};
+use super::host::{parse_number, string_property, Body, HeaderMap, Host};
 use super::stats::{StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US};
 use super::vm::Vm;
 use crate::core::config::{Mode, RebalanceMode};
@@ -115,7 +115,7 @@ impl StreamFilter {
         };
         self.grpc = matches!(
             host.header(HeaderMap::Request, "content-type"),
-            Ok(Some(ct)) if ct.starts_with("application/grpc")
+            Ok(Some(ct)) if ct.starts_with(b"application/grpc")
         );
         if self.grpc {
             self.up = FrameCounter::grpc();
@@ -247,9 +247,9 @@ impl StreamFilter {
             .header(HeaderMap::Response, ":status")
             .ok()
             .flatten()
-            .and_then(|s| s.parse().ok());
+            .and_then(|s| parse_number(&s));
         if let Ok(Some(s)) = host.header(HeaderMap::Response, "grpc-status") {
-            self.grpc_status = s.parse().ok(); // trailers-only response
+            self.grpc_status = parse_number(&s); // trailers-only response
         }
         let now = host.now().unwrap_or(0);
         match string_property(host, &["upstream", "address"]) {
@@ -267,9 +267,7 @@ impl StreamFilter {
             Err(e) => vm.host_error(host, "get_property (upstream)", &e),
         }
         if let Ok(Some(v)) = host.header(HeaderMap::Response, ORCA_HEADER) {
-            if let Ok(report) = orca::parse(&v) {
-                vm.router.on_orca(now, self.id, &report);
-            }
+            on_orca_report(host, vm, now, self.id, &v);
         }
         if !vm.config().rebalance.allow_reset {
             vm.router.set_unmovable(self.id); // from now on only a reset could end it
@@ -296,12 +294,12 @@ impl StreamFilter {
             return;
         }
         if let Ok(Some(s)) = host.header(HeaderMap::ResponseTrailers, "grpc-status") {
-            self.grpc_status = s.parse().ok();
+            self.grpc_status = parse_number(&s);
         }
         if let Ok(Some(v)) = host.header(HeaderMap::ResponseTrailers, ORCA_HEADER) {
-            if let (Ok(report), Ok(mut vm)) = (orca::parse(&v), self.vm.try_borrow_mut()) {
+            if let Ok(mut vm) = self.vm.try_borrow_mut() {
                 let now = host.now().unwrap_or(0);
-                vm.router.on_orca(now, self.id, &report);
+                on_orca_report(host, &mut vm, now, self.id, &v);
             }
         }
     }
@@ -346,6 +344,25 @@ impl StreamFilter {
     }
 }
 
+/// An ORCA header or trailer from the upstream: applied when valid, else counted and logged once
+/// (a backend can send any bytes).
+fn on_orca_report(host: &dyn Host, vm: &mut Vm, now: Nanos, id: u64, value: &[u8]) {
+    let parsed = std::str::from_utf8(value)
+        .map_err(|_| "not UTF-8".to_string())
+        .and_then(|v| orca::parse(v).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(report) => vm.router.on_orca(now, id, &report),
+        Err(e) => {
+            vm.stats.health.orca_invalid += 1;
+            vm.log_once(
+                host,
+                "orca",
+                &format!("streamlb: invalid {ORCA_HEADER} from an upstream, ignored: {e}"),
+            );
+        }
+    }
+}
+
 fn is_cross_zone(local: &str, endpoint: &str) -> bool {
     !local.is_empty() && !endpoint.is_empty() && local != endpoint
 }
@@ -357,6 +374,7 @@ fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
     if cfg.header.is_empty() {
         return None;
     }
+    // Any bytes: a non-UTF-8 id is hashed as it is.
     let key = match host.header(HeaderMap::Request, &cfg.header) {
         Ok(Some(v)) if !v.is_empty() => v,
         _ if cfg.fallback_to_source_ip => {
@@ -364,13 +382,13 @@ fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
                 .ok()
                 .flatten()?;
             match address.rsplit_once(':') {
-                Some((ip, _port)) => ip.to_string(),
-                None => address,
+                Some((ip, _port)) => ip.as_bytes().to_vec(),
+                None => address.into_bytes(),
             }
         }
         _ => return None,
     };
-    let hash = rate_memory::key_hash(key.as_bytes());
+    let hash = rate_memory::key_hash(&key);
     let buckets = rate_memory::bucket_count(cfg.capacity);
     let max_age = (cfg.max_age_ms / 1000).min(u64::from(u32::MAX)) as u32;
     let shared_key = rate_memory::shared_key(rate_memory::bucket_of(hash, buckets));
