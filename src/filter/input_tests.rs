@@ -1,11 +1,15 @@
 //! Hostile input under the mock host: header values, ORCA reports and admin responses hold
-//! arbitrary bytes; none may panic, each is handled as a value.
+//! arbitrary bytes; none may panic, each is handled as a value. And what a VM finds in shared
+//! data is trusted only as far as its age allows.
+
+use std::cell::RefCell;
+use std::rc::Rc;
 
 use super::host::HeaderMap;
 use super::mock::SharedStore;
 use super::stream::StreamFilter;
 use super::tests::{discover, grpc_frames, host, open_on, send, vm, ADMIN, HEADER, SEC};
-use super::vm::SNAPSHOT_KEY;
+use super::vm::{Vm, SNAPSHOT_KEY};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -144,4 +148,34 @@ fn failed_or_partial_admin_responses_are_failed_polls() {
     discover(&h, &v);
     v.borrow_mut().flush(&h);
     assert_eq!(h.metric("streamlb_discovery_polls_ok_total"), 1);
+}
+
+/// Open a stream through `v` at `h`'s time; the endpoint it was steered to, if any.
+fn steered(h: &super::mock::MockHost, v: &Rc<RefCell<Vm>>, id: u64) -> Option<String> {
+    h.headers.borrow_mut().clear();
+    StreamFilter::new(v.clone(), id).on_request_headers(h);
+    h.get(HeaderMap::Request, HEADER)
+}
+
+#[test]
+fn a_snapshot_is_trusted_only_until_stale_after_from_its_poll() {
+    let store = SharedStore::default();
+    let h1 = host(&store);
+    let config = r#"{"clusters":["pods"],"discovery":{"stale_after_ms":30000}}"#;
+    let v1 = vm(&h1, config);
+    discover(&h1, &v1); // polled at 10 s
+                        // A VM that starts (e.g. after a reload) 29 s later uses it; until 40 s, not after.
+    let h2 = host(&store);
+    h2.time.set(39 * SEC);
+    let v2 = vm(&h2, config);
+    v2.borrow_mut().on_tick(&h2);
+    assert!(steered(&h2, &v2, 1).is_some());
+    h2.time.set(40 * SEC + 1);
+    assert_eq!(steered(&h2, &v2, 2), None);
+    // A VM that starts 31 s later never uses it.
+    let h3 = host(&store);
+    h3.time.set(41 * SEC);
+    let v3 = vm(&h3, config);
+    v3.borrow_mut().on_tick(&h3);
+    assert_eq!(steered(&h3, &v3, 3), None);
 }

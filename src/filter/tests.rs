@@ -42,7 +42,10 @@ pub(super) fn discover(h: &MockHost, vm: &Rc<RefCell<Vm>>) {
     vm.borrow_mut().on_tick(h);
     let (token, cluster, headers) = h.calls.borrow().last().cloned().expect("a discovery call");
     assert_eq!(cluster, "streamlb_admin");
-    assert!(headers.contains(&(":path".into(), "/clusters?format=json".into())));
+    assert!(headers.contains(&(
+        ":path".into(),
+        "/clusters?format=json&filter=%5E%28pods%29%24".into()
+    )));
     vm.borrow_mut()
         .on_http_call_response(h, token, Some(b"200"), Some(ADMIN.as_bytes()));
 }

@@ -120,10 +120,12 @@ impl Vm {
         if now < self.next_poll || !self.hold_lease(host, now, poll_ms) {
             return;
         }
-        let d = &self.router.config().discovery;
+        let cfg = self.router.config();
+        let d = &cfg.discovery;
+        let path = discovery::admin_path(&d.path, &cfg.clusters);
         let headers = [
             (":method", "GET"),
-            (":path", d.path.as_str()),
+            (":path", path.as_str()),
             (":authority", d.authority.as_str()),
         ];
         match host.http_call(&d.admin_cluster, &headers, timeout_ms) {
@@ -244,7 +246,16 @@ impl Vm {
         }
         self.snapshot_cas = cas;
         match discovery::decode_snapshot(&bytes) {
-            Ok((_generation, clusters)) => self.router.apply_snapshot(now, &clusters),
+            // The generation is the poll time: the snapshot's age counts from then, in this VM
+            // too (a VM started after a reload must not take an old snapshot as fresh).
+            Ok((generation, clusters)) => {
+                let polled_at = generation.min(now);
+                let stale_after =
+                    (self.router.config().discovery.stale_after_ms).saturating_mul(MS);
+                if now.saturating_sub(polled_at) <= stale_after {
+                    self.router.apply_snapshot(polled_at, &clusters);
+                }
+            }
             Err(e) => {
                 self.stats.health.host_errors += 1;
                 if self.logged.insert("snapshot decode") {
