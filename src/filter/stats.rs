@@ -25,14 +25,17 @@ pub enum StatusClass {
     ServerError,
     /// No status at all: reset, or the client went away.
     Reset,
+    /// Ended by the rebalancer (planned, not an error).
+    Moved,
 }
 
 impl StatusClass {
-    pub const ALL: [StatusClass; 4] = [
+    pub const ALL: [StatusClass; 5] = [
         StatusClass::Ok,
         StatusClass::ClientError,
         StatusClass::ServerError,
         StatusClass::Reset,
+        StatusClass::Moved,
     ];
 
     /// gRPC status when present, else HTTP status: `ok` = gRPC OK or HTTP 1xx–3xx;
@@ -57,6 +60,7 @@ impl StatusClass {
             StatusClass::ClientError => "client_error",
             StatusClass::ServerError => "server_error",
             StatusClass::Reset => "reset",
+            StatusClass::Moved => "moved",
         }
     }
 }

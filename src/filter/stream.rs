@@ -324,7 +324,11 @@ impl StreamFilter {
             penalty::classify(self.http_status, self.grpc_status)
         };
         vm.router.on_end(now, self.id, outcome);
-        let class = StatusClass::of(self.http_status, self.grpc_status);
+        let class = if self.moved {
+            StatusClass::Moved // a planned move, not an error
+        } else {
+            StatusClass::of(self.http_status, self.grpc_status)
+        };
         let stats = vm.stats.route(ri, ci);
         stats.active_delta -= 1;
         *stats.ended.entry(class).or_default() += 1;

@@ -441,6 +441,11 @@ fn rebalancer_ends_planned_streams_only_at_message_boundaries() {
     );
     assert!(h.metric("streamlb_rebalance_moves_total.cluster=.=pods;.;reason=.=planned;.;") >= 1);
     assert!(h.logged("streamlb: rebalance: stream"));
+    // Counted as moved, not as an error.
+    let ended =
+        "streamlb_route_streams_ended_total.route=.=telemetry;.;cluster=.=pods;.;status_class=.=";
+    assert_eq!(h.metric(&format!("{ended}moved;.;")), 1);
+    assert_eq!(h.metric(&format!("{ended}server_error;.;")), 0);
     // Ending it was not the endpoint's fault.
     let vm = v.borrow();
     let c = &vm.router.clusters()[0];
