@@ -39,7 +39,7 @@ RATE ?= 20
 DIST ?= zipf:0.8
 
 .PHONY: bench sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
-	test-unit-native test-unit-wasm test-e2e fuzz-smoke fuzz test run clean distclean
+	test-unit-native test-unit-wasm test-e2e fuzz-smoke fuzz fuzz-long test run clean distclean
 
 ## deps: everything the other targets use.
 deps: apt rust-targets rust-nightly venv wasm-bindgen-cli
@@ -116,6 +116,10 @@ fuzz-smoke: rust-nightly
 
 fuzz: rust-nightly
 	bash fuzz/run.sh 60
+
+## fuzz-long: every fuzz target to 10 million executions (hours); prints the counts.
+fuzz-long: rust-nightly
+	bash fuzz/run.sh --runs 10000000
 
 ## test: what CI runs (.ci/run).
 test: deps lint test-unit fuzz-smoke test-e2e test-deploy

@@ -5,9 +5,12 @@
 //!   time and randomness are inputs.
 //! - [`filter`]: the glue between Envoy and the core, written against the [`filter::host`] traits
 //!   so it runs natively under a mock host in tests.
-//! - `wasm` (only on `wasm32-wasip1`): the proxy-wasm adapter Envoy loads.
+//! - `wasm` (only on `wasm32-wasip1`): the proxy-wasm adapter Envoy loads, over `abi` (the
+//!   proxy-wasm ABI calls, returning errors where the SDK's helpers panic).
 
 pub mod filter;
 
+#[cfg(target_os = "wasi")]
+mod abi;
 #[cfg(target_os = "wasi")]
 mod wasm;

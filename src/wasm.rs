@@ -1,17 +1,16 @@
 //! The proxy-wasm adapter (built only for `wasm32-wasip1`): Envoy's callbacks forwarded to
-//! [`crate::filter`], and [`crate::filter::host::Host`] implemented with the SDK's `hostcalls`,
-//! which return errors instead of panicking like some of the SDK's convenience methods.
+//! [`crate::filter`], and [`crate::filter::host::Host`] implemented with direct ABI calls
+//! ([`crate::abi`]) that return errors and bytes where the SDK's helpers would panic.
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{
-    Action, BufferType, ContextType, GrpcStatusCode, MapType, MetricType, Status,
-};
+use proxy_wasm::types::{Action, ContextType, Status};
 
+use crate::abi;
 use crate::filter::host::{Body, HeaderMap, Host, HostError, HostResult, LogLevel, MetricKind};
 use crate::filter::stream::{BodyAction, StreamFilter};
 use crate::filter::vm::Vm;
@@ -19,10 +18,37 @@ use streamlb_core::Nanos;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    // After set_log_level, which installs the SDK's hook (it unwraps the log call).
+    std::panic::set_hook(Box::new(|info| {
+        abi::log(
+            abi::LOG_CRITICAL,
+            &format!("streamlb: panic, this worker's VM is lost: {info}"),
+        );
+    }));
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { vm: None }) });
 }}
 
 struct EnvoyHost;
+
+// proxy-wasm ABI enum values (MapType, BufferType, MetricType, GrpcStatusCode, LogLevel).
+const MAP_REQUEST_HEADERS: u32 = 0;
+const MAP_RESPONSE_HEADERS: u32 = 2;
+const MAP_RESPONSE_TRAILERS: u32 = 3;
+const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_REQUEST_BODY: u32 = 0;
+const BUFFER_RESPONSE_BODY: u32 = 1;
+const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const GRPC_UNAVAILABLE: i32 = 14;
+
+fn map_type(m: HeaderMap) -> u32 {
+    match m {
+        HeaderMap::Request => MAP_REQUEST_HEADERS,
+        HeaderMap::Response => MAP_RESPONSE_HEADERS,
+        HeaderMap::ResponseTrailers => MAP_RESPONSE_TRAILERS,
+        HeaderMap::HttpCallResponse => MAP_HTTP_CALL_RESPONSE_HEADERS,
+    }
+}
 
 fn status(s: Status) -> HostError {
     match s {
@@ -31,62 +57,52 @@ fn status(s: Status) -> HostError {
     }
 }
 
-fn map_type(m: HeaderMap) -> MapType {
-    match m {
-        HeaderMap::Request => MapType::HttpRequestHeaders,
-        HeaderMap::Response => MapType::HttpResponseHeaders,
-        HeaderMap::ResponseTrailers => MapType::HttpResponseTrailers,
-        HeaderMap::HttpCallResponse => MapType::HttpCallResponseHeaders,
-    }
-}
-
 impl Host for EnvoyHost {
     fn now(&self) -> HostResult<Nanos> {
-        let t = hostcalls::get_current_time().map_err(status)?;
-        Ok(t.duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as Nanos)
-            .unwrap_or(0))
+        abi::now()
     }
 
     fn log(&self, level: LogLevel, message: &str) {
         let level = match level {
-            LogLevel::Debug => proxy_wasm::types::LogLevel::Debug,
-            LogLevel::Info => proxy_wasm::types::LogLevel::Info,
-            LogLevel::Warn => proxy_wasm::types::LogLevel::Warn,
-            LogLevel::Error => proxy_wasm::types::LogLevel::Error,
+            LogLevel::Debug => 1,
+            LogLevel::Info => 2,
+            LogLevel::Warn => 3,
+            LogLevel::Error => 4,
         };
-        let _ = hostcalls::log(level, message);
+        abi::log(level, message);
     }
 
     fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>> {
-        hostcalls::get_property(path.to_vec()).map_err(status)
+        abi::property(path)
     }
 
-    fn header(&self, map: HeaderMap, name: &str) -> HostResult<Option<String>> {
-        hostcalls::get_map_value(map_type(map), name).map_err(status)
+    fn header(&self, map: HeaderMap, name: &str) -> HostResult<Option<Vec<u8>>> {
+        abi::header(map_type(map), name)
     }
 
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> HostResult<()> {
-        hostcalls::set_map_value(map_type(map), name, value).map_err(status)
+        abi::set_header(map_type(map), name, value.map(str::as_bytes))
     }
 
     fn body(&self, which: Body, start: usize, len: usize) -> HostResult<Option<Vec<u8>>> {
         let buffer = match which {
-            Body::Request => BufferType::HttpRequestBody,
-            Body::Response => BufferType::HttpResponseBody,
-            Body::HttpCallResponse => BufferType::HttpCallResponseBody,
+            Body::Request => BUFFER_REQUEST_BODY,
+            Body::Response => BUFFER_RESPONSE_BODY,
+            Body::HttpCallResponse => BUFFER_HTTP_CALL_RESPONSE_BODY,
         };
-        hostcalls::get_buffer(buffer, start, len).map_err(status)
+        abi::buffer(buffer, start, len)
     }
 
     fn shared_get(&self, key: &str) -> HostResult<(Option<Vec<u8>>, Option<u32>)> {
-        hostcalls::get_shared_data(key).map_err(status)
+        abi::shared_get(key)
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<()> {
-        hostcalls::set_shared_data(key, Some(value), cas).map_err(status)
+        abi::shared_set(key, value, cas)
     }
 
+    /// Through the SDK: it registers the token so that the response reaches the root context.
+    /// It returns BadArgument / InternalFailure as errors (Envoy answers nothing else).
     fn http_call(
         &self,
         cluster: &str,
@@ -105,28 +121,27 @@ impl Host for EnvoyHost {
 
     fn define_metric(&self, kind: MetricKind, name: &str) -> HostResult<u32> {
         let kind = match kind {
-            MetricKind::Counter => MetricType::Counter,
-            MetricKind::Gauge => MetricType::Gauge,
-            MetricKind::Histogram => MetricType::Histogram,
+            MetricKind::Counter => 0,
+            MetricKind::Gauge => 1,
+            MetricKind::Histogram => 2,
         };
-        hostcalls::define_metric(kind, name).map_err(status)
+        abi::define_metric(kind, name)
     }
 
     fn increment_metric(&self, id: u32, delta: i64) -> HostResult<()> {
-        hostcalls::increment_metric(id, delta).map_err(status)
+        abi::increment_metric(id, delta)
     }
 
     fn record_metric(&self, id: u32, value: u64) -> HostResult<()> {
-        hostcalls::record_metric(id, value).map_err(status)
+        abi::record_metric(id, value)
     }
 
     fn set_tick_period_ms(&self, ms: u64) -> HostResult<()> {
-        hostcalls::set_tick_period(Duration::from_millis(ms)).map_err(status)
+        abi::set_tick_period_ms(ms)
     }
 
     fn end_stream_unavailable(&self, message: &str) -> HostResult<()> {
-        hostcalls::send_grpc_response(GrpcStatusCode::Unavailable, Some(message), vec![])
-            .map_err(status)
+        abi::send_grpc_response(GRPC_UNAVAILABLE, message)
     }
 }
 
@@ -161,7 +176,7 @@ impl Context for Root {
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         let host = EnvoyHost;
-        let config = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
+        let config = match abi::buffer(BUFFER_PLUGIN_CONFIGURATION, 0, size) {
             Ok(Some(c)) => c,
             Ok(None) => Vec::new(),
             Err(e) => {
@@ -197,11 +212,21 @@ impl RootContext for Root {
         Some(ContextType::HttpContext)
     }
 
+    /// Never `None` (the SDK panics on it): without a configured VM, a pass-through context.
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let vm = self.vm.clone()?;
-        Some(Box::new(Http(StreamFilter::new(vm, u64::from(context_id)))))
+        Some(match self.vm.clone() {
+            Some(vm) => Box::new(Http(StreamFilter::new(vm, u64::from(context_id)))),
+            None => Box::new(PassThrough),
+        })
     }
 }
+
+/// The HTTP context of a VM that has no configuration: every callback continues.
+struct PassThrough;
+
+impl Context for PassThrough {}
+
+impl HttpContext for PassThrough {}
 
 struct Http(StreamFilter);
 

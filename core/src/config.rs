@@ -123,7 +123,8 @@ pub struct DiscoveryConfig {
     pub admin_cluster: String,
     /// `:authority` sent to the admin listener.
     pub authority: String,
-    /// Admin path polled for endpoints.
+    /// Admin path polled for endpoints: `/clusters` with query parameters, `format=json` among
+    /// them. Without a `filter` parameter, one that matches exactly `clusters` is added.
     pub path: String,
     /// Poll period of the elected VM.
     pub poll_ms: u64,
@@ -409,12 +410,7 @@ impl Config {
         let d = &self.discovery;
         non_empty("discovery.admin_cluster", &d.admin_cluster)?;
         non_empty("discovery.authority", &d.authority)?;
-        if !d.path.starts_with('/') {
-            return Err(err(
-                "discovery.path",
-                format!("must start with '/', got {:?}", d.path),
-            ));
-        }
+        admin_path("discovery.path", &d.path)?;
         int_in("discovery.poll_ms", d.poll_ms, 100, 600_000)?;
         int_in("discovery.timeout_ms", d.timeout_ms, 10, 60_000)?;
         if d.stale_after_ms < d.poll_ms {
@@ -532,6 +528,29 @@ fn path_in(path: &str, v: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Discovery reads only `GET /clusters?format=json…`.
+fn admin_path(path: &str, v: &str) -> Result<(), ConfigError> {
+    let (route, query) = v.split_once('?').unwrap_or((v, ""));
+    if route != "/clusters" {
+        return Err(err(
+            path,
+            format!("must be /clusters with query parameters (discovery reads only GET /clusters), got {v:?}"),
+        ));
+    }
+    if v.bytes().any(|b| b <= b' ' || b == b'#' || b >= 0x7f) {
+        return Err(err(
+            path,
+            format!(
+                "must be printable ASCII without spaces or '#' (percent-encode them), got {v:?}"
+            ),
+        ));
+    }
+    if !query.split('&').any(|kv| kv == "format=json") {
+        return Err(err(path, format!("must ask for format=json, got {v:?}")));
+    }
+    Ok(())
+}
+
 fn non_empty(path: &str, v: &str) -> Result<(), ConfigError> {
     if v.is_empty() {
         Err(err(path, "must not be empty".into()))
@@ -646,6 +665,22 @@ mod tests {
                 "tick_ms: invalid type: string \"fast\"",
             ),
             (r#"{"clusters":[""]}"#, "clusters[0]: must not be empty"),
+            (
+                r#"{"clusters":["p"],"discovery":{"path":"/quitquitquit"}}"#,
+                "discovery.path: must be /clusters with query parameters",
+            ),
+            (
+                r#"{"clusters":["p"],"discovery":{"path":"/clusters/../stats?format=json"}}"#,
+                "discovery.path: must be /clusters with query parameters",
+            ),
+            (
+                r#"{"clusters":["p"],"discovery":{"path":"/clusters"}}"#,
+                "discovery.path: must ask for format=json",
+            ),
+            (
+                r#"{"clusters":["p"],"discovery":{"path":"/clusters?format=json&filter=a b"}}"#,
+                "discovery.path: must be printable ASCII",
+            ),
         ];
         for (json, want) in cases {
             let got = parse(json).unwrap_err();

@@ -222,6 +222,49 @@ impl<'de> Deserialize<'de> for FlagValue {
     }
 }
 
+/// The admin path polled: `path` (validated: `/clusters?…format=json…`) plus a `filter` that
+/// matches exactly `clusters`, unless `path` has its own, so that Envoy's answer holds only
+/// them (`/clusters?filter=RE2`, which matches anywhere in the name: hence `^(…)$`).
+pub fn admin_path(path: &str, clusters: &[String]) -> String {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    if query.split('&').any(|kv| kv.starts_with("filter=")) {
+        return path.to_string();
+    }
+    let names: Vec<String> = clusters.iter().map(|c| re2_literal(c)).collect();
+    let regex = format!("^({})$", names.join("|"));
+    let separator = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{separator}filter={}", percent_encode(&regex))
+}
+
+/// `text` as an RE2 pattern that matches exactly it.
+fn re2_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' || !c.is_ascii() {
+            out.push(c);
+        } else if c.is_ascii_punctuation() {
+            out.push('\\');
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\x{{{:02x}}}", c as u32));
+        }
+    }
+    out
+}
+
+/// Percent-encodes every byte but RFC 3986's unreserved characters.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// `ip:port`, IPv6 bracketed: `[ip]:port`.
 pub fn format_address(ip: &str, port: u32) -> String {
     if ip.contains(':') {
@@ -467,6 +510,22 @@ mod tests {
             healthy,
             weight,
         }
+    }
+
+    #[test]
+    fn the_admin_path_filters_exactly_the_configured_clusters() {
+        let clusters = ["pods".to_string(), "outbound|50051||t.iot.svc".to_string()];
+        assert_eq!(
+            admin_path("/clusters?format=json", &clusters),
+            "/clusters?format=json&filter=%5E%28pods%7Coutbound%5C%7C50051%5C%7C%5C%7Ct%5C.iot%5C.svc%29%24"
+        );
+        assert_eq!(
+            admin_path("/clusters?format=json", &["a b_c".to_string()]),
+            "/clusters?format=json&filter=%5E%28a%5Cx%7B20%7Db_c%29%24"
+        );
+        // A path with its own filter is polled as it is.
+        let own = "/clusters?format=json&filter=%5Epods";
+        assert_eq!(admin_path(own, &clusters), own);
     }
 
     /// The ports in the fixture are chosen at capture time: read them with serde_json::Value.

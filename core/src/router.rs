@@ -59,13 +59,13 @@ impl Decision {
     /// Value for the debug response header.
     pub fn debug_value(&self) -> String {
         format!(
-            "zone={};endpoint={};reason={};load={:.3};expected={:.3};view={}",
+            "zone={};endpoint={};reason={};view={};load={:.3};expected={:.3}",
             self.zone,
             self.primary.as_deref().unwrap_or("-"),
             self.reason.as_str(),
+            self.view.as_str(),
             self.projected,
-            self.expected_rate,
-            self.view.as_str()
+            self.expected_rate
         )
     }
 }

@@ -38,6 +38,10 @@ enum Command {
         /// (`endpoint-load-metrics-bin`, as gRPC servers send it).
         #[arg(long, value_enum, default_value_t = pods::OrcaFormat::Text)]
         orca_format: pods::OrcaFormat,
+        /// Send these bytes (hex) as every `endpoint-load-metrics` value instead of the load
+        /// report: a backend that sends garbage (implies ORCA on).
+        #[arg(long)]
+        orca_raw_hex: Option<String>,
         /// Request header echoed back as `x-pod-saw-endpoint-header` when a request carries it.
         #[arg(long, default_value = pods::DEFAULT_ENDPOINT_HEADER)]
         endpoint_header: String,
@@ -157,6 +161,7 @@ fn main() -> anyhow::Result<()> {
             capacity,
             orca,
             orca_format,
+            orca_raw_hex,
             endpoint_header,
             ignore_stdin,
             host,
@@ -169,7 +174,8 @@ fn main() -> anyhow::Result<()> {
             let config = PodsConfig {
                 zones: pods::parse_zones(&zones)?,
                 capacity,
-                orca: orca.then_some(orca_format),
+                orca: (orca || orca_raw_hex.is_some()).then_some(orca_format),
+                orca_raw: orca_raw_hex.as_deref().map(parse_hex).transpose()?,
                 endpoint_header: http::HeaderName::from_bytes(
                     endpoint_header.to_ascii_lowercase().as_bytes(),
                 )
@@ -308,4 +314,26 @@ fn run_sim(
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{json}").context("writing the report")?;
     Ok(())
+}
+
+/// `--orca-raw-hex`: pairs of hex digits.
+fn parse_hex(text: &str) -> anyhow::Result<Vec<u8>> {
+    let digits = text.as_bytes();
+    if !digits.len().is_multiple_of(2) {
+        anyhow::bail!("--orca-raw-hex: odd number of hex digits");
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .with_context(|| {
+                    format!(
+                        "--orca-raw-hex: bad hex {:?}",
+                        String::from_utf8_lossy(pair)
+                    )
+                })
+        })
+        .collect()
 }

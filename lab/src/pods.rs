@@ -184,6 +184,8 @@ pub struct Pod {
     /// msgs/s (f64 bits; the control API can change it); 0 = unlimited.
     capacity: AtomicU64,
     pub orca: Option<OrcaFormat>,
+    /// Sent as every `endpoint-load-metrics` value instead of the load report.
+    pub orca_raw: Option<http::HeaderValue>,
     /// Request header echoed back as `x-pod-saw-endpoint-header` when present.
     pub endpoint_header: http::HeaderName,
     pub stats: PodStats,
@@ -231,6 +233,12 @@ impl Pod {
             address,
             capacity: AtomicU64::new(config.capacity.to_bits()),
             orca: config.orca,
+            orca_raw: config
+                .orca_raw
+                .as_deref()
+                .map(http::HeaderValue::from_bytes)
+                .transpose()
+                .context("--orca-raw-hex: not a valid header value")?,
             endpoint_header: config.endpoint_header.clone(),
             stats: PodStats::new(),
             run: Mutex::new(None),
@@ -311,6 +319,18 @@ impl Pod {
             self.utilization(rate),
             self.stats.streams_active.load(Ordering::Relaxed)
         )
+    }
+
+    /// The ORCA (header name, value) this pod sends: the configured raw bytes, else its load
+    /// report in its form.
+    fn orca_header(&self, format: OrcaFormat) -> (&'static str, http::HeaderValue) {
+        match &self.orca_raw {
+            Some(raw) => (ORCA_HEADER, raw.clone()),
+            None => {
+                let (name, value) = self.load_report(format);
+                (name, header_value(&value))
+            }
+        }
     }
 
     /// The ORCA load report as a (header name, value) pair in the given form.
@@ -492,8 +512,8 @@ fn decorate(
     parts.headers.insert("x-pod", header_value(&pod.name));
     parts.headers.insert("x-pod-zone", header_value(&pod.zone));
     if let Some(format) = pod.orca {
-        let (name, value) = pod.load_report(format);
-        parts.headers.insert(name, header_value(&value));
+        let (name, value) = pod.orca_header(format);
+        parts.headers.insert(name, value);
     }
     let orca = pod.orca.map(|format| (pod.clone(), format));
     http::Response::from_parts(parts, PodBody { inner: body, orca })
@@ -518,8 +538,8 @@ impl http_body::Body for PodBody {
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match (frame.into_trailers(), orca) {
                     (Ok(mut trailers), Some((pod, format))) => {
-                        let (name, value) = pod.load_report(format);
-                        trailers.insert(name, header_value(&value));
+                        let (name, value) = pod.orca_header(format);
+                        trailers.insert(name, value);
                         http_body::Frame::trailers(trailers)
                     }
                     (Ok(trailers), None) => http_body::Frame::trailers(trailers),
@@ -708,6 +728,9 @@ pub struct PodsConfig {
     pub capacity: f64,
     /// Report ORCA load in this form (`None`: no report).
     pub orca: Option<OrcaFormat>,
+    /// Bytes sent as every `endpoint-load-metrics` value instead of the report (a backend that
+    /// sends garbage, for tests).
+    pub orca_raw: Option<Vec<u8>>,
     /// Request header to echo as `x-pod-saw-endpoint-header` (see the module doc).
     pub endpoint_header: http::HeaderName,
 }
@@ -1085,6 +1108,7 @@ mod tests {
             zones: vec![("a".into(), 2), ("b".into(), 1)],
             capacity: 0.0,
             orca: None,
+            orca_raw: None,
             endpoint_header: http::HeaderName::from_static(DEFAULT_ENDPOINT_HEADER),
         };
         let (fleet, base) = launch_fixed(&config).await;

@@ -48,7 +48,8 @@ pub trait Host {
     fn now(&self) -> HostResult<Nanos>;
     fn log(&self, level: LogLevel, message: &str);
     fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>>;
-    fn header(&self, map: HeaderMap, name: &str) -> HostResult<Option<String>>;
+    /// A header value as the bytes it holds (any bytes: a client can send non-UTF-8).
+    fn header(&self, map: HeaderMap, name: &str) -> HostResult<Option<Vec<u8>>>;
     /// Set (`Some`) or remove (`None`) a header.
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> HostResult<()>;
     fn body(&self, which: Body, start: usize, len: usize) -> HostResult<Option<Vec<u8>>>;
@@ -76,4 +77,10 @@ pub fn string_property(host: &dyn Host, path: &[&str]) -> HostResult<Option<Stri
         .property(path)?
         .and_then(|b| String::from_utf8(b).ok())
         .filter(|s| !s.is_empty()))
+}
+
+/// A header value parsed as a decimal number (`:status`, `grpc-status`); `None` when it is not
+/// one.
+pub fn parse_number(bytes: &[u8]) -> Option<u32> {
+    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
 }

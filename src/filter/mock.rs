@@ -1,5 +1,6 @@
 //! A host for tests: headers, properties, bodies, shared data with CAS, HTTP calls, metrics and
 //! logs, all in memory. Several mock VMs can share one shared-data store, like Envoy workers.
+//! Also built with the `mock-host` feature, for the fuzz targets.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -17,7 +18,7 @@ pub type Call = (u32, String, Vec<(String, String)>);
 pub struct MockHost {
     pub time: Cell<Nanos>,
     pub properties: RefCell<HashMap<String, Vec<u8>>>,
-    pub headers: RefCell<HashMap<(HeaderMap, String), String>>,
+    pub headers: RefCell<HashMap<(HeaderMap, String), Vec<u8>>>,
     pub bodies: RefCell<HashMap<Body, Vec<u8>>>,
     pub shared: SharedStore,
     pub calls: RefCell<Vec<Call>>,
@@ -47,13 +48,23 @@ impl MockHost {
     }
 
     pub fn set_request_header(&self, name: &str, value: &str) {
-        self.headers
-            .borrow_mut()
-            .insert((HeaderMap::Request, name.to_string()), value.to_string());
+        self.set_header_bytes(HeaderMap::Request, name, value.as_bytes());
     }
 
-    pub fn get(&self, map: HeaderMap, name: &str) -> Option<String> {
+    /// Any bytes, as a client or backend could send them.
+    pub fn set_header_bytes(&self, map: HeaderMap, name: &str, value: &[u8]) {
+        self.headers
+            .borrow_mut()
+            .insert((map, name.to_string()), value.to_vec());
+    }
+
+    pub fn get_bytes(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>> {
         self.headers.borrow().get(&(map, name.to_string())).cloned()
+    }
+
+    /// A header value that is UTF-8 (None when absent or not UTF-8).
+    pub fn get(&self, map: HeaderMap, name: &str) -> Option<String> {
+        String::from_utf8(self.get_bytes(map, name)?).ok()
     }
 
     /// Sum of a metric across definitions with this exact name.
@@ -95,16 +106,16 @@ impl Host for MockHost {
         Ok(self.properties.borrow().get(&path.join(".")).cloned())
     }
 
-    fn header(&self, map: HeaderMap, name: &str) -> HostResult<Option<String>> {
+    fn header(&self, map: HeaderMap, name: &str) -> HostResult<Option<Vec<u8>>> {
         self.check("header")?;
-        Ok(self.get(map, name))
+        Ok(self.get_bytes(map, name))
     }
 
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> HostResult<()> {
         self.check("set_header")?;
         let mut h = self.headers.borrow_mut();
         match value {
-            Some(v) => h.insert((map, name.to_string()), v.to_string()),
+            Some(v) => h.insert((map, name.to_string()), v.as_bytes().to_vec()),
             None => h.remove(&(map, name.to_string())),
         };
         Ok(())

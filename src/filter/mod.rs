@@ -12,8 +12,11 @@ pub mod stats;
 pub mod stream;
 pub mod vm;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "mock-host"))]
 pub mod mock;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod input_tests;

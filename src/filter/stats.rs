@@ -25,14 +25,17 @@ pub enum StatusClass {
     ServerError,
     /// No status at all: reset, or the client went away.
     Reset,
+    /// Ended by the rebalancer (planned, not an error).
+    Moved,
 }
 
 impl StatusClass {
-    pub const ALL: [StatusClass; 4] = [
+    pub const ALL: [StatusClass; 5] = [
         StatusClass::Ok,
         StatusClass::ClientError,
         StatusClass::ServerError,
         StatusClass::Reset,
+        StatusClass::Moved,
     ];
 
     /// gRPC status when present, else HTTP status: `ok` = gRPC OK or HTTP 1xx–3xx;
@@ -57,6 +60,7 @@ impl StatusClass {
             StatusClass::ClientError => "client_error",
             StatusClass::ServerError => "server_error",
             StatusClass::Reset => "reset",
+            StatusClass::Moved => "moved",
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct Health {
     pub host_errors: u64,
     pub cas_retries: u64,
     pub endpoint_headers_stripped: u64,
+    /// ORCA headers/trailers from upstreams that could not be parsed (ignored).
+    pub orca_invalid: u64,
 }
 
 /// Rebalancing since the last flush, per cluster.
@@ -267,6 +273,7 @@ impl Stats {
                 "streamlb_endpoint_header_stripped_total",
                 h.endpoint_headers_stripped,
             ),
+            ("streamlb_orca_reports_invalid_total", h.orca_invalid),
         ] {
             note(m.count(host, name, n));
         }

@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::host::{string_property, Body, HeaderMap, Host};
+use super::host::{parse_number, string_property, Body, HeaderMap, Host};
 use super::stats::{StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US};
 use super::vm::Vm;
 use streamlb_core::config::{Mode, RebalanceMode};
@@ -117,7 +117,7 @@ impl StreamFilter {
         };
         self.grpc = matches!(
             host.header(HeaderMap::Request, "content-type"),
-            Ok(Some(ct)) if ct.starts_with("application/grpc")
+            Ok(Some(ct)) if ct.starts_with(b"application/grpc")
         );
         if self.grpc {
             self.up = FrameCounter::grpc();
@@ -249,9 +249,9 @@ impl StreamFilter {
             .header(HeaderMap::Response, ":status")
             .ok()
             .flatten()
-            .and_then(|s| s.parse().ok());
+            .and_then(|s| parse_number(&s));
         if let Ok(Some(s)) = host.header(HeaderMap::Response, "grpc-status") {
-            self.grpc_status = s.parse().ok(); // trailers-only response
+            self.grpc_status = parse_number(&s); // trailers-only response
         }
         let now = host.now().unwrap_or(0);
         match string_property(host, &["upstream", "address"]) {
@@ -268,9 +268,7 @@ impl StreamFilter {
             Ok(None) => {}
             Err(e) => vm.host_error(host, "get_property (upstream)", &e),
         }
-        if let Some(Ok(report)) = orca_report(host, HeaderMap::Response) {
-            vm.router.on_orca(now, self.id, &report);
-        }
+        on_orca_report(host, vm, HeaderMap::Response, now, self.id);
         if !vm.config().rebalance.allow_reset {
             vm.router.set_unmovable(self.id); // from now on only a reset could end it
         }
@@ -296,13 +294,11 @@ impl StreamFilter {
             return;
         }
         if let Ok(Some(s)) = host.header(HeaderMap::ResponseTrailers, "grpc-status") {
-            self.grpc_status = s.parse().ok();
+            self.grpc_status = parse_number(&s);
         }
-        if let Some(Ok(report)) = orca_report(host, HeaderMap::ResponseTrailers) {
-            if let Ok(mut vm) = self.vm.try_borrow_mut() {
-                let now = host.now().unwrap_or(0);
-                vm.router.on_orca(now, self.id, &report);
-            }
+        if let Ok(mut vm) = self.vm.try_borrow_mut() {
+            let now = host.now().unwrap_or(0);
+            on_orca_report(host, &mut vm, HeaderMap::ResponseTrailers, now, self.id);
         }
     }
 
@@ -326,7 +322,11 @@ impl StreamFilter {
             penalty::classify(self.http_status, self.grpc_status)
         };
         vm.router.on_end(now, self.id, outcome);
-        let class = StatusClass::of(self.http_status, self.grpc_status);
+        let class = if self.moved {
+            StatusClass::Moved // a planned move, not an error
+        } else {
+            StatusClass::of(self.http_status, self.grpc_status)
+        };
         let stats = vm.stats.route(ri, ci);
         stats.active_delta -= 1;
         *stats.ended.entry(class).or_default() += 1;
@@ -346,15 +346,31 @@ impl StreamFilter {
     }
 }
 
-/// The ORCA report in `map`: the text header, else the binary one; `None` when neither is there.
-fn orca_report(host: &dyn Host, map: HeaderMap) -> Option<Result<OrcaReport, OrcaError>> {
-    if let Ok(Some(v)) = host.header(map, ORCA_HEADER) {
-        return Some(orca::parse(&v));
+/// The ORCA report in `map` (the text header, else the binary one gRPC servers send): applied
+/// when valid, else counted and logged once (a backend can send any bytes).
+fn on_orca_report(host: &dyn Host, vm: &mut Vm, map: HeaderMap, now: Nanos, id: u64) {
+    type Parse = fn(&str) -> Result<OrcaReport, OrcaError>;
+    let (name, value, parse): (_, _, Parse) = if let Ok(Some(v)) = host.header(map, ORCA_HEADER) {
+        (ORCA_HEADER, v, orca::parse)
+    } else if let Ok(Some(v)) = host.header(map, ORCA_BIN_HEADER) {
+        (ORCA_BIN_HEADER, v, orca::parse_bin)
+    } else {
+        return;
+    };
+    let parsed = std::str::from_utf8(&value)
+        .map_err(|_| "not UTF-8".to_string())
+        .and_then(|v| parse(v).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(report) => vm.router.on_orca(now, id, &report),
+        Err(e) => {
+            vm.stats.health.orca_invalid += 1;
+            vm.log_once(
+                host,
+                "orca",
+                &format!("streamlb: invalid {name} from an upstream, ignored: {e}"),
+            );
+        }
     }
-    if let Ok(Some(v)) = host.header(map, ORCA_BIN_HEADER) {
-        return Some(orca::parse_bin(&v));
-    }
-    None
 }
 
 fn is_cross_zone(local: &str, endpoint: &str) -> bool {
@@ -368,6 +384,7 @@ fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
     if cfg.header.is_empty() {
         return None;
     }
+    // Any bytes: a non-UTF-8 id is hashed as it is.
     let key = match host.header(HeaderMap::Request, &cfg.header) {
         Ok(Some(v)) if !v.is_empty() => v,
         _ if cfg.fallback_to_source_ip => {
@@ -375,13 +392,13 @@ fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
                 .ok()
                 .flatten()?;
             match address.rsplit_once(':') {
-                Some((ip, _port)) => ip.to_string(),
-                None => address,
+                Some((ip, _port)) => ip.as_bytes().to_vec(),
+                None => address.into_bytes(),
             }
         }
         _ => return None,
     };
-    let hash = rate_memory::key_hash(key.as_bytes());
+    let hash = rate_memory::key_hash(&key);
     let buckets = rate_memory::bucket_count(cfg.capacity);
     let max_age = (cfg.max_age_ms / 1000).min(u64::from(u32::MAX)) as u32;
     let shared_key = rate_memory::shared_key(rate_memory::bucket_of(hash, buckets));

@@ -11,10 +11,10 @@ use super::vm::{Vm, LEASE_KEY, LOAD_KEY, SNAPSHOT_KEY};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
-const SEC: u64 = 1_000_000_000;
-const HEADER: &str = "x-gateway-destination-endpoint";
+pub(super) const SEC: u64 = 1_000_000_000;
+pub(super) const HEADER: &str = "x-gateway-destination-endpoint";
 
-const ADMIN: &str = r#"{"cluster_statuses":[
+pub(super) const ADMIN: &str = r#"{"cluster_statuses":[
  {"name":"unrelated","host_statuses":[{"address":{"socket_address":{"address":"10.9.9.9","port_value":1}}}]},
  {"name":"pods","added_via_api":false,"host_statuses":[
   {"address":{"socket_address":{"address":"10.0.0.1","port_value":8080}},"locality":{"zone":"a"},
@@ -24,7 +24,7 @@ const ADMIN: &str = r#"{"cluster_statuses":[
   {"address":{"socket_address":{"address":"10.0.0.3","port_value":8080}},"locality":{"zone":"b"},
    "health_status":{"eds_health_status":"HEALTHY"},"weight":1}]}]}"#;
 
-fn host(store: &SharedStore) -> MockHost {
+pub(super) fn host(store: &SharedStore) -> MockHost {
     let h = MockHost::with_store(store.clone());
     h.set_property("xds.node.locality.zone", "a");
     h.set_property("xds.route_name", "telemetry");
@@ -33,18 +33,21 @@ fn host(store: &SharedStore) -> MockHost {
     h
 }
 
-fn vm(h: &MockHost, config: &str) -> Rc<RefCell<Vm>> {
+pub(super) fn vm(h: &MockHost, config: &str) -> Rc<RefCell<Vm>> {
     Rc::new(RefCell::new(Vm::configure(h, config.as_bytes()).unwrap()))
 }
 
 /// Tick until this VM's discovery call is answered with `ADMIN`.
-fn discover(h: &MockHost, vm: &Rc<RefCell<Vm>>) {
+pub(super) fn discover(h: &MockHost, vm: &Rc<RefCell<Vm>>) {
     vm.borrow_mut().on_tick(h);
     let (token, cluster, headers) = h.calls.borrow().last().cloned().expect("a discovery call");
     assert_eq!(cluster, "streamlb_admin");
-    assert!(headers.contains(&(":path".into(), "/clusters?format=json".into())));
+    assert!(headers.contains(&(
+        ":path".into(),
+        "/clusters?format=json&filter=%5E%28pods%29%24".into()
+    )));
     vm.borrow_mut()
-        .on_http_call_response(h, token, Some("200"), Some(ADMIN.as_bytes()));
+        .on_http_call_response(h, token, Some(b"200"), Some(ADMIN.as_bytes()));
 }
 
 #[test]
@@ -165,7 +168,7 @@ fn uncovered_traffic_passes_untouched_and_shadow_never_sets_the_header() {
     );
 }
 
-fn grpc_frames(sizes: &[usize]) -> Vec<u8> {
+pub(super) fn grpc_frames(sizes: &[usize]) -> Vec<u8> {
     let mut out = Vec::new();
     for &n in sizes {
         out.push(0);
@@ -354,7 +357,7 @@ fn stream_end_records_status_class_latency_and_cross_zone_messages() {
 }
 
 /// Open a gRPC stream `id` that lands on `upstream`, optionally with a device id.
-fn open_on(
+pub(super) fn open_on(
     h: &MockHost,
     v: &Rc<RefCell<Vm>>,
     id: u64,
@@ -376,7 +379,7 @@ fn open_on(
     s
 }
 
-fn send(h: &MockHost, s: &mut StreamFilter, frames: &[u8]) -> BodyAction {
+pub(super) fn send(h: &MockHost, s: &mut StreamFilter, frames: &[u8]) -> BodyAction {
     h.bodies.borrow_mut().insert(Body::Request, frames.to_vec());
     s.on_request_body(h, frames.len())
 }
@@ -438,6 +441,11 @@ fn rebalancer_ends_planned_streams_only_at_message_boundaries() {
     );
     assert!(h.metric("streamlb_rebalance_moves_total.cluster=.=pods;.;reason=.=planned;.;") >= 1);
     assert!(h.logged("streamlb: rebalance: stream"));
+    // Counted as moved, not as an error.
+    let ended =
+        "streamlb_route_streams_ended_total.route=.=telemetry;.;cluster=.=pods;.;status_class=.=";
+    assert_eq!(h.metric(&format!("{ended}moved;.;")), 1);
+    assert_eq!(h.metric(&format!("{ended}server_error;.;")), 0);
     // Ending it was not the endpoint's fault.
     let vm = v.borrow();
     let c = &vm.router.clusters()[0];

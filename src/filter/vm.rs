@@ -71,6 +71,13 @@ impl Vm {
         self.router.config()
     }
 
+    /// Log `message` the first time `kind` happens in this VM.
+    pub fn log_once(&mut self, host: &dyn Host, kind: &'static str, message: &str) {
+        if self.logged.insert(kind) {
+            host.log(LogLevel::Warn, &format!("{message} (logged once)"));
+        }
+    }
+
     /// Count a host-call failure; log the first of each kind.
     pub fn host_error(&mut self, host: &dyn Host, what: &'static str, err: &HostError) {
         self.stats.health.host_errors += 1;
@@ -113,10 +120,12 @@ impl Vm {
         if now < self.next_poll || !self.hold_lease(host, now, poll_ms) {
             return;
         }
-        let d = &self.router.config().discovery;
+        let cfg = self.router.config();
+        let d = &cfg.discovery;
+        let path = discovery::admin_path(&d.path, &cfg.clusters);
         let headers = [
             (":method", "GET"),
-            (":path", d.path.as_str()),
+            (":path", path.as_str()),
             (":authority", d.authority.as_str()),
         ];
         match host.http_call(&d.admin_cluster, &headers, timeout_ms) {
@@ -167,12 +176,14 @@ impl Vm {
         }
     }
 
-    /// The admin call answered (`body` is None on failure).
+    /// The admin call answered. `status` and `body` are whatever the host gave (None when the
+    /// call failed: no response, reset, timeout); anything but a 200 with a parsable body is a
+    /// failed poll.
     pub fn on_http_call_response(
         &mut self,
         host: &dyn Host,
         token: u32,
-        status: Option<&str>,
+        status: Option<&[u8]>,
         body: Option<&[u8]>,
     ) {
         if self.poll.map(|(t, _)| t) != Some(token) {
@@ -181,15 +192,17 @@ impl Vm {
         self.poll = None;
         let now = host.now().unwrap_or(0);
         let parsed = match (status, body) {
-            (Some("200"), Some(body)) => {
+            (Some(b"200"), Some(body)) => {
                 let cfg = self.router.config();
                 discovery::parse_admin_clusters(body, |name| cfg.clusters.iter().any(|c| c == name))
                     .map_err(|e| e.to_string())
             }
-            (status, _) => Err(format!(
-                "admin answered status {}",
-                status.unwrap_or("none")
+            (Some(b"200"), None) => Err("admin answered 200 with no body".to_string()),
+            (Some(status), _) => Err(format!(
+                "admin answered status {:?}",
+                String::from_utf8_lossy(status)
             )),
+            (None, _) => Err("no response from the admin cluster (call failed)".to_string()),
         };
         let clusters = match parsed {
             Ok(c) => c,
@@ -233,7 +246,16 @@ impl Vm {
         }
         self.snapshot_cas = cas;
         match discovery::decode_snapshot(&bytes) {
-            Ok((_generation, clusters)) => self.router.apply_snapshot(now, &clusters),
+            // The generation is the poll time: the snapshot's age counts from then, in this VM
+            // too (a VM started after a reload must not take an old snapshot as fresh).
+            Ok((generation, clusters)) => {
+                let polled_at = generation.min(now);
+                let stale_after =
+                    (self.router.config().discovery.stale_after_ms).saturating_mul(MS);
+                if now.saturating_sub(polled_at) <= stale_after {
+                    self.router.apply_snapshot(polled_at, &clusters);
+                }
+            }
             Err(e) => {
                 self.stats.health.host_errors += 1;
                 if self.logged.insert("snapshot decode") {

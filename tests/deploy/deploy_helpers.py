@@ -33,6 +33,8 @@ import harness  # noqa: E402
 # Every kustomization shipped in istio/.
 KUSTOMIZATIONS = ["istio/base", "istio/overlays/inbound", "istio/overlays/traffic-extension"]
 ISTIO_ADMIN_PORT = 15000
+# The loopback listener that passes only GET /clusters to the admin API (istio/base).
+ISTIO_ADMIN_GATE_PORT = 15180
 
 
 def kustomize(path: str | Path) -> list[dict[str, Any]]:
@@ -180,11 +182,12 @@ FIXED_PODS = [
 ]
 
 
-def reference_config(admin_port: int = 19000, listen_port: int = 19001) -> dict[str, Any]:
+def reference_config(admin_port: int = 19000, listen_port: int = 19001, admin_gate_port: int = 19002) -> dict[str, Any]:
     return harness.render_config(
         pods=FIXED_PODS,
         admin_port=admin_port,
         listen_port=listen_port,
+        admin_gate_port=admin_gate_port,
         filter_config=harness.DEFAULT_FILTER_CONFIG,
         wasm=harness.wasm_path(),
     )
@@ -192,6 +195,20 @@ def reference_config(admin_port: int = 19000, listen_port: int = 19001) -> dict[
 
 def cluster_named(config: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in config["static_resources"]["clusters"] if c["name"] == name)
+
+
+def listener_named(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(item for item in config["static_resources"]["listeners"] if item["name"] == name)
+
+
+def http_filter_named(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """An HTTP filter of the devices listener (the first listener) by name."""
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return next(f for f in hcm["http_filters"] if f["name"] == name)
+
+
+WASM_FILTER = "envoy.filters.http.wasm"
+STRIP_FILTER = "envoy.filters.http.header_mutation"
 
 
 def route_named(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from deploy_helpers import REPO, SCHEMAS, envoy_validate, harness
+from deploy_helpers import REPO, SCHEMAS, WASM_FILTER, envoy_validate, harness, http_filter_named, listener_named
 
 COMPOSE = REPO / "envoy" / "docker-compose.yaml"
 BUILT_BY_MAKE = {REPO / "target" / "wasm32-wasip1" / "release" / "streamlb.wasm"}
@@ -76,9 +76,7 @@ def test_envoy_config_is_the_rendered_template(compose, tmp_path):
     )
     config = yaml.safe_load(config_path.read_text())
     # The wasm the config loads is the mounted build; the published port is the listener.
-    wasm_filter = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-        "http_filters"
-    ][0]
+    wasm_filter = http_filter_named(config, WASM_FILTER)
     wasm_in_container = wasm_filter["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"]
     assert mounts[wasm_in_container] == REPO / "target" / "wasm32-wasip1" / "release" / "streamlb.wasm"
     listen = config["static_resources"]["listeners"][0]["address"]["socket_address"]
@@ -96,6 +94,7 @@ def test_envoy_config_is_the_rendered_template(compose, tmp_path):
     e2e = harness.render_config(
         pods=pods,
         admin_port=config["admin"]["address"]["socket_address"]["port_value"],
+        admin_gate_port=listener_named(config, "streamlb_admin_gate")["address"]["socket_address"]["port_value"],
         listen_port=listen["port_value"],
         node_zone=config["node"]["locality"]["zone"],
         filter_config=harness.DEFAULT_FILTER_CONFIG,
@@ -108,8 +107,8 @@ def test_envoy_config_is_the_rendered_template(compose, tmp_path):
 
 def test_envoy_validates_the_compose_config(wasm, tmp_path):
     config = yaml.safe_load((REPO / "envoy" / "envoy.compose.yaml").read_text())
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"][0]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(wasm)
+    wasm_filter = http_filter_named(config, WASM_FILTER)
+    wasm_filter["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(wasm)
     envoy_validate(config, tmp_path)
 
 

@@ -12,22 +12,30 @@ from typing import Any
 import pytest
 
 from deploy_helpers import (
+    ISTIO_ADMIN_GATE_PORT,
     ISTIO_ADMIN_PORT,
+    STRIP_FILTER,
+    WASM_FILTER,
     by_kind,
     cluster_named,
     envoy_validate,
+    http_filter_named,
     kustomize,
+    listener_named,
     one,
     reference_config,
     route_named,
 )
 
 TEMPLATE_ADMIN_PORT = 19000
+TEMPLATE_ADMIN_GATE_PORT = 19002
+# Template port -> the port the Istio manifests use.
+ISTIO_PORTS = {TEMPLATE_ADMIN_PORT: ISTIO_ADMIN_PORT, TEMPLATE_ADMIN_GATE_PORT: ISTIO_ADMIN_GATE_PORT}
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, Any]:
-    return reference_config(admin_port=TEMPLATE_ADMIN_PORT)
+    return reference_config(admin_port=TEMPLATE_ADMIN_PORT, admin_gate_port=TEMPLATE_ADMIN_GATE_PORT)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +51,24 @@ def _patches(envoy_filter: dict[str, Any], apply_to: str, operation: str) -> lis
     ]
 
 
-def _as_istio_admin(cluster: dict[str, Any], name: str) -> dict[str, Any]:
-    """The template's admin cluster with Istio's admin port and the configured cluster name."""
+def _with_istio_ports(fragment: Any) -> Any:
+    """A template fragment with the admin and gate ports the Istio manifests use."""
+    if isinstance(fragment, list):
+        return [_with_istio_ports(v) for v in fragment]
+    if not isinstance(fragment, dict):
+        return fragment
+    out = {k: _with_istio_ports(v) for k, v in fragment.items()}
+    if "socket_address" in out:
+        address = out["socket_address"]
+        assert address["port_value"] in ISTIO_PORTS, address
+        out["socket_address"] = dict(address, port_value=ISTIO_PORTS[address["port_value"]])
+    return out
+
+
+def _renamed(cluster: dict[str, Any], name: str) -> dict[str, Any]:
     cluster = copy.deepcopy(cluster)
     cluster["name"] = name
     cluster["load_assignment"]["cluster_name"] = name
-    for locality in cluster["load_assignment"]["endpoints"]:
-        for lb_endpoint in locality["lb_endpoints"]:
-            address = lb_endpoint["endpoint"]["address"]["socket_address"]
-            assert address["port_value"] == TEMPLATE_ADMIN_PORT
-            address["port_value"] = ISTIO_ADMIN_PORT
     return cluster
 
 
@@ -70,12 +86,46 @@ def test_pods_cluster_policy_is_the_templates(base, reference):
 
 
 @pytest.mark.parametrize("path", ["istio/base", "istio/overlays/inbound"])
-def test_admin_cluster_is_the_templates(path, reference):
+def test_admin_cluster_and_gate_are_the_templates(path, reference):
     objects = kustomize(path)
     plugin = one(objects, "WasmPlugin")["spec"]["pluginConfig"]
     admin_name = plugin["discovery"]["admin_cluster"]
-    (patch,) = _patches(one(objects, "EnvoyFilter"), "CLUSTER", "ADD")
-    assert patch["patch"]["value"] == _as_istio_admin(cluster_named(reference, "streamlb_admin"), admin_name)
+    envoy_filter = one(objects, "EnvoyFilter")
+    clusters = [p["patch"]["value"] for p in _patches(envoy_filter, "CLUSTER", "ADD")]
+    assert clusters == [
+        _with_istio_ports(_renamed(cluster_named(reference, "streamlb_admin"), admin_name)),
+        _with_istio_ports(cluster_named(reference, "streamlb_envoy_admin")),
+    ]
+    (gate,) = _patches(envoy_filter, "LISTENER", "ADD")
+    assert gate["patch"]["value"] == _with_istio_ports(listener_named(reference, "streamlb_admin_gate"))
+
+
+@pytest.mark.parametrize("path", ["istio/base", "istio/overlays/inbound"])
+def test_native_endpoint_header_strip_is_the_templates(path, reference):
+    objects = kustomize(path)
+    plugin = one(objects, "WasmPlugin")["spec"]["pluginConfig"]
+    (patch,) = _patches(one(objects, "EnvoyFilter"), "HTTP_FILTER", "INSERT_FIRST")
+    assert patch["match"]["listener"]["filterChain"]["filter"]["name"] == "envoy.filters.network.http_connection_manager"
+    template = http_filter_named(reference, STRIP_FILTER)
+    assert patch["patch"]["value"] == template
+    removed = [m["remove"] for m in template["typed_config"]["mutations"]["request_mutations"]]
+    assert removed == [plugin.get("endpoint_header", "x-gateway-destination-endpoint")]
+    # First in the template's chain too: before the wasm filter.
+    hcm = reference["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][0]["name"] == STRIP_FILTER
+
+
+ISTIO_FAIL_STRATEGY = {"FAIL_CLOSE": "FAIL_CLOSED", "FAIL_OPEN": "FAIL_OPEN", "FAIL_RELOAD": "FAIL_RELOAD"}
+
+
+@pytest.mark.parametrize("path", ["istio/base", "istio/overlays/inbound", "istio/overlays/traffic-extension"])
+def test_fail_strategy_is_the_templates(path, reference):
+    template = http_filter_named(reference, WASM_FILTER)["typed_config"]["config"]
+    assert "fail_open" not in template
+    objects = kustomize(path)
+    strategies = [o["spec"]["failStrategy"] for o in by_kind(objects, "WasmPlugin")]
+    strategies += [o["spec"]["wasm"]["failStrategy"] for o in by_kind(objects, "TrafficExtension")]
+    assert strategies and all(ISTIO_FAIL_STRATEGY[s] == template["failure_policy"] for s in strategies), strategies
 
 
 def test_stream_route_settings_are_the_templates(base, reference):
@@ -146,7 +196,9 @@ def test_envoy_validates_the_patched_config(base, reference, wasm, tmp_path):
     plugin = one(base, "WasmPlugin")["spec"]
     envoy_filter = one(base, "EnvoyFilter")
     (lb_patch,) = _patches(envoy_filter, "CLUSTER", "MERGE")
-    (admin_patch,) = _patches(envoy_filter, "CLUSTER", "ADD")
+    admin_patches = _patches(envoy_filter, "CLUSTER", "ADD")
+    (gate_patch,) = _patches(envoy_filter, "LISTENER", "ADD")
+    (strip_patch,) = _patches(envoy_filter, "HTTP_FILTER", "INSERT_FIRST")
     (route_patch,) = _patches(envoy_filter, "HTTP_ROUTE", "MERGE")
     cluster_name = plugin["pluginConfig"]["clusters"][0]
     route_name = route_patch["match"]["routeConfiguration"]["vhost"]["route"]["name"]
@@ -155,9 +207,17 @@ def test_envoy_validates_the_patched_config(base, reference, wasm, tmp_path):
     config["admin"]["address"]["socket_address"]["port_value"] = ISTIO_ADMIN_PORT  # not bound in validate mode
     config["static_resources"]["clusters"] = [
         proto_merge(_istio_cluster(cluster_name), lb_patch["patch"]["value"]),
-        copy.deepcopy(admin_patch["patch"]["value"]),
+        *(copy.deepcopy(p["patch"]["value"]) for p in admin_patches),
+    ]
+    config["static_resources"]["listeners"] = [
+        config["static_resources"]["listeners"][0],
+        copy.deepcopy(gate_patch["patch"]["value"]),
     ]
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    # Istio's chain: the wasm plugin before the router; the strip patch goes first.
+    hcm["http_filters"] = [copy.deepcopy(strip_patch["patch"]["value"])] + [
+        f for f in hcm["http_filters"] if f["name"] != STRIP_FILTER
+    ]
     # Istio's route: the VirtualService's name and cluster, Istio's own retry/timeout fields.
     istio_route = {
         "name": route_name,
@@ -165,7 +225,7 @@ def test_envoy_validates_the_patched_config(base, reference, wasm, tmp_path):
         "route": {"cluster": cluster_name, "timeout": "15s", "max_grpc_timeout": "0s"},
     }
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [proto_merge(istio_route, route_patch["patch"]["value"])]
-    wasm_filter = hcm["http_filters"][0]
+    wasm_filter = http_filter_named(config, WASM_FILTER)
     wasm_filter["typed_config"]["config"]["configuration"]["value"] = json.dumps(plugin["pluginConfig"])
 
     patched_cluster = config["static_resources"]["clusters"][0]
@@ -185,6 +245,7 @@ def test_envoy_rejects_the_policy_with_locality_weighted_lb(base, reference, was
     config["static_resources"]["clusters"] = [
         proto_merge(cluster, lb_patch["patch"]["value"]),
         cluster_named(reference, "streamlb_admin"),
+        cluster_named(reference, "streamlb_envoy_admin"),
     ]
     with pytest.raises(RuntimeError, match="load_balancing_policy cannot be combined"):
         envoy_validate(config, tmp_path)
@@ -210,4 +271,10 @@ def test_every_envoyfilter_patch_is_covered():
         for envoy_filter in by_kind(kustomize(path), "EnvoyFilter"):
             for patch in envoy_filter["spec"]["configPatches"]:
                 kinds.add((patch["applyTo"], patch["patch"]["operation"]))
-    assert kinds == {("CLUSTER", "MERGE"), ("CLUSTER", "ADD"), ("HTTP_ROUTE", "MERGE")}
+    assert kinds == {
+        ("CLUSTER", "MERGE"),
+        ("CLUSTER", "ADD"),
+        ("LISTENER", "ADD"),
+        ("HTTP_FILTER", "INSERT_FIRST"),
+        ("HTTP_ROUTE", "MERGE"),
+    }

@@ -21,6 +21,8 @@ from deploy_helpers import (
     is_istio,
     kustomize,
     one,
+    WASM_FILTER,
+    http_filter_named,
     reference_config,
     validation_errors,
 )
@@ -51,7 +53,7 @@ def test_base_has_the_gateway_plugin_and_envoyfilter(rendered):
     assert plugin["type"] == "HTTP"
     # Right before the router, after authn/authz/stats; last among unphased plugins.
     assert plugin["phase"] == "UNSPECIFIED_PHASE" and plugin["priority"] < 0
-    assert plugin["failStrategy"] == "FAIL_OPEN"
+    assert plugin["failStrategy"] == "FAIL_RELOAD"
 
 
 # --- negative tests: the validation must catch mistakes -----------------------------------
@@ -136,10 +138,7 @@ def test_every_plugin_config_is_accepted_by_the_filter(rendered, wasm, tmp_path)
     assert len(configs) == 3
     for name, plugin_config in configs:
         config = reference_config()
-        wasm_filter = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-            "typed_config"
-        ]["http_filters"][0]
-        assert wasm_filter["name"] == "envoy.filters.http.wasm"
+        wasm_filter = http_filter_named(config, WASM_FILTER)
         wasm_filter["typed_config"]["config"]["configuration"]["value"] = json.dumps(_istio_json(plugin_config))
         try:
             envoy_validate(config, tmp_path)
@@ -151,8 +150,8 @@ def test_a_bad_plugin_config_is_rejected_by_the_filter(rendered, wasm, tmp_path)
     plugin_config = deepcopy(_plugin_configs(rendered)[0][1])
     plugin_config["zone"]["spill_threshold"] = 1.7
     config = reference_config()
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"] = json.dumps(plugin_config)
+    wasm_filter = http_filter_named(config, WASM_FILTER)
+    wasm_filter["typed_config"]["config"]["configuration"]["value"] = json.dumps(plugin_config)
     with pytest.raises(RuntimeError):
         envoy_validate(config, tmp_path)
 
@@ -196,8 +195,9 @@ def test_inbound_overlay_hpa_reads_the_adapter_metric(rendered):
     # The EnvoyFilter's admin cluster is the one the plugin polls, in the same workloads.
     filt = one(objects, "EnvoyFilter")["spec"]
     assert filt["workloadSelector"]["labels"] == plugin["selector"]["matchLabels"]
-    added = [p["patch"]["value"]["name"] for p in filt["configPatches"] if p["patch"]["operation"] == "ADD"]
-    assert added == [plugin["pluginConfig"]["discovery"]["admin_cluster"]]
+    added = [p["patch"]["value"]["name"] for p in filt["configPatches"]
+             if p["applyTo"] == "CLUSTER" and p["patch"]["operation"] == "ADD"]
+    assert added[0] == plugin["pluginConfig"]["discovery"]["admin_cluster"]
 
     hpa = one(objects, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"

@@ -373,6 +373,8 @@ def render_config(
     admin_address: str = "127.0.0.1",
     pods_cluster_type: str = "STATIC",
     health_checks: bool = True,
+    admin_gate_port: int | None = None,
+    native_strip: bool = True,
 ) -> dict[str, Any]:
     """The Envoy bootstrap as a dict, from envoy/envoy.yaml.tmpl.
 
@@ -384,6 +386,7 @@ def render_config(
     """
     values = {
         "admin_port": admin_port,
+        "admin_gate_port": admin_gate_port if admin_gate_port is not None else admin_port + 1,
         "listen_port": listen_port,
         "node_zone": node_zone,
         "wasm_path": str(wasm or wasm_path()),
@@ -399,6 +402,8 @@ def render_config(
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     if filter_config is None:
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.wasm"]
+    if not native_strip:
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.header_mutation"]
 
     clusters = config["static_resources"]["clusters"]
     pods_cluster = next(c for c in clusters if c["name"] == "pods")
@@ -488,8 +493,10 @@ class Envoy(_Managed):
         start_timeout: float = 60.0,
         gateway_zones: Sequence[str] | None = None,
         health_checks: bool = True,
+        native_strip: bool = True,
     ):
         self.health_checks = health_checks
+        self.native_strip = native_strip
         self.pod_list = list(pods.pods if isinstance(pods, Pods) else pods)
         self.filter_config = filter_config
         self.lb = lb
@@ -504,6 +511,7 @@ class Envoy(_Managed):
         self.start_timeout = start_timeout
         self.gateway_zones = gateway_zones
         self.admin_port = free_port()
+        self.admin_gate_port = free_port()
         self.listen_port = free_port()
         self.config_path = self.workdir / "envoy.yaml"
         self.proc: Proc | None = None
@@ -529,6 +537,8 @@ class Envoy(_Managed):
             endpoint_header=self.endpoint_header,
             gateway_zones=self.gateway_zones,
             health_checks=self.health_checks,
+            admin_gate_port=self.admin_gate_port,
+            native_strip=self.native_strip,
         )
 
     def write_config(self) -> Path:

@@ -1,5 +1,9 @@
 """Envoy without the filter, on the rendered reference config: gRPC streams reach the pods, the
-override_host policy obeys the endpoint header, and every LB variant of the template loads."""
+override_host policy obeys the endpoint header, every LB variant of the template loads, and the
+admin gate passes only GET /clusters.
+
+The header tests run without the native strip (native_strip=False): with it, a client's
+endpoint header never reaches the load balancer (test_filter.py)."""
 
 from __future__ import annotations
 
@@ -46,20 +50,20 @@ def test_streams_reach_pods_and_are_counted(pods, make_envoy):
 
 
 def test_override_host_obeys_header(pods, make_envoy):
-    envoy = make_envoy(pods, filter_config=None, lb="override_host")
+    envoy = make_envoy(pods, filter_config=None, lb="override_host", native_strip=False)
     for pod in pods.pods:
         for _ in range(2):
             assert open_stream(envoy, metadata=[(HEADER, pod["address"])]) == pod["name"]
 
 
 def test_override_host_falls_back_on_unknown_host(pods, make_envoy):
-    envoy = make_envoy(pods, filter_config=None, lb="override_host")
+    envoy = make_envoy(pods, filter_config=None, lb="override_host", native_strip=False)
     assert open_stream(envoy, metadata=[(HEADER, "127.0.0.1:1")]) in pods.names
 
 
 def test_header_is_ignored_without_override_host(pods, make_envoy):
     # Proves the previous test measures the policy, not chance or the pods.
-    envoy = make_envoy(pods, filter_config=None, lb="round_robin")
+    envoy = make_envoy(pods, filter_config=None, lb="round_robin", native_strip=False)
     target = pods.pods[0]
     served = {open_stream(envoy, metadata=[(HEADER, target["address"])]) for _ in range(6)}
     assert served != {target["name"]}, served
@@ -117,3 +121,26 @@ def test_pod_weight_is_rendered_and_used(pods, make_envoy):
     served = collections.Counter(open_stream(envoy, count=1) for _ in range(30))
     # Weighted round robin: c-1 gets 5/10 of the streams, every other pod 1/10.
     assert served["c-1"] >= 10, served
+
+
+def gate(envoy, path, method="GET"):
+    """A request to the admin gate listener: (status, body)."""
+    return harness._http(method, f"http://127.0.0.1:{envoy.admin_gate_port}{path}", body=b"" if method == "POST" else None)
+
+
+def test_the_admin_gate_passes_only_get_clusters(pods, make_envoy):
+    import json
+    import urllib.parse
+
+    envoy = make_envoy(pods, filter_config=None)
+    status, body = gate(envoy, "/clusters?format=json&filter=" + urllib.parse.quote("^(pods)$"))
+    assert status == 200
+    assert [c["name"] for c in json.loads(body)["cluster_statuses"]] == ["pods"]
+    for method, path in [("POST", "/quitquitquit"), ("POST", "/clusters"), ("GET", "/stats"),
+                         ("GET", "/config_dump"), ("GET", "/clusters/../config_dump"),
+                         ("POST", "/healthcheck/fail"), ("GET", "/")]:
+        status, _ = gate(envoy, path, method)
+        assert status == 403, (method, path, status)
+    # The admin API itself saw none of them: Envoy still runs and is healthy.
+    assert envoy.running()
+    assert envoy.admin("/ready").strip() == "LIVE"

@@ -50,6 +50,14 @@ def moves(envoy: harness.Envoy) -> dict[str, float]:
             for k, v in envoy.stats("streamlb_rebalance_moves_total").items()}
 
 
+def ended_by_class(envoy: harness.Envoy) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in envoy.stats("streamlb_route_streams_ended_total").items():
+        status_class = k.split("status_class=.=")[1].split(";")[0]
+        out[status_class] = out.get(status_class, 0) + v
+    return out
+
+
 def check_accounting(summary: dict, pods: harness.Pods) -> None:
     t = summary["totals"]
     assert t["sent"] == t["acked"] + t["failed"] + t["unacked"], t
@@ -83,6 +91,9 @@ def run(make_pods, mode: str, storm: bool):
             time.sleep(12)  # remembered rates let the rebalancer act as soon as min_age passes
             result["after_storm"] = max_over_mean(pod_rates(pods, 6))
             result["summary"] = again.wait()
+        time.sleep(1.0)  # a tick: every ended stream is counted
+        result["ended"] = ended_by_class(envoy)
+        result["final_moves"] = moves(envoy)
         result["log"] = envoy.log_text()
     result["lpt"] = lpt([s["rate"] for s in result["summary"]["streams"]], 6)
     return pods, result
@@ -109,6 +120,11 @@ def test_rebalancing_brings_skewed_pods_to_the_mean_and_remembered_rates_survive
     # (median, this scenario, simulated); with the rebalancer it settles within 10 % of LPT.
     assert r["after_storm"] <= 1.10 * r["lpt"], (r["after_storm"], r["lpt"])
     check_accounting(r["summary"], pods)
+    # Every stream the rebalancer ended is counted as moved, none as an error.
+    ended_moves = r["final_moves"].get("reset", 0) + r["final_moves"].get("unavailable", 0)
+    print(f"streams ended by class: {r['ended']}")
+    assert r["ended"].get("moved", 0) == ended_moves > 0, (r["ended"], r["final_moves"])
+    assert r["ended"].get("server_error", 0) == 0, r["ended"]
 
 
 def test_without_rebalancing_the_skew_stays(make_pods):
