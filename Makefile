@@ -58,10 +58,12 @@ $(STAMPS)/rust-targets:
 rust-nightly:
 	@cargo +nightly --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
 
+# The venv: pinned tools (tests/requirements.txt) and the test kit py/streamlb_testkit, editable.
 venv: $(VENV)/.requirements-installed
-$(VENV)/.requirements-installed: tests/requirements.txt | apt
+$(VENV)/.requirements-installed: tests/requirements.txt py/pyproject.toml | apt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e py
 	touch $@
 
 # Without --locked: a pinned dependency of the CLI's own lockfile is not served everywhere.
