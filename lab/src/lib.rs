@@ -3,6 +3,7 @@
 pub mod devices;
 pub mod hist;
 pub mod ledger;
+pub mod plan;
 pub mod pods;
 pub mod proto;
 pub mod rates;

@@ -31,6 +31,9 @@ enum Command {
         /// Messages/s per pod before acks are delayed (0 = unlimited).
         #[arg(long, default_value_t = 0.0)]
         capacity: f64,
+        /// Per-zone capacity over --capacity, e.g. a=300,b=600.
+        #[arg(long, default_value = "")]
+        zone_capacity: String,
         /// Report load in ORCA form (initial metadata and trailers).
         #[arg(long)]
         orca: bool,
@@ -105,6 +108,22 @@ enum Command {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// What the real-Envoy bench takes from a scenario (streams per client zone, the filter
+    /// configuration, the oracle for given streams), computed as `lab sim` does; JSON on stdout.
+    Plan {
+        /// Scenario file (bench/scenarios/*.json), without its `sim` section.
+        #[arg(long)]
+        scenario: std::path::PathBuf,
+        /// JSON object merged under the scenario's `streamlb` section.
+        #[arg(long, default_value = "null")]
+        filter_defaults: String,
+        /// JSON object merged over the scenario's `streamlb` section (repeatable, in order).
+        #[arg(long = "filter-override")]
+        filter_overrides: Vec<String>,
+        /// JSON file: [[client zone, rate], ...] of the streams run; adds `oracle`.
+        #[arg(long)]
+        stream_rates: Option<std::path::PathBuf>,
+    },
     /// Fleet-scale placement in simulated time over the real routing core and the peers'
     /// algorithms (bench/README.md); JSON report on stdout.
     Sim {
@@ -154,11 +173,26 @@ fn main() -> anyhow::Result<()> {
             *progress,
         );
     }
+    if let Command::Plan {
+        scenario,
+        filter_defaults,
+        filter_overrides,
+        stream_rates,
+    } = &cli.command
+    {
+        return run_plan(
+            scenario,
+            filter_defaults,
+            filter_overrides,
+            stream_rates.as_deref(),
+        );
+    }
     let result = match cli.command {
-        Command::Sim { .. } => Ok(()),
+        Command::Sim { .. } | Command::Plan { .. } => Ok(()),
         Command::Pods {
             zones,
             capacity,
+            zone_capacity,
             orca,
             orca_format,
             orca_raw_hex,
@@ -171,8 +205,10 @@ fn main() -> anyhow::Result<()> {
             if !(capacity.is_finite() && capacity >= 0.0) {
                 anyhow::bail!("--capacity must be >= 0");
             }
+            let zones = pods::parse_zones(&zones)?;
             let config = PodsConfig {
-                zones: pods::parse_zones(&zones)?,
+                zone_capacity: pods::parse_zone_capacity(&zone_capacity, &zones)?,
+                zones,
                 capacity,
                 orca: (orca || orca_raw_hex.is_some()).then_some(orca_format),
                 orca_raw: orca_raw_hex.as_deref().map(parse_hex).transpose()?,
@@ -246,10 +282,11 @@ async fn run_pods(config: PodsConfig, listen: Listen, watch_stdin: bool) -> anyh
         stdout.flush().context("flushing stdout")?;
     }
     eprintln!(
-        "lab pods: {} pods, control http://{}, capacity {}, orca {:?}",
+        "lab pods: {} pods, control http://{}, capacity {} (by zone {:?}), orca {:?}",
         fleet.pods.len(),
         fleet.control,
         config.capacity,
+        config.zone_capacity,
         config.orca
     );
     let (stdin_closed_tx, stdin_closed) = tokio::sync::oneshot::channel::<()>();
@@ -336,4 +373,36 @@ fn parse_hex(text: &str) -> anyhow::Result<Vec<u8>> {
                 })
         })
         .collect()
+}
+
+fn run_plan(
+    scenario: &std::path::Path,
+    filter_defaults: &str,
+    filter_overrides: &[String],
+    stream_rates: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let sc = streamlb_lab::scenario::Scenario::load(scenario, false)?;
+    let json_arg = |flag: &str, text: &str| -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(text).with_context(|| format!("{flag} is not JSON: {text}"))
+    };
+    let defaults = json_arg("--filter-defaults", filter_defaults)?;
+    let overrides = filter_overrides
+        .iter()
+        .map(|text| json_arg("--filter-override", text))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let streams: Option<Vec<(String, f64)>> = match stream_rates {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{}: expected [[zone, rate], ...]", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let plan = streamlb_lab::plan::plan(&sc, &defaults, &overrides, streams.as_deref())?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{plan}").context("writing the plan")?;
+    Ok(())
 }

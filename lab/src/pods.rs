@@ -227,11 +227,12 @@ impl Pod {
     ) -> anyhow::Result<Arc<Self>> {
         let listener = bind(address)?;
         let address = listener.local_addr().context("reading the bound address")?;
+        let capacity = config.capacity_of(&zone);
         let pod = Arc::new(Self {
             name,
             zone,
             address,
-            capacity: AtomicU64::new(config.capacity.to_bits()),
+            capacity: AtomicU64::new(capacity.to_bits()),
             orca: config.orca,
             orca_raw: config
                 .orca_raw
@@ -725,7 +726,10 @@ pub fn parse_zones(text: &str) -> anyhow::Result<Vec<(String, usize)>> {
 #[derive(Debug, Clone)]
 pub struct PodsConfig {
     pub zones: Vec<(String, usize)>,
+    /// msgs/s per pod (0 = unlimited), unless `zone_capacity` names the pod's zone.
     pub capacity: f64,
+    /// Per-zone capacity, over `capacity`.
+    pub zone_capacity: Vec<(String, f64)>,
     /// Report ORCA load in this form (`None`: no report).
     pub orca: Option<OrcaFormat>,
     /// Bytes sent as every `endpoint-load-metrics` value instead of the report (a backend that
@@ -748,6 +752,46 @@ pub const ORCA_HEADER: &str = "endpoint-load-metrics";
 /// The path a pod answers load probes on (what streamlb probes by default).
 pub const LOAD_PATH: &str = streamlb_core::config::DEFAULT_LOAD_PATH;
 pub const ORCA_BIN_HEADER: &str = "endpoint-load-metrics-bin";
+
+impl PodsConfig {
+    /// Capacity of a pod in `zone`.
+    pub fn capacity_of(&self, zone: &str) -> f64 {
+        self.zone_capacity
+            .iter()
+            .find(|(z, _)| z == zone)
+            .map_or(self.capacity, |(_, c)| *c)
+    }
+}
+
+/// `--zone-capacity a=300,b=600` → [("a", 300.0), ("b", 600.0)]; every zone must be in `zones`
+/// and every value a finite number >= 0.
+pub fn parse_zone_capacity(
+    text: &str,
+    zones: &[(String, usize)],
+) -> anyhow::Result<Vec<(String, f64)>> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((zone, value)) = part.split_once('=') else {
+            bail!("bad zone capacity {part:?}: expected ZONE=MSGS_PER_S");
+        };
+        let zone = zone.trim();
+        if !zones.iter().any(|(z, _)| z == zone) {
+            bail!("--zone-capacity names zone {zone:?}, which --zones does not have");
+        }
+        if out.iter().any(|(z, _)| z == zone) {
+            bail!("zone {zone:?} given twice in --zone-capacity");
+        }
+        let capacity: f64 = value
+            .trim()
+            .parse()
+            .with_context(|| format!("bad capacity in {part:?}"))?;
+        if !(capacity.is_finite() && capacity >= 0.0) {
+            bail!("capacity in {part:?} must be >= 0");
+        }
+        out.push((zone.to_string(), capacity));
+    }
+    Ok(out)
+}
 
 /// The Gateway API Inference Extension endpoint-picker header (what override_host reads).
 pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
@@ -1107,6 +1151,7 @@ mod tests {
         let config = PodsConfig {
             zones: vec![("a".into(), 2), ("b".into(), 1)],
             capacity: 0.0,
+            zone_capacity: Vec::new(),
             orca: None,
             orca_raw: None,
             endpoint_header: http::HeaderName::from_static(DEFAULT_ENDPOINT_HEADER),
@@ -1165,6 +1210,47 @@ mod tests {
         assert_eq!(pod.address, at(base + 1));
         assert!(TcpStream::connect(at(base + 1)).await.is_ok());
         fleet.shutdown();
+    }
+
+    #[tokio::test]
+    async fn each_zone_gets_its_own_capacity() {
+        let zones = parse_zones("a=2,b=1,c=1").unwrap();
+        let zone_capacity = parse_zone_capacity("a=300, b=600", &zones).unwrap();
+        let config = PodsConfig {
+            zones,
+            capacity: 50.0,
+            zone_capacity,
+            orca: Some(OrcaFormat::Text),
+            orca_raw: None,
+            endpoint_header: http::HeaderName::from_static(DEFAULT_ENDPOINT_HEADER),
+        };
+        let fleet = Fleet::launch_on(&config, &Listen::default()).await.unwrap();
+        let capacities: Vec<(&str, f64)> = fleet
+            .pods
+            .iter()
+            .map(|p| (p.name.as_str(), p.capacity()))
+            .collect();
+        assert_eq!(
+            capacities,
+            [
+                ("a-0", 300.0),
+                ("a-1", 300.0),
+                ("b-0", 600.0),
+                ("c-0", 50.0)
+            ]
+        );
+        // ORCA utilisation is relative to the pod's own capacity.
+        assert_eq!(fleet.pods[2].utilization(300.0), 0.5);
+        fleet.shutdown();
+    }
+
+    #[test]
+    fn zone_capacity_rejects_unknown_zones_and_bad_values() {
+        let zones = parse_zones("a=1,b=1").unwrap();
+        assert_eq!(parse_zone_capacity("", &zones).unwrap(), Vec::new());
+        for bad in ["x=1", "a", "a=-1", "a=nan", "a=inf", "a=1,a=2", "a=fast"] {
+            assert!(parse_zone_capacity(bad, &zones).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

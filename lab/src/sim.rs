@@ -609,7 +609,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Oracle figures for the active streams: lower bound, LPT max/mean, cross-zone minimum.
-fn oracle(w: &World, active: &[bool], eps: f64) -> (f64, f64, f64) {
+pub fn oracle(w: &World, active: &[bool], eps: f64) -> (f64, f64, f64) {
     let up: Vec<usize> = w.up_pods().collect();
     let mut rates: Vec<f64> = (0..active.len())
         .filter(|&d| active[d])

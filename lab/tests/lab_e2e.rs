@@ -11,6 +11,7 @@ fn fleet_config(capacity: f64, orca: Option<OrcaFormat>) -> PodsConfig {
     PodsConfig {
         zones: vec![("a".into(), 1), ("b".into(), 1)],
         capacity,
+        zone_capacity: Vec::new(),
         orca,
         orca_raw: None,
         endpoint_header: http::HeaderName::from_static("x-gateway-destination-endpoint"),

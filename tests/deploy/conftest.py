@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from deploy_helpers import harness  # noqa: E402
+import streamlb_testkit as harness
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,11 +5,9 @@ CEL rules that matter, checked by hand), the rendered reference Envoy config."""
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
 import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,16 +17,12 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-ISTIO = REPO / "istio"
-# The project's read-only shared/ folder sits beside the checkout; STREAMLB_SHARED overrides.
-SCHEMAS = Path(os.environ.get("STREAMLB_SHARED") or REPO.parent / "shared") / "schemas"
-if not SCHEMAS.is_dir():
-    raise FileNotFoundError(f"{SCHEMAS} not found: the Istio/compose schemas live in ../shared/schemas "
-                            "beside the checkout (or set STREAMLB_SHARED)")
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
+import streamlb_testkit as harness
+from streamlb_testkit import REPO
 
-import harness  # noqa: E402
+ISTIO = REPO / "istio"
+# Istio CRDs and the compose-spec schema, with their provenance in SOURCES.md.
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
 # Every kustomization shipped in istio/.
 KUSTOMIZATIONS = ["istio/base", "istio/overlays/inbound", "istio/overlays/traffic-extension"]
@@ -40,7 +34,7 @@ ISTIO_ADMIN_GATE_PORT = 15180
 def kustomize(path: str | Path) -> list[dict[str, Any]]:
     """`kubectl kustomize PATH` as a list of objects."""
     result = subprocess.run(
-        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60, cwd=REPO
+        [require_tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     if result.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {path} failed:\n{result.stderr}")
@@ -83,7 +77,7 @@ def _strict(schema: Any) -> Any:
 
 @lru_cache(maxsize=None)
 def _crds() -> dict[tuple[str, str], dict[str, Any]]:
-    """(group, kind) -> CRD, from the shared schemas."""
+    """(group, kind) -> CRD, from the vendored schemas."""
     crds = {}
     for path in sorted((SCHEMAS / "istio").glob("*.yaml")):
         crd = yaml.safe_load(path.read_text())
@@ -224,23 +218,13 @@ def envoy_validate(config: dict[str, Any], workdir: Path) -> str:
     """`envoy --mode validate` (starts the wasm VM: the filter's on_configure runs)."""
     path = workdir / "envoy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    result = subprocess.run(
-        [str(harness.envoy_bin()), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
-        raise RuntimeError(f"envoy --mode validate failed ({result.returncode}):\n{output}")
-    return output
+    return harness.validate_config(path)
 
 
 def require_tool(name: str) -> str:
     found = shutil.which(name)
     if not found:
-        pytest.fail(f"{name} not on PATH: run `make deps` (Makefile APT_PACKAGES)")
+        pytest.fail(f"{name} not on PATH: run `make deps` (Makefile APT_PACKAGES; kubectl: see README)")
     return found
 
 

@@ -1,30 +1,25 @@
-"""pytest fixtures over harness.py. Every process a test starts is stopped at teardown."""
+"""pytest fixtures over streamlb_testkit. Every process a test starts is stopped at teardown."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
+import streamlb_testkit as kit
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_everything_at_exit():
     yield
-    harness.stop_all()
+    kit.stop_all()
 
 
 @pytest.fixture
 def make_pods():
-    """Factory: make_pods(zones={"a": 2}, capacity=0, orca=False) -> running harness.Pods."""
-    started: list[harness.Pods] = []
+    """Factory: make_pods(zones={"a": 2}, capacity=0, orca=False) -> running kit.Pods."""
+    started: list[kit.Pods] = []
 
-    def make(**kwargs) -> harness.Pods:
-        pods = harness.Pods(**kwargs)
+    def make(**kwargs) -> kit.Pods:
+        pods = kit.Pods(**kwargs)
         started.append(pods)
         return pods.start_process()
 
@@ -34,7 +29,7 @@ def make_pods():
 
 
 @pytest.fixture
-def pods(make_pods) -> harness.Pods:
+def pods(make_pods) -> kit.Pods:
     """Six pods: zones a, b, c with two each."""
     return make_pods()
 
@@ -42,11 +37,11 @@ def pods(make_pods) -> harness.Pods:
 @pytest.fixture
 def make_envoy():
     """Factory: make_envoy(pods, filter_config=None|dict, lb=..., node_zone="a",
-    concurrency=2) -> running harness.Envoy."""
-    started: list[harness.Envoy] = []
+    concurrency=2) -> running kit.Envoy."""
+    started: list[kit.Envoy] = []
 
-    def make(pods, **kwargs) -> harness.Envoy:
-        envoy = harness.Envoy(pods, **kwargs)
+    def make(pods, **kwargs) -> kit.Envoy:
+        envoy = kit.Envoy(pods, **kwargs)
         started.append(envoy)
         return envoy.start_process()
 
@@ -58,11 +53,11 @@ def make_envoy():
 @pytest.fixture
 def start_devices():
     """Factory for `lab devices` in the background: start_devices(target, streams, mean_rate,
-    dist, duration, **kwargs) -> harness.Devices (call .wait() for the summary)."""
-    started: list[harness.Devices] = []
+    dist, duration, **kwargs) -> kit.Devices (call .wait() for the summary)."""
+    started: list[kit.Devices] = []
 
-    def start(*args, **kwargs) -> harness.Devices:
-        devices = harness.start_devices(*args, **kwargs)
+    def start(*args, **kwargs) -> kit.Devices:
+        devices = kit.start_devices(*args, **kwargs)
         started.append(devices)
         return devices
 

@@ -19,7 +19,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-import harness
+import streamlb_testkit as harness
+from streamlb_testkit.prometheus import Exposition, parse_exposition
 
 DASHBOARD = harness.REPO / "dashboards" / "streamlb.json"
 PREFIX = "streamlb_"
@@ -175,44 +176,6 @@ def _matchers(tokens: list[tuple[str, str]], i: int, selector: Selector) -> int:
         selector.matchers.append((label, op, raw[1:-1]))
         i += 3
     return i + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Prometheus exposition (Envoy's /stats/prometheus)
-
-
-@dataclass
-class Exposition:
-    series: dict[str, dict[str, set[str]]]  # series name -> label -> values
-    totals: dict[str, float]  # series name -> sum of its samples
-    family_of: dict[str, str]  # series name -> family name
-    types: dict[str, str]  # family -> counter/gauge/histogram/...
-
-
-def parse_exposition(text: str) -> Exposition:
-    types: dict[str, str] = {}
-    series: dict[str, dict[str, set[str]]] = {}
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(maxsplit=3)
-            types[name] = kind
-            continue
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)", line)
-        if not m:
-            continue
-        totals[m.group(1)] = totals.get(m.group(1), 0.0) + float(m.group(3))
-        labels = series.setdefault(m.group(1), {})
-        for key, value in re.findall(r'(\w+)="((?:\\.|[^"\\])*)"', m.group(2) or ""):
-            labels.setdefault(key, set()).add(value)
-    family_of = {}
-    for name in series:
-        family_of[name] = name
-        for suffix in ("_bucket", "_sum", "_count"):
-            base = name.removesuffix(suffix)
-            if base != name and types.get(base) in ("histogram", "summary"):
-                family_of[name] = base
-    return Exposition(series=series, totals=totals, family_of=family_of, types=types)
 
 
 # ---------------------------------------------------------------------------------------------

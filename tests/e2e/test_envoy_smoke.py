@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 
-import harness
+import streamlb_testkit as harness
 import pytest
 
 HEADER = harness.DEFAULT_ENDPOINT_HEADER

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import harness
+import streamlb_testkit as harness
 
 DEBUG = "x-streamlb-decision"
 ENDPOINT = harness.DEFAULT_ENDPOINT_HEADER

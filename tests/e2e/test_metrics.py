@@ -8,7 +8,6 @@ give the true message rate.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 import time
@@ -18,21 +17,11 @@ from pathlib import Path
 
 import pytest
 
-import harness
+import streamlb_testkit as harness
+from streamlb_testkit.prometheus import samples as prom_samples
 
 STREAMS, RATE = 40, 25
 CONFIG = {"clusters": ["pods"], "tick_ms": 1000}
-
-
-def prom_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """Samples of metric `name` in Prometheus text format: (labels, value)."""
-    out = []
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
-        if m:
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-            out.append((labels, float(m.group(2))))
-    return out
 
 
 class Prometheus:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-import harness
+import streamlb_testkit as harness
 from test_filter import max_over_mean, pod_rates, wait_for_discovery
 
 STREAMS, RATE, DIST = 60, 10, "zipf:0.8"

@@ -1,0 +1,77 @@
+"""bench/run.py on real processes: what it takes from `lab plan`, and that a policy failing
+mid-run stops every process it started."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+import streamlb_testkit as kit
+
+SCENARIO = {
+    "name": "bench-test",
+    "seed": 5,
+    "duration_s": 6,
+    "warmup_s": 2,
+    "zones": [{"name": "a", "pods": 1, "capacity": 100, "orca": True},
+              {"name": "b", "pods": 2, "capacity": 300}],
+    "proxies": {"a": 1},
+    "streams": {"count": 5, "mean_rate": 5, "rate_dist": "constant", "client_zones": {"a": 0.6, "b": 0.4}},
+    "streamlb": {"rebalance": {"tolerance": 0.3}},
+}
+
+
+@pytest.fixture
+def bench():
+    """bench/run.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_run", kit.REPO / "bench" / "run.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def scenario_file(tmp_path):
+    path = tmp_path / "scenario.json"
+    path.write_text(json.dumps(SCENARIO))
+    return path
+
+
+def test_stream_split_filter_config_and_oracle_come_from_lab(bench, scenario_file):
+    assert bench.lab_plan(scenario_file)["streams_per_zone"] == [["a", 3], ["b", 2]]
+    setup = bench.envoy_setup("streamlb_rebalance", scenario_file)
+    assert setup["filter_config"] == {"clusters": ["pods"], "tick_ms": 1000,
+                                      "rebalance": {"tolerance": 0.3, "mode": "on", "allow_reset": True}}
+    assert bench.envoy_setup("streamlb_shadow", scenario_file)["filter_config"]["mode"] == "shadow"
+    # Pods: a-0 (100), b-0 and b-1 (300 each); Σc = 700. Three streams of 100 from zone a.
+    oracle = bench.lab_plan(scenario_file, stream_rates=[["a", 100], ["a", 100], ["a", 100]])["oracle"]
+    assert oracle["lower_bound"] == pytest.approx(1.0)
+    # LPT, least utilised first: a-0 → 1.0, b-0 → 1/3, b-1 → 1/3; mean 300/700.
+    assert oracle["lpt"] == pytest.approx(1.0 / (300 / 700))
+    # Zone a demands everything, holds 1/7 of the capacity: 1 − 1.1/7 must cross.
+    assert oracle["min_cross_zone"] == pytest.approx(1 - 1.1 / 7)
+    with pytest.raises(RuntimeError, match="lab plan failed"):
+        bench.lab_plan(scenario_file, stream_rates=[["z", 1]])
+
+
+def test_a_failing_policy_stops_every_process_it_started(bench, scenario_file, tmp_path, monkeypatch):
+    running_at_failure: list[kit.Proc] = []
+
+    def fail_mid_run(*args, **kwargs):
+        running_at_failure.extend(p for p in kit.live_processes() if p.running())
+        raise RuntimeError("measurement failed")
+
+    monkeypatch.setattr(bench, "measure", fail_mid_run)
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        bench.run_policy("streamlb", SCENARIO, scenario_file, tmp_path, pin_cpus=False)
+    # Pods, the zone-a Envoy and one devices process per client zone were up ...
+    assert sorted(p.name for p in running_at_failure) == ["devices", "devices", "envoy", "pods"]
+    # ... each zone's pods with that zone's capacity ...
+    pods_argv = next(p.argv for p in running_at_failure if p.name == "pods")
+    assert pods_argv[pods_argv.index("--zone-capacity") + 1] == "a=100.0,b=300.0"
+    # ... and none is left.
+    assert kit.live_processes() == []
+    assert not any(p.running() for p in running_at_failure)
