@@ -265,3 +265,39 @@ pub fn send_grpc_response(grpc_status: i32, message: &str) -> HostResult<()> {
         )
     })
 }
+
+/// A proxy-wasm serialized header map: `u32 count`, per pair `u32 key len, u32 value len`, then
+/// per pair `key \0 value \0`.
+fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (k, v) in headers {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// Answer the current request locally (not a gRPC response).
+pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()> {
+    let headers = serialize_headers(headers);
+    // SAFETY: `body` and `headers` are live for the call.
+    check("send_local_response", unsafe {
+        proxy_send_local_response(
+            status,
+            null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            -1,
+        )
+    })
+}

@@ -12,7 +12,7 @@ use proxy_wasm::types::{Action, ContextType, Status};
 
 use crate::abi;
 use crate::filter::host::{Body, HeaderMap, Host, HostError, HostResult, LogLevel, MetricKind};
-use crate::filter::stream::{BodyAction, StreamFilter};
+use crate::filter::stream::{BodyAction, HeadersAction, StreamFilter};
 use crate::filter::vm::Vm;
 use streamlb_core::Nanos;
 
@@ -143,6 +143,10 @@ impl Host for EnvoyHost {
     fn end_stream_unavailable(&self, message: &str) -> HostResult<()> {
         abi::send_grpc_response(GRPC_UNAVAILABLE, message)
     }
+
+    fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()> {
+        abi::send_response(status, headers, body)
+    }
 }
 
 struct Root {
@@ -239,8 +243,10 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        self.0.on_request_headers(&EnvoyHost);
-        Action::Continue
+        match self.0.on_request_headers(&EnvoyHost) {
+            HeadersAction::Continue => Action::Continue,
+            HeadersAction::Answered => Action::Pause,
+        }
     }
 
     fn on_http_request_body(&mut self, size: usize, _eos: bool) -> Action {

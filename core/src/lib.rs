@@ -11,6 +11,7 @@ pub mod penalty;
 pub mod pick;
 pub mod rate_memory;
 pub mod rebalance;
+pub mod reporter;
 pub mod rng;
 pub mod router;
 pub mod routes;

@@ -69,6 +69,8 @@ pub trait Host {
     /// End the current HTTP stream with a local gRPC `UNAVAILABLE` (trailers-only before the
     /// response started; a reset after).
     fn end_stream_unavailable(&self, message: &str) -> HostResult<()>;
+    /// Answer the current HTTP request locally (it is not forwarded).
+    fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()>;
 }
 
 /// A property as a UTF-8 string (Envoy returns strings raw).

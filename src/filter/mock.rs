@@ -13,6 +13,7 @@ use streamlb_core::Nanos;
 pub type SharedStore = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
 /// (token, cluster, headers) of a dispatched HTTP call.
 pub type Call = (u32, String, Vec<(String, String)>);
+pub type LocalResponse = (u32, Vec<(String, String)>, Vec<u8>);
 
 #[derive(Default)]
 pub struct MockHost {
@@ -31,6 +32,8 @@ pub struct MockHost {
     pub body_reads: Cell<usize>,
     /// Messages of streams ended with `end_stream_unavailable`.
     pub ended_streams: RefCell<Vec<String>>,
+    /// (status, headers, body) of local responses.
+    pub local_responses: RefCell<Vec<LocalResponse>>,
 }
 
 impl MockHost {
@@ -195,6 +198,19 @@ impl Host for MockHost {
 
     fn set_tick_period_ms(&self, _ms: u64) -> HostResult<()> {
         self.check("set_tick_period")
+    }
+
+    fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()> {
+        self.check("send_response")?;
+        self.local_responses.borrow_mut().push((
+            status,
+            headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body.to_vec(),
+        ));
+        Ok(())
     }
 
     fn end_stream_unavailable(&self, message: &str) -> HostResult<()> {

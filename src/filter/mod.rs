@@ -3,9 +3,11 @@
 //!
 //! - [`vm`]: per-VM state (root context): config, router, discovery poll, shared view, stats flush.
 //! - [`stream`]: per-HTTP-stream logic (HTTP context): placement, counting, outcome.
+//! - [`fleet`]: probing pods for load reports, sharing them, answering probes (reporter role).
 //! - [`stats`]: what is counted between ticks and flushed as Envoy stats;
 //!   [`metrics`]: stat names with tags encoded for Envoy's tag extraction.
 
+pub mod fleet;
 pub mod host;
 pub mod metrics;
 pub mod stats;
@@ -20,3 +22,6 @@ mod tests;
 
 #[cfg(test)]
 mod input_tests;
+
+#[cfg(test)]
+mod fleet_tests;

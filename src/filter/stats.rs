@@ -16,6 +16,7 @@ use hashbrown::HashMap;
 use super::host::{Host, HostError};
 use super::metrics::{tagged, Metrics};
 use streamlb_core::router::Router;
+use streamlb_core::Nanos;
 
 /// How a stream ended, as a bounded label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -87,6 +88,8 @@ pub struct Health {
     pub endpoint_headers_stripped: u64,
     /// ORCA headers/trailers from upstreams that could not be parsed (ignored).
     pub orca_invalid: u64,
+    /// Load probes answered in the reporter role.
+    pub probes_answered: u64,
 }
 
 /// Rebalancing since the last flush, per cluster.
@@ -111,13 +114,59 @@ pub struct Stats {
     pub health: Health,
     pub config_loads: u64,
     pub rebalance: RebalanceStats,
+    pub fleet: FleetStats,
     metrics: Metrics,
+}
+
+/// How a load probe ended, as a bounded label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeResult {
+    /// A valid report.
+    Ok,
+    /// No answer: connect failure, reset or timeout.
+    Failed,
+    /// An answer other than 200.
+    Status,
+    /// No `endpoint-load-metrics` header, or not valid ORCA.
+    Malformed,
+    /// Valid ORCA, but out of range or without the load figure.
+    Implausible,
+    /// The call could not be dispatched.
+    Dispatch,
+    /// The host never called back.
+    Lost,
+}
+
+impl ProbeResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeResult::Ok => "ok",
+            ProbeResult::Failed => "failed",
+            ProbeResult::Status => "status",
+            ProbeResult::Malformed => "malformed",
+            ProbeResult::Implausible => "implausible",
+            ProbeResult::Dispatch => "dispatch_error",
+            ProbeResult::Lost => "lost",
+        }
+    }
+}
+
+/// Probing since the last flush.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct FleetStats {
+    /// (cluster, result) → probes.
+    pub probes: HashMap<(usize, ProbeResult), u64>,
+    /// (cluster, round trip in µs) of the answered probes.
+    pub latency_us: Vec<(usize, u64)>,
+    /// Set by the prober VM (when it sent probes): the time its report gauges are computed at.
+    pub probed_at: Option<Nanos>,
 }
 
 /// Histogram names (values in microseconds; buckets in envoy/envoy.yaml.tmpl).
 pub const FIRST_BYTE_US: &str = "streamlb_route_first_byte_us";
 pub const DURATION_US: &str = "streamlb_route_duration_us";
 pub const REQUEST_LATENCY_US: &str = "streamlb_route_request_latency_us";
+pub const PROBE_LATENCY_US: &str = "streamlb_probe_latency_us";
 
 impl Stats {
     /// Fresh stats of a VM whose configuration just loaded.
@@ -148,136 +197,225 @@ impl Stats {
 
     /// Write everything accumulated since the last flush. Returns the first host error.
     pub fn flush(&mut self, host: &dyn Host, router: &mut Router) -> Result<(), HostError> {
-        let mut first_error = None;
-        let mut note = |r: Result<(), HostError>| {
-            if let Err(e) = r {
-                first_error.get_or_insert(e);
-            }
+        let mut out = Flush {
+            host,
+            metrics: &mut self.metrics,
+            first_error: None,
         };
-        let m = &mut self.metrics;
-        let counters = router.take_counters();
-        let local_zone = router.local_zone().to_string();
-        for ((ci, reason), n) in counters.decisions {
-            let c = cluster_name(router, ci);
-            let tags = [("cluster", c.as_str()), ("reason", reason.as_str())];
-            note(m.count(host, &tagged("streamlb_decisions_total", &tags), n));
+        flush_decisions(&mut out, router);
+        flush_routes(&mut out, router, &mut self.routes);
+        flush_clusters(&mut out, router, &mut self.cross_zone_messages);
+        flush_rebalance(&mut out, router, std::mem::take(&mut self.rebalance));
+        flush_fleet(&mut out, router, std::mem::take(&mut self.fleet));
+        flush_health(
+            &mut out,
+            std::mem::take(&mut self.health),
+            std::mem::take(&mut self.config_loads),
+        );
+        out.first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Metric writes of one flush; the first host error is kept, the rest still run.
+struct Flush<'a> {
+    host: &'a dyn Host,
+    metrics: &'a mut Metrics,
+    first_error: Option<HostError>,
+}
+
+impl Flush<'_> {
+    fn note(&mut self, r: Result<(), HostError>) {
+        if let Err(e) = r {
+            self.first_error.get_or_insert(e);
         }
-        for ((ci, to_zone), n) in counters.to_zone {
-            let c = cluster_name(router, ci);
-            let tags = [
-                ("cluster", c.as_str()),
-                ("from", local_zone.as_str()),
-                ("to", to_zone.as_str()),
-            ];
-            note(m.count(host, &tagged("streamlb_decisions_by_zone_total", &tags), n));
+    }
+
+    fn count(&mut self, name: &str, tags: &[(&str, &str)], n: u64) {
+        let r = self.metrics.count(self.host, &tagged(name, tags), n);
+        self.note(r);
+    }
+
+    fn gauge(&mut self, name: &str, tags: &[(&str, &str)], value: u64) {
+        let r = self.metrics.gauge(self.host, &tagged(name, tags), value);
+        self.note(r);
+    }
+
+    fn sample(&mut self, name: &str, tags: &[(&str, &str)], value: u64) {
+        let r = self.metrics.sample(self.host, &tagged(name, tags), value);
+        self.note(r);
+    }
+}
+
+fn flush_decisions(out: &mut Flush<'_>, router: &mut Router) {
+    let counters = router.take_counters();
+    let local_zone = router.local_zone().to_string();
+    for ((ci, reason), n) in counters.decisions {
+        let c = cluster_name(router, ci);
+        let tags = [("cluster", c.as_str()), ("reason", reason.as_str())];
+        out.count("streamlb_decisions_total", &tags, n);
+    }
+    for ((ci, to_zone), n) in counters.to_zone {
+        let c = cluster_name(router, ci);
+        let tags = [
+            ("cluster", c.as_str()),
+            ("from", local_zone.as_str()),
+            ("to", to_zone.as_str()),
+        ];
+        out.count("streamlb_decisions_by_zone_total", &tags, n);
+    }
+    for ((ci, view), n) in counters.views {
+        let c = cluster_name(router, ci);
+        let tags = [("cluster", c.as_str()), ("view", view.as_str())];
+        out.count("streamlb_decisions_by_view_total", &tags, n);
+    }
+}
+
+fn flush_routes(
+    out: &mut Flush<'_>,
+    router: &Router,
+    routes: &mut HashMap<(usize, usize), RouteStats>,
+) {
+    for ((ri, ci), t) in routes.iter_mut() {
+        let (route, c) = route_tags(router, *ri, *ci);
+        let base = [("route", route.as_str()), ("cluster", c.as_str())];
+        out.count("streamlb_route_streams_total", &base, t.started);
+        if t.active_delta != 0 {
+            let name = tagged("streamlb_route_streams_active", &base);
+            let r = out.metrics.gauge_add(out.host, &name, t.active_delta);
+            out.note(r);
         }
-        for ((ri, ci), t) in self.routes.iter_mut() {
-            let (route, c) = route_tags(router, *ri, *ci);
-            let base = [("route", route.as_str()), ("cluster", c.as_str())];
-            note(m.count(
-                host,
-                &tagged("streamlb_route_streams_total", &base),
-                t.started,
-            ));
-            if t.active_delta != 0 {
-                let name = tagged("streamlb_route_streams_active", &base);
-                note(m.gauge_add(host, &name, t.active_delta));
-            }
-            for (class, n) in t.ended.drain() {
-                let tags = [base[0], base[1], ("status_class", class.as_str())];
-                note(m.count(
-                    host,
-                    &tagged("streamlb_route_streams_ended_total", &tags),
-                    n,
-                ));
-            }
-            for (d, dir) in ["upstream", "downstream"].into_iter().enumerate() {
-                let tags = [base[0], base[1], ("direction", dir)];
-                let msgs = t.messages.get(d).copied().unwrap_or(0);
-                let bytes = t.bytes.get(d).copied().unwrap_or(0);
-                note(m.count(host, &tagged("streamlb_route_messages_total", &tags), msgs));
-                note(m.count(host, &tagged("streamlb_route_bytes_total", &tags), bytes));
-            }
-            *t = RouteStats::default();
+        for (class, n) in t.ended.drain() {
+            let tags = [base[0], base[1], ("status_class", class.as_str())];
+            out.count("streamlb_route_streams_ended_total", &tags, n);
         }
-        for (ci, c) in router.clusters().iter().enumerate() {
-            let tags = [("cluster", c.name.as_str())];
-            let cross = self.cross_zone_messages.remove(&ci).unwrap_or(0);
-            note(m.count(
-                host,
-                &tagged("streamlb_cross_zone_messages_total", &tags),
-                cross,
-            ));
-            let rates: Vec<f64> = c
-                .zones
-                .iter()
-                .flat_map(|z| z.healthy.iter())
+        for (d, dir) in ["upstream", "downstream"].into_iter().enumerate() {
+            let tags = [base[0], base[1], ("direction", dir)];
+            let msgs = t.messages.get(d).copied().unwrap_or(0);
+            let bytes = t.bytes.get(d).copied().unwrap_or(0);
+            out.count("streamlb_route_messages_total", &tags, msgs);
+            out.count("streamlb_route_bytes_total", &tags, bytes);
+        }
+        *t = RouteStats::default();
+    }
+}
+
+/// Cross-zone messages, and gauges from the merged view: imbalance and load per zone.
+fn flush_clusters(out: &mut Flush<'_>, router: &Router, cross_zone: &mut HashMap<usize, u64>) {
+    for (ci, c) in router.clusters().iter().enumerate() {
+        let tags = [("cluster", c.name.as_str())];
+        let cross = cross_zone.remove(&ci).unwrap_or(0);
+        out.count("streamlb_cross_zone_messages_total", &tags, cross);
+        let rates: Vec<f64> = c
+            .zones
+            .iter()
+            .flat_map(|z| z.healthy.iter())
+            .filter_map(|&j| c.endpoint(j))
+            .map(|e| e.load())
+            .collect();
+        let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+        let max = rates.iter().copied().fold(0.0, f64::max);
+        let imbalance = if mean > 0.0 { max / mean } else { 0.0 };
+        out.gauge(
+            "streamlb_cluster_imbalance_permille",
+            &tags,
+            (imbalance * 1000.0).round() as u64,
+        );
+        for z in &c.zones {
+            let rate: f64 = (z.healthy.iter())
                 .filter_map(|&j| c.endpoint(j))
                 .map(|e| e.load())
-                .collect();
-            let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
-            let max = rates.iter().copied().fold(0.0, f64::max);
-            let imbalance = if mean > 0.0 { max / mean } else { 0.0 };
-            let name = tagged("streamlb_cluster_imbalance_permille", &tags);
-            note(m.gauge(host, &name, (imbalance * 1000.0).round() as u64));
-            for z in &c.zones {
-                let rate: f64 = (z.healthy.iter())
-                    .filter_map(|&j| c.endpoint(j))
-                    .map(|e| e.load())
-                    .sum();
-                let tags = [("cluster", c.name.as_str()), ("zone", z.name.as_str())];
-                let name = tagged("streamlb_zone_messages_per_second", &tags);
-                note(m.gauge(host, &name, rate.round() as u64));
-            }
+                .sum();
+            let tags = [("cluster", c.name.as_str()), ("zone", z.name.as_str())];
+            out.gauge(
+                "streamlb_zone_messages_per_second",
+                &tags,
+                rate.round() as u64,
+            );
         }
-        let r = std::mem::take(&mut self.rebalance);
-        for (ci, n) in r.planned {
-            let c = cluster_name(router, ci);
-            let tags = [("cluster", c.as_str()), ("reason", "planned")];
-            note(m.count(host, &tagged("streamlb_rebalance_moves_total", &tags), n));
-        }
-        for ((ci, how), n) in r.moved {
-            let c = cluster_name(router, ci);
-            let tags = [("cluster", c.as_str()), ("reason", how)];
-            note(m.count(host, &tagged("streamlb_rebalance_moves_total", &tags), n));
-        }
-        for ((ci, why), n) in r.skipped {
-            let c = cluster_name(router, ci);
-            let tags = [("cluster", c.as_str()), ("reason", why)];
-            note(m.count(host, &tagged("streamlb_rebalance_skipped_total", &tags), n));
-        }
-        for (ci, (before, after)) in r.excess {
-            let c = cluster_name(router, ci);
-            let tags = [("cluster", c.as_str())];
-            let permille = |x: f64| (x * 1000.0).round() as u64;
-            note(m.gauge(
-                host,
-                &tagged("streamlb_rebalance_excess_before_permille", &tags),
-                permille(before),
-            ));
-            note(m.gauge(
-                host,
-                &tagged("streamlb_rebalance_excess_after_permille", &tags),
-                permille(after),
-            ));
-        }
-        let h = std::mem::take(&mut self.health);
-        let loads = std::mem::take(&mut self.config_loads);
-        for (name, n) in [
-            ("streamlb_config_loads_total", loads),
-            ("streamlb_discovery_polls_ok_total", h.polls_ok),
-            ("streamlb_discovery_polls_failed_total", h.polls_failed),
-            ("streamlb_host_errors_total", h.host_errors),
-            ("streamlb_cas_retries_total", h.cas_retries),
-            (
-                "streamlb_endpoint_header_stripped_total",
-                h.endpoint_headers_stripped,
-            ),
-            ("streamlb_orca_reports_invalid_total", h.orca_invalid),
-        ] {
-            note(m.count(host, name, n));
-        }
-        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn flush_rebalance(out: &mut Flush<'_>, router: &Router, r: RebalanceStats) {
+    for (ci, n) in r.planned {
+        let c = cluster_name(router, ci);
+        let tags = [("cluster", c.as_str()), ("reason", "planned")];
+        out.count("streamlb_rebalance_moves_total", &tags, n);
+    }
+    for ((ci, how), n) in r.moved {
+        let c = cluster_name(router, ci);
+        let tags = [("cluster", c.as_str()), ("reason", how)];
+        out.count("streamlb_rebalance_moves_total", &tags, n);
+    }
+    for ((ci, why), n) in r.skipped {
+        let c = cluster_name(router, ci);
+        let tags = [("cluster", c.as_str()), ("reason", why)];
+        out.count("streamlb_rebalance_skipped_total", &tags, n);
+    }
+    for (ci, (before, after)) in r.excess {
+        let c = cluster_name(router, ci);
+        let tags = [("cluster", c.as_str())];
+        let permille = |x: f64| (x * 1000.0).round() as u64;
+        out.gauge(
+            "streamlb_rebalance_excess_before_permille",
+            &tags,
+            permille(before),
+        );
+        out.gauge(
+            "streamlb_rebalance_excess_after_permille",
+            &tags,
+            permille(after),
+        );
+    }
+}
+
+/// Probes by result and their latency; per cluster, the pods with a fresh report and the age of
+/// the oldest one used.
+fn flush_fleet(out: &mut Flush<'_>, router: &Router, f: FleetStats) {
+    for ((ci, result), n) in f.probes {
+        let c = cluster_name(router, ci);
+        let tags = [("cluster", c.as_str()), ("result", result.as_str())];
+        out.count("streamlb_probes_total", &tags, n);
+    }
+    for (ci, micros) in f.latency_us {
+        let c = cluster_name(router, ci);
+        out.sample(PROBE_LATENCY_US, &[("cluster", c.as_str())], micros);
+    }
+    let Some(now) = f.probed_at else {
+        return; // not the prober: its gauges are the prober's to set
+    };
+    let max_age = router.config().probe.max_age_ms * 1_000_000;
+    for c in router.clusters() {
+        let ages: Vec<u64> = c
+            .endpoints
+            .iter()
+            .filter_map(|e| e.report.filter(|r| r.fresh(now, max_age)))
+            .map(|r| now.saturating_sub(r.at) / 1_000_000)
+            .collect();
+        let tags = [("cluster", c.name.as_str())];
+        out.gauge("streamlb_fleet_pods_reporting", &tags, ages.len() as u64);
+        out.gauge(
+            "streamlb_fleet_report_age_max_ms",
+            &tags,
+            ages.iter().copied().max().unwrap_or(0),
+        );
+    }
+}
+
+fn flush_health(out: &mut Flush<'_>, h: Health, config_loads: u64) {
+    for (name, n) in [
+        ("streamlb_config_loads_total", config_loads),
+        ("streamlb_discovery_polls_ok_total", h.polls_ok),
+        ("streamlb_discovery_polls_failed_total", h.polls_failed),
+        ("streamlb_host_errors_total", h.host_errors),
+        ("streamlb_cas_retries_total", h.cas_retries),
+        (
+            "streamlb_endpoint_header_stripped_total",
+            h.endpoint_headers_stripped,
+        ),
+        ("streamlb_orca_reports_invalid_total", h.orca_invalid),
+        ("streamlb_reporter_probes_answered_total", h.probes_answered),
+    ] {
+        out.count(name, &[], n);
     }
 }
 

@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use super::fleet::answer_probe;
 use super::host::{parse_number, string_property, Body, HeaderMap, Host};
 use super::stats::{StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US};
 use super::vm::Vm;
@@ -46,6 +47,16 @@ pub struct StreamFilter {
     /// This filter ended the stream to rebalance it.
     moved: bool,
     ended: bool,
+    /// Counted by the reporter role (every stream into the pod), until it ends.
+    reported: bool,
+}
+
+/// What the adapter does after the request headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadersAction {
+    Continue,
+    /// Answered locally (a load probe): stop, nothing is forwarded.
+    Answered,
 }
 
 /// What the adapter does with a request DATA frame.
@@ -76,6 +87,7 @@ impl StreamFilter {
             first_byte_seen: false,
             moved: false,
             ended: false,
+            reported: false,
         }
     }
 
@@ -83,23 +95,41 @@ impl StreamFilter {
         self.tracked.is_some()
     }
 
-    pub fn on_request_headers(&mut self, host: &dyn Host) {
-        let Ok(mut vm) = self.vm.try_borrow_mut() else {
-            return;
+    pub fn on_request_headers(&mut self, host: &dyn Host) -> HeadersAction {
+        let vm = self.vm.clone();
+        let Ok(mut vm) = vm.try_borrow_mut() else {
+            return HeadersAction::Continue;
         };
         let vm = &mut *vm;
-        let header = vm.config().endpoint_header.clone();
-        // A client must never choose its own pod: remove whatever it sent, always.
-        match host.header(HeaderMap::Request, &header) {
-            Ok(Some(_)) => {
-                vm.stats.health.endpoint_headers_stripped += 1;
-                if let Err(e) = host.set_header(HeaderMap::Request, &header, None) {
-                    vm.host_error(host, "remove endpoint header", &e);
-                }
+        strip_endpoint_header(host, vm);
+        if vm.config().reporter.is_some() {
+            if answer_probe(host, vm) {
+                return HeadersAction::Answered;
             }
-            Ok(None) => {}
-            Err(e) => vm.host_error(host, "get request header", &e),
+            self.detect_grpc(host);
+            self.reported = true;
+            vm.reporter.on_open();
+            if !self.grpc {
+                vm.reporter.on_data(1, 0); // a non-gRPC request counts as one message
+            }
         }
+        self.place(host, vm);
+        HeadersAction::Continue
+    }
+
+    fn detect_grpc(&mut self, host: &dyn Host) {
+        self.grpc = matches!(
+            host.header(HeaderMap::Request, "content-type"),
+            Ok(Some(ct)) if ct.starts_with(b"application/grpc")
+        );
+        if self.grpc {
+            self.up = FrameCounter::grpc();
+            self.down = FrameCounter::grpc();
+        }
+    }
+
+    /// Placement of a stream covered by the config: decide, name the pod, count the start.
+    fn place(&mut self, host: &dyn Host, vm: &mut Vm) {
         let (route, cluster) = match (
             string_property(host, &["xds", "route_name"]),
             string_property(host, &["xds", "cluster_name"]),
@@ -115,13 +145,8 @@ impl StreamFilter {
             Ok(t) => t,
             Err(e) => return vm.host_error(host, "get_current_time", &e),
         };
-        self.grpc = matches!(
-            host.header(HeaderMap::Request, "content-type"),
-            Ok(Some(ct)) if ct.starts_with(b"application/grpc")
-        );
-        if self.grpc {
-            self.up = FrameCounter::grpc();
-            self.down = FrameCounter::grpc();
+        if !self.reported {
+            self.detect_grpc(host);
         }
         let source = source_of(host, vm);
         let Some(decision) = vm.router.place_from(now, self.id, &route, &cluster, source) else {
@@ -144,7 +169,8 @@ impl StreamFilter {
         }
         if vm.config().mode == Mode::Steer {
             if let Some(value) = decision.header_value() {
-                if let Err(e) = host.set_header(HeaderMap::Request, &header, Some(&value)) {
+                let header = &vm.config().endpoint_header;
+                if let Err(e) = host.set_header(HeaderMap::Request, header, Some(&value)) {
                     vm.host_error(host, "set endpoint header", &e);
                 }
             }
@@ -196,9 +222,9 @@ impl StreamFilter {
     }
 
     fn count(&mut self, host: &dyn Host, dir: Direction, size: usize) {
-        let Some((ri, ci)) = self.tracked else {
+        if self.tracked.is_none() && !self.reported {
             return;
-        };
+        }
         let (counter, which) = match dir {
             Direction::Upstream => (&mut self.up, Body::Request),
             Direction::Downstream => (&mut self.down, Body::Response),
@@ -225,6 +251,12 @@ impl StreamFilter {
         if let Some(e) = read_error {
             vm.host_error(host, "get body", &e);
         }
+        if self.reported {
+            vm.reporter.on_data(dm, db);
+        }
+        let Some((ri, ci)) = self.tracked else {
+            return;
+        };
         vm.router.on_data(self.id, dir, dm, db);
         let d = dir.index();
         let t = vm.stats.route(ri, ci);
@@ -238,6 +270,7 @@ impl StreamFilter {
     }
 
     pub fn on_response_headers(&mut self, host: &dyn Host) {
+        self.report_app_utilization(host, HeaderMap::Response);
         let Some(key) = self.tracked else {
             return;
         };
@@ -289,7 +322,35 @@ impl StreamFilter {
         }
     }
 
+    /// Reporter role without a configured capacity: the app's own ORCA utilisation is passed
+    /// on in the pod's load report.
+    fn report_app_utilization(&mut self, host: &dyn Host, map: HeaderMap) {
+        if !self.reported {
+            return;
+        }
+        let Ok(mut vm) = self.vm.try_borrow_mut() else {
+            return;
+        };
+        if vm
+            .config()
+            .reporter
+            .as_ref()
+            .is_none_or(|r| r.capacity > 0.0)
+        {
+            return;
+        }
+        if let Some(u) = read_orca(host, map)
+            .ok()
+            .flatten()
+            .and_then(|r| r.utilization())
+        {
+            let now = host.now().unwrap_or(0);
+            vm.reporter.on_app_utilization(now, u);
+        }
+    }
+
     pub fn on_response_trailers(&mut self, host: &dyn Host) {
+        self.report_app_utilization(host, HeaderMap::ResponseTrailers);
         if self.tracked.is_none() {
             return;
         }
@@ -304,6 +365,11 @@ impl StreamFilter {
 
     /// The stream is over (Envoy's `on_log` / `on_done`); idempotent.
     pub fn on_done(&mut self, host: &dyn Host) {
+        if std::mem::take(&mut self.reported) {
+            if let Ok(mut vm) = self.vm.try_borrow_mut() {
+                vm.reporter.on_close();
+            }
+        }
         let Some((ri, ci)) = self.tracked else {
             return;
         };
@@ -346,23 +412,49 @@ impl StreamFilter {
     }
 }
 
-/// The ORCA report in `map` (the text header, else the binary one gRPC servers send): applied
-/// when valid, else counted and logged once (a backend can send any bytes).
-fn on_orca_report(host: &dyn Host, vm: &mut Vm, map: HeaderMap, now: Nanos, id: u64) {
+/// A client must never choose its own pod: remove whatever it sent, always.
+fn strip_endpoint_header(host: &dyn Host, vm: &mut Vm) {
+    let header = vm.config().endpoint_header.clone();
+    match host.header(HeaderMap::Request, &header) {
+        Ok(Some(_)) => {
+            vm.stats.health.endpoint_headers_stripped += 1;
+            if let Err(e) = host.set_header(HeaderMap::Request, &header, None) {
+                vm.host_error(host, "remove endpoint header", &e);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => vm.host_error(host, "get request header", &e),
+    }
+}
+
+/// The ORCA report in `map`: the text header, else the binary one gRPC servers send. `Ok(None)`
+/// when neither is there; `Err((header, reason))` when the value is not a valid report.
+fn read_orca(
+    host: &dyn Host,
+    map: HeaderMap,
+) -> Result<Option<OrcaReport>, (&'static str, String)> {
     type Parse = fn(&str) -> Result<OrcaReport, OrcaError>;
     let (name, value, parse): (_, _, Parse) = if let Ok(Some(v)) = host.header(map, ORCA_HEADER) {
         (ORCA_HEADER, v, orca::parse)
     } else if let Ok(Some(v)) = host.header(map, ORCA_BIN_HEADER) {
         (ORCA_BIN_HEADER, v, orca::parse_bin)
     } else {
-        return;
+        return Ok(None);
     };
-    let parsed = std::str::from_utf8(&value)
+    std::str::from_utf8(&value)
         .map_err(|_| "not UTF-8".to_string())
-        .and_then(|v| parse(v).map_err(|e| e.to_string()));
-    match parsed {
-        Ok(report) => vm.router.on_orca(now, id, &report),
-        Err(e) => {
+        .and_then(|v| parse(v).map_err(|e| e.to_string()))
+        .map(Some)
+        .map_err(|e| (name, e))
+}
+
+/// An upstream's ORCA report: applied when valid, else counted and logged once (a backend can
+/// send any bytes).
+fn on_orca_report(host: &dyn Host, vm: &mut Vm, map: HeaderMap, now: Nanos, id: u64) {
+    match read_orca(host, map) {
+        Ok(Some(report)) => vm.router.on_orca(now, id, &report),
+        Ok(None) => {}
+        Err((name, e)) => {
             vm.stats.health.orca_invalid += 1;
             vm.log_once(
                 host,

@@ -7,15 +7,20 @@
 //! 2. applies the newest published snapshot to its router;
 //! 3. folds counted traffic into rates (`Router::tick`), publishes its per-endpoint load in the
 //!    shared view with compare-and-swap and takes the other VMs' load from it;
-//! 4. flushes its accumulated stats.
+//! 4. probes pods for their load reports if it holds the lease, shares the reports (see
+//!    [`super::fleet`]), and folds the reporter role's counts;
+//! 5. flushes its accumulated stats.
 
 use hashbrown::{HashMap, HashSet};
 
+use super::fleet::Prober;
 use super::host::{string_property, Host, HostError, LogLevel};
 use super::stats::Stats;
 use streamlb_core::config::{Config, RebalanceMode};
 use streamlb_core::discovery;
+use streamlb_core::fleet::MeasuredLoad;
 use streamlb_core::rate_memory::{self, Bucket};
+use streamlb_core::reporter::{self, Reporter};
 use streamlb_core::router::Router;
 use streamlb_core::shared_view::{self, Slot};
 use streamlb_core::Nanos;
@@ -37,6 +42,14 @@ pub struct Vm {
     poll: Option<(u32, Nanos)>,
     next_poll: Nanos,
     snapshot_cas: Option<u32>,
+    /// This VM holds the discovery lease (and probes) until then.
+    lease_until: Nanos,
+    prober: Prober,
+    /// The reporter role's counts (used when `reporter` is configured).
+    pub reporter: Reporter,
+    /// The other VMs' reporter figures and app utilisation, from the shared load view.
+    reporter_others: MeasuredLoad,
+    reporter_app_utilization: Option<f64>,
 }
 
 impl Vm {
@@ -64,6 +77,11 @@ impl Vm {
             poll: None,
             next_poll: 0,
             snapshot_cas: None,
+            lease_until: 0,
+            prober: Prober::default(),
+            reporter: Reporter::default(),
+            reporter_others: MeasuredLoad::default(),
+            reporter_app_utilization: None,
         })
     }
 
@@ -99,6 +117,9 @@ impl Vm {
         self.discovery_tick(host, now);
         self.read_snapshot(host, now);
         self.router.tick(now);
+        self.fleet_tick(host, now);
+        let tau = self.router.config().load.tau_ms as f64 / 1000.0;
+        self.reporter.tick(now, tau);
         self.share_load(host, now);
         if self.router.config().rebalance.mode != RebalanceMode::Off {
             self.rebalance(host, now);
@@ -156,10 +177,14 @@ impl Vm {
                 return false;
             }
         }
+        let until = now + 3 * poll_ms * MS;
         let mut lease = self.id.to_le_bytes().to_vec();
-        lease.extend_from_slice(&(now + 3 * poll_ms * MS).to_le_bytes());
+        lease.extend_from_slice(&until.to_le_bytes());
         match host.shared_set(LEASE_KEY, &lease, cas) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.lease_until = until;
+                true
+            }
             Err(HostError::CasMismatch) => false,
             Err(e) => {
                 self.host_error(host, "set_shared_data (lease)", &e);
@@ -187,6 +212,10 @@ impl Vm {
         body: Option<&[u8]>,
     ) {
         if self.poll.map(|(t, _)| t) != Some(token) {
+            let now = host.now().unwrap_or(0);
+            let stats = &mut self.stats.fleet;
+            self.prober
+                .on_response(host, token, &mut self.router, stats, now);
             return;
         }
         self.poll = None;
@@ -270,20 +299,24 @@ impl Vm {
 
     fn share_load(&mut self, host: &dyn Host, now: Nanos) {
         let expire = 3 * self.router.config().tick_ms * MS;
+        let mut entries: Vec<shared_view::Entry> = self
+            .router
+            .local_loads()
+            .into_iter()
+            .map(|(cluster, address, load, active)| shared_view::Entry {
+                cluster: cluster.to_string(),
+                address: address.to_string(),
+                load: load as f32,
+                active,
+            })
+            .collect();
+        if self.router.config().reporter.is_some() {
+            entries.extend(self.reporter_entries(now));
+        }
         let mine = Slot {
             vm: self.id,
             updated_at: now,
-            entries: self
-                .router
-                .local_loads()
-                .into_iter()
-                .map(|(cluster, address, load, active)| shared_view::Entry {
-                    cluster: cluster.to_string(),
-                    address: address.to_string(),
-                    load: load as f32,
-                    active,
-                })
-                .collect(),
+            entries,
         };
         for _ in 0..CAS_ATTEMPTS {
             let (current, cas) = match host.shared_get(LOAD_KEY) {
@@ -310,6 +343,8 @@ impl Vm {
                             })
                             .collect();
                         self.router.set_remote_loads(now, others);
+                        (self.reporter_others, self.reporter_app_utilization) =
+                            reporter_figures(shared_view::others(&slots, self.id, now, expire));
                     }
                     return;
                 }
@@ -317,6 +352,58 @@ impl Vm {
                 Err(e) => return self.host_error(host, "set_shared_data (load)", &e),
             }
         }
+    }
+
+    /// The fleet view: the lease holder probes and publishes, the others apply its reports.
+    fn fleet_tick(&mut self, host: &dyn Host, now: Nanos) {
+        let prober = now < self.lease_until && self.router.config().probe.enabled;
+        if prober {
+            self.stats.fleet.probed_at = Some(now);
+            self.prober
+                .send(host, &mut self.router, &mut self.stats.fleet, now);
+        }
+        self.prober.share(host, &mut self.router, prober, now);
+    }
+
+    /// This VM's reporter figures as shared-view entries.
+    fn reporter_entries(&self, now: Nanos) -> Vec<shared_view::Entry> {
+        let m = self.reporter.measured();
+        let max_age = self.router.config().probe.max_age_ms * MS;
+        let entry = |address: &str, load: f64, active: u64| shared_view::Entry {
+            cluster: reporter::SHARED_CLUSTER.into(),
+            address: address.into(),
+            load: load as f32,
+            active: u32::try_from(active).unwrap_or(u32::MAX),
+        };
+        let mut out = vec![
+            entry(reporter::MESSAGES_ENTRY, m.messages_per_second, m.streams),
+            entry(reporter::BYTES_ENTRY, m.bytes_per_second, 0),
+        ];
+        if let Some(u) = self.reporter.app_utilization(now, max_age) {
+            out.push(entry(reporter::APP_UTILIZATION_ENTRY, u, 0));
+        }
+        out
+    }
+
+    /// The answer to a load probe (reporter role): this Envoy's figures over every stream into
+    /// the pod, all workers summed.
+    pub fn load_report(&self, now: Nanos) -> String {
+        let Some(cfg) = &self.router.config().reporter else {
+            return String::new();
+        };
+        let own = self.reporter.measured();
+        let others = &self.reporter_others;
+        let total = MeasuredLoad {
+            messages_per_second: own.messages_per_second + others.messages_per_second,
+            bytes_per_second: own.bytes_per_second + others.bytes_per_second,
+            streams: own.streams + others.streams,
+        };
+        let max_age = self.router.config().probe.max_age_ms * MS;
+        let app = self
+            .reporter
+            .app_utilization(now, max_age)
+            .or(self.reporter_app_utilization);
+        streamlb_core::fleet::report_value(&total, cfg.capacity, app)
     }
 
     /// Write the rates of streams that ran long enough into the shared rate memory.
@@ -437,4 +524,26 @@ fn allocate_vm_id(host: &dyn Host, now: Nanos) -> u64 {
         }
     }
     now | (1 << 63)
+}
+
+/// The reporter figures in the other VMs' shared-view entries (summed; the app's utilisation is
+/// the largest seen).
+fn reporter_figures<'a>(
+    entries: impl Iterator<Item = &'a shared_view::Entry>,
+) -> (MeasuredLoad, Option<f64>) {
+    let mut m = MeasuredLoad::default();
+    let mut app: Option<f64> = None;
+    for e in entries.filter(|e| e.cluster == reporter::SHARED_CLUSTER) {
+        let v = f64::from(e.load);
+        match e.address.as_str() {
+            reporter::MESSAGES_ENTRY => {
+                m.messages_per_second += v;
+                m.streams += u64::from(e.active);
+            }
+            reporter::BYTES_ENTRY => m.bytes_per_second += v,
+            reporter::APP_UTILIZATION_ENTRY => app = Some(app.map_or(v, |a| a.max(v))),
+            _ => {}
+        }
+    }
+    (m, app)
 }

@@ -127,7 +127,7 @@ def test_envoy_exports_the_filter_stats_with_labels(tmp_path, wasm):
     assert "streamlb_discovery_polls_ok_total" in names
     assert not any(n.startswith("envoy_cluster_") for n in names), sorted(names)[:20]
     labelled = [line for line in text.splitlines() if line.startswith("streamlb_")]
-    for label in ("route", "cluster", "direction", "reason", "status_class"):
+    for label in ("route", "cluster", "direction", "reason", "status_class", "view"):
         assert any(f'{label}="' in line for line in labelled), f"no {label} label:\n" + "\n".join(labelled)
     # The template's microsecond buckets, up to 4 h.
     assert any(line.startswith("streamlb_route_duration_us_bucket") and 'le="14400000000"' in line for line in labelled)
