@@ -472,9 +472,11 @@ async fn serve_connection(pod: Arc<Pod>, tcp: TcpStream, stop: watch::Receiver<b
                     inner: tonic::body::Body::empty(),
                     orca: None,
                 });
-                response
-                    .headers_mut()
-                    .insert(ORCA_HEADER, header_value(&pod.probe_report()));
+                let report = match &pod.orca_raw {
+                    Some(raw) => raw.clone(),
+                    None => header_value(&pod.probe_report()),
+                };
+                response.headers_mut().insert(ORCA_HEADER, report);
                 return Ok(response);
             }
             let saw_endpoint = request.headers().get(&pod.endpoint_header).cloned();

@@ -62,9 +62,11 @@ class Envoy(Managed):
         gateway_zones: Sequence[str] | None = None,
         health_checks: bool = True,
         native_strip: bool = True,
+        reporter: bool = False,
     ):
         self.health_checks = health_checks
         self.native_strip = native_strip
+        self.reporter = reporter
         self.pod_list = list(pods.pods if isinstance(pods, Pods) else pods)
         self.filter_config = filter_config
         self.lb = lb
@@ -107,6 +109,7 @@ class Envoy(Managed):
             health_checks=self.health_checks,
             admin_gate_port=self.admin_gate_port,
             native_strip=self.native_strip,
+            reporter=self.reporter,
         )
 
     def write_config(self) -> Path:

@@ -97,6 +97,7 @@ def render_config(
     health_checks: bool = True,
     admin_gate_port: int | None = None,
     native_strip: bool = True,
+    reporter: bool = False,
 ) -> dict[str, Any]:
     """The Envoy bootstrap as a dict, from envoy/envoy.yaml.tmpl.
 
@@ -126,6 +127,14 @@ def render_config(
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.wasm"]
     if not native_strip:
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.header_mutation"]
+    if reporter:
+        # A pod's inbound proxy: probes arrive marked and are answered by the filter.
+        for f in hcm["http_filters"]:
+            if f["name"] == "envoy.filters.http.header_mutation":
+                mutations = f["typed_config"]["mutations"]["request_mutations"]
+                mutations[:] = [m for m in mutations if m.get("remove") != "x-streamlb-probe"]
+        for vhost in hcm["route_config"]["virtual_hosts"]:
+            vhost["routes"] = [r for r in vhost["routes"] if r.get("name") != "load-probes"]
 
     clusters = config["static_resources"]["clusters"]
     pods_cluster = next(c for c in clusters if c["name"] == "pods")

@@ -110,6 +110,11 @@ class Pods(Managed):
     def start(self, name: str) -> None:
         self._post(name, "start")
 
+    def set_capacity(self, name: str, capacity: float) -> None:
+        """The pod's capacity (msgs/s) from now on: its acks slow down above it, and its load
+        reports say the new utilisation."""
+        self._post(name, f"capacity/{capacity:g}")
+
     def _post(self, name: str, action: str) -> None:
         status, body = http_request("POST", f"http://{self.control}/pods/{name}/{action}", body=b"")
         if status // 100 != 2:

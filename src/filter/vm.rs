@@ -129,6 +129,9 @@ impl Vm {
     }
 
     fn discovery_tick(&mut self, host: &dyn Host, now: Nanos) {
+        if self.router.config().clusters.is_empty() {
+            return; // reporter role only: nothing to place
+        }
         let d = &self.router.config().discovery;
         let (poll_ms, timeout_ms) = (d.poll_ms, d.timeout_ms);
         if let Some((_, started)) = self.poll {
