@@ -159,7 +159,7 @@ def test_a_bad_plugin_config_is_rejected_by_the_filter(rendered, wasm, tmp_path)
 def test_base_documents_every_config_field():
     """Each field of the filter's Config structs appears in the base WasmPlugin (set, or in a
     comment with its meaning)."""
-    source = (REPO / "src" / "core" / "config.rs").read_text()
+    source = (REPO / "core" / "src" / "config.rs").read_text()
     fields = set(re.findall(r"^\s*pub (\w+):", source, re.M)) - {"path", "reason"}
     text = (ISTIO / "base" / "wasmplugin.yaml").read_text()
     missing = sorted(f for f in fields if not re.search(rf"^\s*#?\s*{f}:", text, re.M))
