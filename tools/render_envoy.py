@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--compose", action="store_true", help="fixed ports and hostnames for docker-compose")
     parser.add_argument("--pods", type=Path, help="JSON file: lab pods line or list of pods")
     parser.add_argument("--admin-port", type=int, default=9901)
+    parser.add_argument("--admin-gate-port", type=int, help="listener passing only GET /clusters (default: admin port + 1)")
     parser.add_argument("--listen-port", type=int, default=10000)
     parser.add_argument("--listen-address", default="127.0.0.1")
     parser.add_argument("--node-zone", default="a")
@@ -48,6 +49,7 @@ def main() -> int:
 
     kwargs = dict(
         admin_port=args.admin_port,
+        admin_gate_port=args.admin_gate_port,
         listen_port=args.listen_port,
         node_zone=args.node_zone,
         lb=args.lb,
