@@ -36,6 +36,7 @@ REPO = kit.REPO
 ALL_POLICIES = [
     "direct",
     "streamlb",
+    "streamlb_local",
     "streamlb_rebalance",
     "streamlb_shadow",
     "round_robin",
@@ -95,6 +96,8 @@ def pin(pid: int, cpu: int) -> None:
 FILTER_DEFAULTS = {"tick_ms": 1000}
 STREAMLB_OVERRIDES: dict[str, tuple[dict, ...]] = {
     "streamlb": (),
+    # Today's behaviour before the fleet view: each Envoy sees only its own streams.
+    "streamlb_local": ({"probe": {"enabled": False}},),
     # Rebalancing on; the scenario's streams are bidi, whose responses start at once, so moving
     # them needs allow_reset (clients see INTERNAL, reconnect and resend).
     "streamlb_rebalance": ({"rebalance": {"mode": "on", "allow_reset": True}},),
