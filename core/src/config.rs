@@ -100,7 +100,7 @@ impl Default for ProbeConfig {
             path: DEFAULT_LOAD_PATH.into(),
             authority: "streamlb-probe".into(),
             interval_ms: 1000,
-            max_per_tick: 16,
+            max_per_tick: 64,
             timeout_ms: 250,
             max_age_ms: 5000,
         }
