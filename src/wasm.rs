@@ -134,6 +134,12 @@ struct Root {
     vm: Option<Rc<RefCell<Vm>>>,
 }
 
+thread_local! {
+    /// The newest configured `Vm` of this VM (one wasm instance per thread): a configuration
+    /// reload creates a new root context here, and the previous one hands over to it.
+    static NEWEST: RefCell<Option<Rc<RefCell<Vm>>>> = const { RefCell::new(None) };
+}
+
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
@@ -174,7 +180,12 @@ impl RootContext for Root {
         };
         match Vm::configure(&host, &config) {
             Ok(vm) => {
-                self.vm = Some(Rc::new(RefCell::new(vm)));
+                let vm = Rc::new(RefCell::new(vm));
+                let previous = NEWEST.with(|n| n.replace(Some(vm.clone())));
+                if let Some(Ok(mut old)) = previous.as_ref().map(|p| p.try_borrow_mut()) {
+                    old.supersede(vm.clone());
+                }
+                self.vm = Some(vm);
                 true
             }
             Err(e) => {
@@ -198,7 +209,8 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let vm = self.vm.clone()?;
+        // After a reload the newest configuration takes new streams, even on old connections.
+        let vm = Vm::newest(self.vm.clone()?);
         Some(Box::new(Http(StreamFilter::new(vm, u64::from(context_id)))))
     }
 }

@@ -30,6 +30,8 @@ pub struct MockHost {
     pub body_reads: Cell<usize>,
     /// Messages of streams ended with `end_stream_unavailable`.
     pub ended_streams: RefCell<Vec<String>>,
+    /// The last tick period set (0 stops the timer).
+    pub tick_period_ms: Cell<Option<u64>>,
 }
 
 impl MockHost {
@@ -182,8 +184,10 @@ impl Host for MockHost {
         Ok(())
     }
 
-    fn set_tick_period_ms(&self, _ms: u64) -> HostResult<()> {
-        self.check("set_tick_period")
+    fn set_tick_period_ms(&self, ms: u64) -> HostResult<()> {
+        self.check("set_tick_period")?;
+        self.tick_period_ms.set(Some(ms));
+        Ok(())
     }
 
     fn end_stream_unavailable(&self, message: &str) -> HostResult<()> {
