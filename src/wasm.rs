@@ -134,6 +134,16 @@ struct Root {
     vm: Option<Rc<RefCell<Vm>>>,
 }
 
+impl Drop for Root {
+    /// Envoy deleted the root context (its configuration drained, or its listener update was
+    /// rejected): its `Vm` is nobody's successor any more.
+    fn drop(&mut self) {
+        if let Some(Ok(mut vm)) = self.vm.as_ref().map(|v| v.try_borrow_mut()) {
+            vm.retire();
+        }
+    }
+}
+
 thread_local! {
     /// The newest configured `Vm` of this VM (one wasm instance per thread): a configuration
     /// reload creates a new root context here, and the previous one hands over to it.
@@ -181,7 +191,10 @@ impl RootContext for Root {
         match Vm::configure(&host, &config) {
             Ok(vm) => {
                 let vm = Rc::new(RefCell::new(vm));
-                let previous = NEWEST.with(|n| n.replace(Some(vm.clone())));
+                let previous = NEWEST.with(|n| match n.try_borrow_mut() {
+                    Ok(mut newest) => newest.replace(vm.clone()),
+                    Err(_) => None,
+                });
                 if let Some(Ok(mut old)) = previous.as_ref().map(|p| p.try_borrow_mut()) {
                     old.supersede(vm.clone());
                 }

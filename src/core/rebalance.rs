@@ -52,8 +52,6 @@ pub struct Plan {
     pub skipped_budget: Vec<u64>,
     /// Per cluster: moves wanted that found no endpoint with room.
     pub skipped_no_room: Vec<u64>,
-    /// Per cluster: planned moves dropped because they were not carried out in time.
-    pub expired: Vec<u64>,
     /// Per cluster: Σ excess above the hot line over Σ load, before and after the planned moves.
     pub excess_before: Vec<f64>,
     pub excess_after: Vec<f64>,

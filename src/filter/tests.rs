@@ -767,18 +767,25 @@ fn a_reload_hands_every_stream_to_the_new_configuration() {
     for s in streams.iter_mut() {
         assert_eq!(send(&h, s, &grpc_frames(&[30])), BodyAction::Continue);
     }
+    // Until the new root context has ticked (Envoy may still reject the update), the old one
+    // keeps its streams, but stands down: the lease is released.
     h.time.set(14 * SEC);
+    old.borrow_mut().on_tick(&h);
+    assert_eq!(old.borrow().router.streams().len(), 6);
+    assert!(Rc::ptr_eq(&Vm::newest(old.clone()), &old));
+    let holder = |store: &SharedStore| {
+        (store.borrow().get(LEASE_KEY)).and_then(|(v, _)| {
+            v.get(0..8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        })
+    };
+    assert_eq!(holder(&store), None, "lease released");
+    new.borrow_mut().on_tick(&h);
     old.borrow_mut().on_tick(&h);
     assert_eq!(h.tick_period_ms.get(), Some(0), "the old timer stops");
     assert!(old.borrow().router.streams().is_empty());
     assert_eq!(new.borrow().router.streams().len(), 6);
-    assert!(
-        store
-            .borrow()
-            .get(LEASE_KEY)
-            .is_some_and(|(v, _)| v.is_empty()),
-        "lease released"
-    );
+    assert_eq!(holder(&store), Some(new.borrow().id));
     // The streams follow; the new configuration never moves them.
     run_hot(&h, &new, &mut streams, 5, 10);
     assert!(h.ended_streams.borrow().is_empty());
@@ -795,6 +802,39 @@ fn a_reload_hands_every_stream_to_the_new_configuration() {
     assert_eq!(up, 6 * (10 * before + 1 + 10 * 10) as i64);
     // New streams on the old root context go to the new configuration.
     assert!(Rc::ptr_eq(&Vm::newest(old.clone()), &new));
+}
+
+/// Envoy rejected the listener update after the new root context was configured: it is
+/// deleted before it ticks, and the old configuration carries on as before.
+#[test]
+fn a_rejected_reload_changes_nothing() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let on = r#"{"clusters":["pods"],"local_zone":"a","rebalance":{"mode":"on","min_age_ms":0,
+        "max_moves_per_tick":10,"max_share_per_minute":1.0,"max_moves_per_minute":100}}"#;
+    let old = vm(&h, on);
+    discover(&h, &old);
+    let mut streams: Vec<StreamFilter> = (0..6)
+        .map(|id| open_on(&h, &old, id, "10.0.0.1:8080", None))
+        .collect();
+    run_hot(&h, &old, &mut streams, 1, 3);
+    let rejected = vm(&h, &on.replace(r#""mode":"on""#, r#""mode":"off""#));
+    old.borrow_mut().supersede(rejected.clone());
+    rejected.borrow_mut().retire();
+    h.time.set(14 * SEC);
+    old.borrow_mut().on_tick(&h);
+    assert!(Rc::ptr_eq(&Vm::newest(old.clone()), &old));
+    assert_eq!(old.borrow().router.streams().len(), 6);
+    assert!(rejected.borrow().router.streams().is_empty());
+    // Still rebalancing: a planned stream ends at its next boundary.
+    let planned: Vec<usize> = (0..6)
+        .filter(|&id| old.borrow().router.move_planned(id as u64))
+        .collect();
+    assert!(!planned.is_empty());
+    assert_eq!(
+        send(&h, &mut streams[planned[0]], &grpc_frames(&[30])),
+        BodyAction::Ended
+    );
 }
 
 /// The new configuration runs in another VM (e.g. new code): the old one learns of it from
@@ -814,6 +854,9 @@ fn an_outdated_configuration_stands_down() {
     assert!((0..6).any(|id| old.borrow().router.move_planned(id)));
     let polls = h1.calls.borrow().len();
     let new = vm(&h2, &on.replace(r#""mode":"on""#, r#""mode":"off""#));
+    h2.time.set(h1.time.get());
+    new.borrow_mut().on_tick(&h2); // claims its generation; the old VM still holds the lease
+    assert!(h2.calls.borrow().is_empty());
     // At once: the planned moves are not carried out.
     for s in streams.iter_mut() {
         assert_eq!(send(&h1, s, &grpc_frames(&[30])), BodyAction::Continue);
@@ -826,7 +869,7 @@ fn an_outdated_configuration_stands_down() {
     );
     assert!(h1.ended_streams.borrow().is_empty());
     assert!(h1.logged("stands down"));
-    // The new one takes the lease at once and polls.
+    // The old one released the lease: the new one takes it and polls.
     h2.time.set(h1.time.get());
     new.borrow_mut().on_tick(&h2);
     assert_eq!(h2.calls.borrow().len(), 1);

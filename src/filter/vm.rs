@@ -13,14 +13,16 @@
 //! Configuration reload. Envoy (1.40, checked with filesystem LDS) gives a new plugin
 //! configuration a new root context in the **same** VM of each worker and of the main thread;
 //! the old root contexts keep their timers and their streams (new streams on old connections
-//! too) until the old listener's filter chains are gone, i.e. up to the drain time (600 s by
-//! default), even with no connection left. So:
-//! - every configuration claims a generation in shared data (`GENERATION_KEY`: a new
-//!   configuration text gets the next number);
-//! - in the same VM, the adapter links each `Vm` to its successor ([`Vm::supersede`]). On its
-//!   next tick the old `Vm` hands all its streams to the newest one (rates, endpoints, load and
-//!   the active-stream gauge go along), releases the discovery lease, flushes its stats and
-//!   stops its timer; its stream contexts follow on their next callback, and it gives new
+//! too) until the old filter chains are gone (with `--drain-time-s 600` they still ticked 30 s
+//! after their last connection closed). So:
+//! - on its first tick (a listener update Envoy rejects never ticks) every configuration claims
+//!   a generation in shared data (`GENERATION_KEY`: a new configuration text gets the next
+//!   number);
+//! - in the same VM, the adapter links each `Vm` to its successor ([`Vm::supersede`]) and
+//!   marks a `Vm` whose root context Envoy deleted ([`Vm::retire`]). Once the successor has
+//!   ticked, the old `Vm` hands all its streams to it on its own next tick (rates, endpoints,
+//!   load and the active-stream gauge go along), releases the discovery lease, flushes its stats
+//!   and stops its timer; its stream contexts follow on their next callback, and it gives new
 //!   streams to the newest `Vm`. From then on the new configuration governs every stream;
 //! - a `Vm` that sees a newer generation but has no successor (the new configuration runs in
 //!   another VM, e.g. new code) stands down: no lease, no polls, no rebalancing; it only keeps
@@ -63,8 +65,17 @@ pub struct Vm {
     poll: Option<(u32, Nanos)>,
     next_poll: Nanos,
     snapshot_cas: Option<u32>,
-    /// This configuration's generation (0: shared data failed, never outdated).
+    /// Hash of the configuration text.
+    config_hash: u64,
+    /// This configuration's generation, claimed on the first tick (0: not yet, or shared data
+    /// failed; never outdated then).
     generation: u64,
+    /// The first tick ran (the root context is live).
+    ticked: bool,
+    /// Envoy deleted this root context (e.g. its listener update was rejected).
+    retired: bool,
+    /// Standing down: a newer configuration exists (no lease, no polls, no moves).
+    stood_down: bool,
     /// A newer configuration exists (seen in shared data).
     outdated: bool,
     /// The root context of a newer configuration in this same VM.
@@ -89,7 +100,6 @@ impl Vm {
         host.set_tick_period_ms(cfg.tick_ms)
             .map_err(|e| format!("cannot set the tick period: {e:?}"))?;
         let seed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now;
-        let generation = claim_generation(host, config);
         let mut vm = Vm {
             router: Router::new(cfg, &local_zone, seed),
             id,
@@ -98,21 +108,42 @@ impl Vm {
             poll: None,
             next_poll: 0,
             snapshot_cas: None,
-            generation,
+            config_hash: rate_memory::key_hash(&[0, 0], config),
+            generation: 0,
+            ticked: false,
+            retired: false,
+            stood_down: false,
             outdated: false,
             successor: None,
-            rate_secret: load_secret(host),
+            rate_secret: [0, 0],
         };
+        vm.rate_secret = vm.load_secret(host);
         if let Ok((None, _)) = host.shared_get(BUDGET_KEY) {
             // Created once, so that every later write is a compare-and-swap.
-            let _ = host.shared_set(BUDGET_KEY, &Budget::default().encode(), None);
+            if let Err(e) = host.shared_set(BUDGET_KEY, &Budget::default().encode(), None) {
+                vm.host_error(host, "set_shared_data (budget)", &e);
+            }
         }
         vm.read_snapshot(host, now); // place at once, not after the first tick
-        host.log(
-            LogLevel::Info,
-            &format!("streamlb: configuration generation {generation} loaded (vm {id})"),
-        );
         Ok(vm)
+    }
+
+    /// The rate memory's key: the one in shared data, else a new random one stored there (then
+    /// read back, so that VMs starting at the same moment agree on the one that was kept).
+    fn load_secret(&mut self, host: &dyn Host) -> Secret {
+        let stored = || match host.shared_get(SECRET_KEY) {
+            Ok((Some(b), _)) => rate_memory::decode_secret(&b),
+            _ => None,
+        };
+        if let Some(s) = stored() {
+            return s;
+        }
+        let fresh = rate_memory::new_secret();
+        if let Err(e) = host.shared_set(SECRET_KEY, &rate_memory::encode_secret(&fresh), None) {
+            // This VM keeps its own key: its devices' rates are not shared with the others.
+            self.host_error(host, "set_shared_data (rate memory key)", &e);
+        }
+        stored().unwrap_or(fresh)
     }
 
     /// A newer configuration's root context started in this same VM: hand everything to it on
@@ -121,28 +152,49 @@ impl Vm {
         self.successor = Some(successor);
     }
 
+    /// Envoy deleted this `Vm`'s root context: it is nobody's successor.
+    pub fn retire(&mut self) {
+        self.retired = true;
+    }
+
     pub fn successor(&self) -> Option<&Rc<RefCell<Vm>>> {
         self.successor.as_ref()
     }
 
-    /// The newest `Vm` this one leads to (itself when it has no successor).
+    /// The newest live `Vm` this one leads to: the last successor that has ticked and was not
+    /// retired, else `vm` itself.
     pub fn newest(vm: Rc<RefCell<Vm>>) -> Rc<RefCell<Vm>> {
-        let mut vm = vm;
-        loop {
-            let next = match vm.try_borrow() {
-                Ok(v) => v.successor.clone(),
-                Err(_) => None,
+        let mut newest = vm.clone();
+        let mut next = vm.try_borrow().ok().and_then(|v| v.successor.clone());
+        while let Some(n) = next {
+            let (live, after) = match n.try_borrow() {
+                Ok(v) => (v.ticked && !v.retired, v.successor.clone()),
+                Err(_) => (false, None),
             };
-            match next {
-                Some(n) => vm = n,
-                None => return vm,
+            if live {
+                newest = n.clone();
+            }
+            next = after;
+        }
+        newest
+    }
+
+    /// A successor in this VM that has not been retired (live or about to be).
+    fn has_successor(&self) -> bool {
+        let mut next = self.successor.clone();
+        while let Some(n) = next {
+            match n.try_borrow() {
+                Ok(v) if !v.retired => return true,
+                Ok(v) => next = v.successor.clone(),
+                Err(_) => return true, // busy: it is running
             }
         }
+        false
     }
 
     /// Whether a newer configuration exists (in this VM or, per shared data, anywhere).
     fn superseded(&mut self, host: &dyn Host) -> bool {
-        if self.successor.is_some() {
+        if self.has_successor() {
             return true;
         }
         if !self.outdated && self.generation > 0 {
@@ -190,13 +242,28 @@ impl Vm {
             Ok(t) => t,
             Err(e) => return self.host_error(host, "get_current_time", &e),
         };
+        if !self.ticked {
+            self.ticked = true;
+            self.generation = claim_generation(host, self.config_hash);
+            host.log(
+                LogLevel::Info,
+                &format!(
+                    "streamlb: configuration generation {} running (vm {})",
+                    self.generation, self.id
+                ),
+            );
+        }
         if let Some(successor) = self.successor.clone() {
-            return self.hand_over(host, now, &Vm::newest(successor));
+            let newest = Vm::newest(successor);
+            if newest.try_borrow().is_ok_and(|v| v.ticked && !v.retired) {
+                return self.hand_over(host, now, &newest);
+            }
         }
         let current = !self.superseded(host);
         if current {
+            self.stood_down = false;
             self.discovery_tick(host, now);
-        } else {
+        } else if !self.stood_down {
             self.stand_down(host);
         }
         self.read_snapshot(host, now);
@@ -209,16 +276,18 @@ impl Vm {
         self.flush(host);
     }
 
-    /// A newer configuration runs elsewhere: no lease, no polls, no moves (once).
+    /// A newer configuration exists: no lease, no polls, no moves. (In this VM it is about to
+    /// take the streams over; elsewhere this `Vm` keeps measuring its own streams.)
     fn stand_down(&mut self, host: &dyn Host) {
-        if self.logged.insert("superseded") {
-            self.poll = None;
-            self.release_lease(host);
-            self.router.clear_moves();
+        self.stood_down = true;
+        self.poll = None;
+        self.release_lease(host);
+        self.router.clear_moves();
+        if !self.has_successor() {
             host.log(
                 LogLevel::Info,
                 &format!(
-                    "streamlb: vm {} (generation {}) stands down: a newer configuration is loaded",
+                    "streamlb: vm {} (generation {}) stands down: a newer configuration runs in another VM",
                     self.id, self.generation
                 ),
             );
@@ -599,10 +668,10 @@ fn decode_generation(v: &[u8]) -> Option<(u64, u64)> {
     Some((generation, hash))
 }
 
-/// This configuration's generation: the current one if the newest configuration has the same
-/// text, else the next number (written with compare-and-swap). 0 if shared data fails.
-fn claim_generation(host: &dyn Host, config: &[u8]) -> u64 {
-    let hash = rate_memory::key_hash(&[0, 0], config);
+/// The generation of the configuration whose text hashes to `hash`: the current one if the
+/// newest configuration has the same text, else the next number (written with
+/// compare-and-swap). 0 if shared data fails.
+fn claim_generation(host: &dyn Host, hash: u64) -> u64 {
     for _ in 0..CAS_ATTEMPTS {
         let Ok((current, cas)) = host.shared_get(GENERATION_KEY) else {
             break;
@@ -622,21 +691,6 @@ fn claim_generation(host: &dyn Host, config: &[u8]) -> u64 {
         }
     }
     0
-}
-
-/// The rate memory's key: the one in shared data, else a new random one stored there (then
-/// read back, so that VMs starting at the same moment agree on the one that was kept).
-fn load_secret(host: &dyn Host) -> Secret {
-    let stored = || match host.shared_get(SECRET_KEY) {
-        Ok((Some(b), _)) => rate_memory::decode_secret(&b),
-        _ => None,
-    };
-    if let Some(s) = stored() {
-        return s;
-    }
-    let fresh = rate_memory::new_secret();
-    let _ = host.shared_set(SECRET_KEY, &rate_memory::encode_secret(&fresh), None);
-    stored().unwrap_or(fresh)
 }
 
 fn decode_lease(v: &[u8]) -> Option<(u64, Nanos)> {
