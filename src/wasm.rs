@@ -153,6 +153,22 @@ struct Root {
     vm: Option<Rc<RefCell<Vm>>>,
 }
 
+impl Drop for Root {
+    /// Envoy deleted the root context (its configuration drained, or its listener update was
+    /// rejected): its `Vm` is nobody's successor any more.
+    fn drop(&mut self) {
+        if let Some(Ok(mut vm)) = self.vm.as_ref().map(|v| v.try_borrow_mut()) {
+            vm.retire();
+        }
+    }
+}
+
+thread_local! {
+    /// The newest configured `Vm` of this VM (one wasm instance per thread): a configuration
+    /// reload creates a new root context here, and the previous one hands over to it.
+    static NEWEST: RefCell<Option<Rc<RefCell<Vm>>>> = const { RefCell::new(None) };
+}
+
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
@@ -193,7 +209,15 @@ impl RootContext for Root {
         };
         match Vm::configure(&host, &config) {
             Ok(vm) => {
-                self.vm = Some(Rc::new(RefCell::new(vm)));
+                let vm = Rc::new(RefCell::new(vm));
+                let previous = NEWEST.with(|n| match n.try_borrow_mut() {
+                    Ok(mut newest) => newest.replace(vm.clone()),
+                    Err(_) => None,
+                });
+                if let Some(Ok(mut old)) = previous.as_ref().map(|p| p.try_borrow_mut()) {
+                    old.supersede(vm.clone());
+                }
+                self.vm = Some(vm);
                 true
             }
             Err(e) => {
@@ -218,8 +242,12 @@ impl RootContext for Root {
 
     /// Never `None` (the SDK panics on it): without a configured VM, a pass-through context.
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // After a reload the newest configuration takes new streams, even on old connections.
         Some(match self.vm.clone() {
-            Some(vm) => Box::new(Http(StreamFilter::new(vm, u64::from(context_id)))),
+            Some(vm) => Box::new(Http(StreamFilter::new(
+                Vm::newest(vm),
+                u64::from(context_id),
+            ))),
             None => Box::new(PassThrough),
         })
     }

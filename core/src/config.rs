@@ -199,6 +199,9 @@ pub struct RateMemoryConfig {
     pub capacity: usize,
     /// A remembered rate older than this is forgotten.
     pub max_age_ms: u64,
+    /// A remembered rate is capped at `max_ratio ×` the learned mean rate per stream of its
+    /// route (else cluster, else `load.default_stream_rate`), when written and when read.
+    pub max_ratio: f64,
 }
 
 /// `off`, `shadow` (plan and report moves, end nothing) or `on` (end the chosen streams).
@@ -222,7 +225,8 @@ pub struct RebalanceConfig {
     pub hysteresis: f64,
     /// Streams younger than this are never moved.
     pub min_age_ms: u64,
-    /// Budget per proxy (split across its workers).
+    /// Budget per proxy, shared by all its workers (in shared data): moves in any `tick_ms`
+    /// window, in any minute, and as a share of the proxy's streams per minute.
     pub max_moves_per_tick: u32,
     pub max_moves_per_minute: u32,
     /// At most this share of the proxy's streams is moved per minute.
@@ -239,6 +243,7 @@ impl Default for RateMemoryConfig {
             fallback_to_source_ip: false,
             capacity: 65_536,
             max_age_ms: 24 * 3_600_000,
+            max_ratio: 20.0,
         }
     }
 }
@@ -463,6 +468,7 @@ impl Config {
             1000,
             30 * 24 * 3_600_000,
         )?;
+        float_in("rate_memory.max_ratio", m.max_ratio, 1.0, 1e6)?;
         let r = &self.rebalance;
         float_in("rebalance.tolerance", r.tolerance, 0.01, 10.0)?;
         float_in("rebalance.hysteresis", r.hysteresis, 0.0, r.tolerance)?;

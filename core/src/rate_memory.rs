@@ -4,7 +4,8 @@
 //! Fixed memory whatever the fleet size: `capacity` entries in `capacity / WAYS` buckets of at
 //! most [`WAYS`] entries (16 bytes each: key hash, rate, last seen). A full bucket evicts its
 //! least recently seen entry. Keys are stored as 64-bit hashes, never as strings, and never
-//! reach a metric label. Buckets live in Envoy shared data (one key per bucket), so all workers
+//! reach a metric label. The hash is keyed with a random per-Envoy secret, so ids cannot be
+//! chosen to fill one bucket, and the router caps what a remembered rate may claim. Buckets live in Envoy shared data (one key per bucket), so all workers
 //! of a proxy share the memory; a bucket is read once per new stream with a key and written
 //! with compare-and-swap on the tick.
 
@@ -14,18 +15,45 @@ use super::Nanos;
 pub const WAYS: usize = 32;
 const ENTRY: usize = 16;
 
-/// 64-bit FNV-1a with a final avalanche (splitmix64), stable across builds and platforms.
-pub fn key_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
+/// The proxy's secret key for [`key_hash`]: random per Envoy, generated once and kept in shared
+/// data so that all its workers agree.
+pub type Secret = [u64; 2];
+
+/// Keyed 64-bit hash of a source key: SipHash-2-4 keyed with the proxy's secret. Without the
+/// secret nobody can craft ids that land in one bucket (and evict each other's entries).
+pub fn key_hash(secret: &Secret, bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let [k0, k1] = *secret;
+    // std's SipHasher is SipHash-2-4; it is deprecated only in favour of DefaultHasher, whose
+    // algorithm is unspecified and whose keys cannot be set.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(k0, k1);
+    h.write(bytes);
+    h.finish()
+}
+
+/// A fresh random secret (std's `RandomState` draws its keys from the OS; under WASI from
+/// `random_get`, which Envoy implements).
+pub fn new_secret() -> Secret {
+    use std::hash::{BuildHasher, Hasher};
+    let state = std::collections::hash_map::RandomState::new();
+    let draw = |i: u64| {
+        let mut h = state.build_hasher();
+        h.write_u64(i);
+        h.finish()
+    };
+    [draw(1), draw(2)]
+}
+
+pub fn encode_secret(secret: &Secret) -> Vec<u8> {
+    secret.iter().flat_map(|k| k.to_le_bytes()).collect()
+}
+
+/// The secret stored in shared data, if it is whole.
+pub fn decode_secret(bytes: &[u8]) -> Option<Secret> {
+    let k0 = u64::from_le_bytes(bytes.get(0..8)?.try_into().ok()?);
+    let k1 = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+    (bytes.len() == 16).then_some([k0, k1])
 }
 
 pub fn bucket_count(capacity: usize) -> usize {
@@ -125,6 +153,45 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
+    const SECRET: Secret = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
+
+    #[test]
+    fn key_hash_is_keyed_siphash() {
+        // The SipHash-2-4 reference vector: key 00..0f, message 00..0e.
+        let message: Vec<u8> = (0..15).collect();
+        assert_eq!(key_hash(&SECRET, &message), 0xa129_ca61_49be_45e5);
+        let s = new_secret();
+        assert_ne!(s, new_secret());
+        assert_eq!(decode_secret(&encode_secret(&s)), Some(s));
+        assert_eq!(decode_secret(&[1, 2, 3]), None);
+    }
+
+    /// Ids crafted to share one bucket under one secret spread out under another: without the
+    /// proxy's secret an attacker cannot aim at a bucket.
+    #[test]
+    fn other_secrets_put_ids_in_other_buckets() {
+        let buckets = bucket_count(65_536);
+        let other: Secret = [0x1234_5678, 0x9abc_def0];
+        let crafted: Vec<String> = (0..200_000)
+            .map(|i| format!("device-{i}"))
+            .filter(|id| bucket_of(key_hash(&SECRET, id.as_bytes()), buckets) == 7)
+            .take(2 * WAYS)
+            .collect();
+        assert_eq!(crafted.len(), 2 * WAYS);
+        let mut spread: Vec<usize> = crafted
+            .iter()
+            .map(|id| bucket_of(key_hash(&other, id.as_bytes()), buckets))
+            .collect();
+        spread.sort_unstable();
+        spread.dedup();
+        assert!(spread.len() >= 2 * WAYS - 4, "{} buckets", spread.len());
+        let moved = (0..1000)
+            .map(|i| format!("meter-{i}"))
+            .filter(|id| key_hash(&SECRET, id.as_bytes()) != key_hash(&other, id.as_bytes()))
+            .count();
+        assert_eq!(moved, 1000);
+    }
+
     #[test]
     fn remembers_updates_and_expires() {
         let mut b = Bucket::default();
@@ -169,7 +236,7 @@ mod tests {
         let mut buckets = vec![Bucket::default(); n_buckets];
         let n = 1_000_000u32;
         for i in 0..n {
-            let h = key_hash(format!("device-{i}").as_bytes());
+            let h = key_hash(&SECRET, format!("device-{i}").as_bytes());
             buckets[bucket_of(h, n_buckets)].put(h, f64::from(i % 100), i / 100);
         }
         let bytes: usize = buckets.iter().map(|b| b.encode().len()).sum();
@@ -177,7 +244,7 @@ mod tests {
         assert!(buckets.iter().all(|b| b.len() <= WAYS));
         let recent = (n - 20_000..n)
             .filter(|i| {
-                let h = key_hash(format!("device-{i}").as_bytes());
+                let h = key_hash(&SECRET, format!("device-{i}").as_bytes());
                 buckets[bucket_of(h, n_buckets)].get(h, n / 100, u32::MAX)
                     == Some(f64::from(i % 100))
             })

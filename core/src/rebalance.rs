@@ -13,12 +13,13 @@
 //!   `(1 + τ − η) · m · C_k`, or at least end `η · m` below the source's current level (per
 //!   unit capacity) — each move then lowers the pair's maximum by a margin, so moves cannot
 //!   cycle; moves already planned are counted;
-//! - within the churn budget: per tick, per minute and a share of streams per minute.
+//! - within the churn budget of the whole proxy ([`Budget`]): per tick, per minute and a share
+//!   of streams per minute.
 //!
 //! A moved stream is ended by the filter at a request message boundary; its client reconnects
-//! and the new stream is placed with its remembered rate.
-
-use std::collections::VecDeque;
+//! and the new stream is placed with its remembered rate. A planned move that is not carried
+//! out within [`move_deadline`] (the stream sent nothing at a boundary, or its response started
+//! without `allow_reset`) is dropped, and its stream counts on its endpoint again.
 
 use super::config::RebalanceConfig;
 use super::endpoints::Cluster;
@@ -26,6 +27,12 @@ use super::streams::StreamTable;
 use super::Nanos;
 
 const MINUTE: Nanos = 60_000_000_000;
+
+/// How long a planned move may wait for its stream's next request message boundary:
+/// `max(3 ticks, 5 s)`.
+pub fn move_deadline(tick: Nanos) -> Nanos {
+    tick.saturating_mul(3).max(5_000_000_000)
+}
 
 /// One planned move.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,41 +57,87 @@ pub struct Plan {
     pub excess_after: Vec<f64>,
 }
 
-/// The churn budget of one proxy worker.
-#[derive(Debug, Default)]
+/// The churn budget of one proxy: the times of its recent moves, shared by all its workers
+/// (the filter keeps it in Envoy shared data and updates it with compare-and-swap, so the
+/// limits hold whatever the worker count).
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Budget {
-    recent: VecDeque<Nanos>,
+    /// (time, moves) per claim, oldest first, at most a minute old.
+    claims: Vec<(Nanos, u32)>,
 }
 
+const BUDGET_VERSION: u8 = 1;
+const CLAIM: usize = 12;
+
 impl Budget {
-    /// Moves still allowed now, given `workers` sharing the proxy's budget and `streams` open.
+    /// Moves still allowed at `now`: at most `max_moves_per_tick` in any window of `tick`,
+    /// `max_moves_per_minute` in any minute, and `⌈max_share_per_minute × streams⌉` per
+    /// minute, where `streams` are the proxy's open streams.
     pub fn allowance(
-        &mut self,
+        &self,
         cfg: &RebalanceConfig,
         now: Nanos,
-        workers: usize,
+        tick: Nanos,
         streams: usize,
     ) -> usize {
-        while self
-            .recent
-            .front()
-            .is_some_and(|&t| now.saturating_sub(t) >= MINUTE)
-        {
-            self.recent.pop_front();
+        let within = |window: Nanos| -> usize {
+            self.claims
+                .iter()
+                .filter(|(t, _)| now.saturating_sub(*t) < window)
+                .map(|&(_, n)| n as usize)
+                .sum()
+        };
+        let per_tick = (cfg.max_moves_per_tick as usize).saturating_sub(within(tick));
+        let minute = within(MINUTE);
+        let per_minute = (cfg.max_moves_per_minute as usize).saturating_sub(minute);
+        let by_share =
+            ((cfg.max_share_per_minute * streams as f64).ceil() as usize).saturating_sub(minute);
+        per_tick.min(per_minute).min(by_share)
+    }
+
+    /// Record `moves` made at `now` and forget claims older than a minute.
+    pub fn spend(&mut self, now: Nanos, moves: usize) {
+        self.claims.retain(|(t, _)| now.saturating_sub(*t) < MINUTE);
+        if moves > 0 {
+            self.claims
+                .push((now, u32::try_from(moves).unwrap_or(u32::MAX)));
         }
-        let w = workers.max(1);
-        let per_tick = (cfg.max_moves_per_tick as usize).div_ceil(w);
-        let per_minute = (cfg.max_moves_per_minute as usize).div_ceil(w);
-        let by_share = (cfg.max_share_per_minute * streams as f64).ceil() as usize;
-        per_tick.min(per_minute.min(by_share).saturating_sub(self.recent.len()))
     }
 
-    pub fn spend(&mut self, now: Nanos) {
-        self.recent.push_back(now);
+    pub fn moves_last_minute(&self, now: Nanos) -> usize {
+        self.claims
+            .iter()
+            .filter(|(t, _)| now.saturating_sub(*t) < MINUTE)
+            .map(|&(_, n)| n as usize)
+            .sum()
     }
 
-    pub fn moves_last_minute(&self) -> usize {
-        self.recent.len()
+    /// `version (1) | (time u64 LE, moves u32 LE)*`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + self.claims.len() * CLAIM);
+        out.push(BUDGET_VERSION);
+        for (t, n) in &self.claims {
+            out.extend_from_slice(&t.to_le_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes what [`Budget::encode`] wrote; anything else decodes as far as it is whole (an
+    /// unknown version as empty).
+    pub fn decode(bytes: &[u8]) -> Budget {
+        let claims = match bytes.split_first() {
+            Some((&BUDGET_VERSION, rest)) => rest
+                .chunks_exact(CLAIM)
+                .filter_map(|c| {
+                    let t = u64::from_le_bytes(c.get(0..8)?.try_into().ok()?);
+                    let n = u32::from_le_bytes(c.get(8..12)?.try_into().ok()?);
+                    Some((t, n))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Budget { claims }
     }
 }
 
@@ -300,15 +353,25 @@ mod tests {
             max_share_per_minute: 0.5,
             ..RebalanceConfig::default()
         };
+        let tick = S;
         let mut b = Budget::default();
-        assert_eq!(b.allowance(&cfg, 0, 1, 100), 3);
-        assert_eq!(b.allowance(&cfg, 0, 2, 100), 2); // split across 2 workers
-        for _ in 0..4 {
-            b.spend(0);
-        }
-        assert_eq!(b.allowance(&cfg, S, 1, 100), 1);
-        assert_eq!(b.allowance(&cfg, S, 1, 6), 0); // 50 % of 6 streams = 3 < 4 already moved
-        assert_eq!(b.allowance(&cfg, 61 * S, 1, 100), 3); // the minute has passed
+        assert_eq!(b.allowance(&cfg, 0, tick, 100), 3);
+        b.spend(0, 2);
+        assert_eq!(b.allowance(&cfg, S / 2, tick, 100), 1); // 2 of 3 spent in this tick window
+        b.spend(S / 2, 1);
+        assert_eq!(b.allowance(&cfg, S / 2, tick, 100), 0);
+        assert_eq!(b.allowance(&cfg, S, tick, 100), 2); // the first claim left the window
+        assert_eq!(b.allowance(&cfg, 2 * S, tick, 100), 2); // 5 per minute, 3 spent
+        assert_eq!(b.allowance(&cfg, 2 * S, tick, 6), 0); // 50 % of 6 streams = 3 already moved
+        assert_eq!(b.moves_last_minute(2 * S), 3);
+        assert_eq!(b.allowance(&cfg, 61 * S, tick, 100), 3); // the minute has passed
+                                                             // The record survives shared data; garbage and unknown versions decode as empty.
+        assert_eq!(Budget::decode(&b.encode()), b);
+        assert_eq!(Budget::decode(&[]), Budget::default());
+        assert_eq!(Budget::decode(&[9, 1, 2, 3]), Budget::default());
+        b.spend(61 * S, 0);
+        assert_eq!(b.moves_last_minute(61 * S), 0);
+        assert_eq!(b.encode(), vec![1]); // old claims are forgotten
         let (c, t) = setup(&[
             &[20.0, 10.0, 6.0, 4.0],
             &[10.0, 10.0],

@@ -22,7 +22,7 @@ use super::fleet::{self, LoadReport, View};
 use super::orca::OrcaReport;
 use super::penalty::Outcome;
 use super::pick::{self, pick};
-use super::rebalance::{self, Budget, Plan};
+use super::rebalance::{self, Plan};
 use super::rng::Rng;
 use super::routes::RouteNames;
 use super::streams::{Direction, Stream, StreamTable};
@@ -103,9 +103,29 @@ pub struct Router {
     rng: Rng,
     last_tick: Option<Nanos>,
     counters: Counters,
-    budget: Budget,
-    /// (key hash, measured rate) to write to the rate memory.
-    rate_updates: Vec<(u64, f64)>,
+    /// Rates to write to the rate memory.
+    rate_updates: Vec<RateUpdate>,
+}
+
+/// A measured rate to remember, with the stream's (cluster, route) for its cap.
+#[derive(Debug, Clone, Copy)]
+struct RateUpdate {
+    key: u64,
+    rate: f64,
+    cluster: usize,
+    route: usize,
+}
+
+/// A stream handed from one router to another (configuration reload), with the names its
+/// indices stood for.
+#[derive(Debug, Clone)]
+pub struct HandedStream {
+    pub id: u64,
+    pub stream: Stream,
+    pub cluster: String,
+    pub route: String,
+    /// Its endpoint's address and zone, if known.
+    pub endpoint: Option<(String, String)>,
 }
 
 /// What is known of a new stream's source (rate memory).
@@ -136,7 +156,6 @@ impl Router {
             rng: Rng::new(seed),
             last_tick: None,
             counters: Counters::default(),
-            budget: Budget::default(),
             rate_updates: Vec::new(),
         }
     }
@@ -194,6 +213,13 @@ impl Router {
             .unwrap_or(self.cfg.load.default_stream_rate)
     }
 
+    /// The most a remembered rate may claim on (cluster, route): `rate_memory.max_ratio ×` its
+    /// expected rate (the learned mean per stream), so that no source can make itself look
+    /// arbitrarily large.
+    pub fn rate_cap(&self, cluster: usize, route: usize) -> f64 {
+        self.cfg.rate_memory.max_ratio * self.expected_rate(cluster, route)
+    }
+
     /// Decide where stream `id` goes and record it. `None` when `cluster` is not configured.
     pub fn place(&mut self, now: Nanos, id: u64, route: &str, cluster: &str) -> Option<Decision> {
         self.place_from(now, id, route, cluster, None)
@@ -211,10 +237,11 @@ impl Router {
     ) -> Option<Decision> {
         let ci = self.cluster_index(cluster)?;
         let ri = self.routes.intern(route);
+        let mean = self.expected_rate(ci, ri);
         let e = source
             .and_then(|s| s.rate)
             .filter(|r| r.is_finite() && *r > 0.0)
-            .unwrap_or_else(|| self.expected_rate(ci, ri));
+            .map_or(mean, |r| r.min(self.rate_cap(ci, ri)));
         let stale_after = self.cfg.discovery.stale_after_ms.saturating_mul(1_000_000);
         let orca_weight = self.cfg.load.orca_weight;
         let orca_age = self.cfg.load.orca_max_age_ms.saturating_mul(1_000_000);
@@ -412,8 +439,12 @@ impl Router {
             .key
             .filter(|_| now.saturating_sub(s.started) >= REMEMBER_AFTER)
         {
-            self.rate_updates
-                .push((key, s.measured_rate(now, self.tau_secs())));
+            self.rate_updates.push(RateUpdate {
+                key,
+                rate: s.measured_rate(now, self.tau_secs()),
+                cluster: s.cluster,
+                route: s.route,
+            });
         }
         if outcome == Outcome::Failed {
             if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster), s.endpoint) {
@@ -468,7 +499,12 @@ impl Router {
             if let Some(key) = s.key {
                 if age >= REMEMBER_AFTER && now.saturating_sub(s.remembered_at) >= REMEMBER_EVERY {
                     s.remembered_at = now;
-                    self.rate_updates.push((key, s.measured_rate(now, tau)));
+                    self.rate_updates.push(RateUpdate {
+                        key,
+                        rate: s.measured_rate(now, tau),
+                        cluster: s.cluster,
+                        route: s.route,
+                    });
                 }
             }
             let acc = learned.entry((s.cluster, s.route)).or_default();
@@ -600,46 +636,143 @@ impl Router {
         std::mem::take(&mut self.counters)
     }
 
-    /// Rates to remember since the last call: (key hash, measured rate).
+    /// Rates to remember since the last call: (key hash, measured rate), each capped at
+    /// [`Router::rate_cap`].
     pub fn take_rate_updates(&mut self) -> Vec<(u64, f64)> {
-        std::mem::take(&mut self.rate_updates)
+        let updates = std::mem::take(&mut self.rate_updates);
+        updates
+            .into_iter()
+            .map(|u| (u.key, u.rate.min(self.rate_cap(u.cluster, u.route))))
+            .collect()
     }
 
-    /// Plan stream moves off hot endpoints (see [`rebalance`]); the planned streams are marked
-    /// and not planned again. `workers` share the proxy's churn budget.
-    pub fn plan_moves(&mut self, now: Nanos, workers: usize) -> Plan {
-        let cfg = self.cfg.rebalance.clone();
-        let mut allowance = self
-            .budget
-            .allowance(&cfg, now, workers, self.streams.len());
+    /// Open streams of the whole proxy: this VM's and, from the shared view, the others'.
+    pub fn proxy_streams(&self) -> usize {
+        let remote: u64 = (self.clusters.iter())
+            .flat_map(|c| c.endpoints.iter())
+            .map(|e| u64::from(e.remote_active))
+            .sum();
+        self.streams.len() + usize::try_from(remote).unwrap_or(usize::MAX)
+    }
+
+    /// Plan stream moves off hot endpoints (see [`rebalance`]), at most `allowance` of them.
+    /// Nothing changes until [`Router::commit_moves`].
+    pub fn plan_moves(&self, now: Nanos, allowance: usize) -> Plan {
+        let cfg = &self.cfg.rebalance;
+        let mut allowance = allowance;
         let mut plan = Plan::default();
         for (ci, c) in self.clusters.iter().enumerate() {
-            rebalance::plan_cluster(&cfg, ci, c, &self.streams, now, &mut allowance, &mut plan);
+            rebalance::plan_cluster(cfg, ci, c, &self.streams, now, &mut allowance, &mut plan);
         }
+        plan
+    }
+
+    /// Mark the planned streams (they end at their next request message boundary, and are not
+    /// planned again meanwhile) and remember their rates now: their clients reconnect before
+    /// the streams' ends are flushed.
+    pub fn commit_moves(&mut self, now: Nanos, plan: &Plan) {
         let tau = self.tau_secs();
         for m in &plan.moves {
-            self.budget.spend(now);
             if let Some(s) = self.streams.get_mut(m.stream) {
                 s.move_planned = true;
-                // Remember its rate now: its client reconnects before the stream's end is
-                // flushed.
+                s.planned_at = now;
                 if let Some(key) = s.key {
-                    self.rate_updates.push((key, s.measured_rate(now, tau)));
+                    self.rate_updates.push(RateUpdate {
+                        key,
+                        rate: s.measured_rate(now, tau),
+                        cluster: s.cluster,
+                        route: s.route,
+                    });
                 }
             }
         }
-        plan
+    }
+
+    /// Drop planned moves older than `deadline` (not carried out: no request message boundary
+    /// came). Returns the number dropped per cluster.
+    pub fn expire_moves(&mut self, now: Nanos, deadline: Nanos) -> Vec<u64> {
+        let mut expired = vec![0; self.clusters.len()];
+        for (_, s) in self.streams.iter_mut() {
+            if s.move_planned && now.saturating_sub(s.planned_at) >= deadline {
+                s.move_planned = false;
+                if let Some(n) = expired.get_mut(s.cluster) {
+                    *n += 1;
+                }
+            }
+        }
+        expired
+    }
+
+    /// Drop every planned move (rebalancing was turned off or handed to a newer configuration).
+    pub fn clear_moves(&mut self) {
+        for (_, s) in self.streams.iter_mut() {
+            s.move_planned = false;
+        }
     }
 
     pub fn move_planned(&self, id: u64) -> bool {
         self.streams.get(id).is_some_and(|s| s.move_planned)
     }
 
-    /// The stream's response started and resets are not allowed: never plan to move it.
-    pub fn set_unmovable(&mut self, id: u64) {
-        if let Some(s) = self.streams.get_mut(id) {
-            s.unmovable = true;
+    /// The stream's response started and resets are not allowed: never move it. Returns the
+    /// cluster of a planned move this drops.
+    pub fn set_unmovable(&mut self, id: u64) -> Option<usize> {
+        let s = self.streams.get_mut(id)?;
+        s.unmovable = true;
+        let dropped = std::mem::replace(&mut s.move_planned, false);
+        dropped.then_some(s.cluster)
+    }
+
+    /// Remove every stream, with the names of its cluster, route and endpoint, to hand them to
+    /// the router of a newer configuration ([`Router::adopt`]).
+    pub fn hand_over(&mut self) -> Vec<HandedStream> {
+        let ids: Vec<u64> = self.streams.iter().map(|(&id, _)| id).collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(mut stream) = self.streams.remove(id) else {
+                continue;
+            };
+            self.forget(&stream);
+            let cluster = self.clusters.get(stream.cluster);
+            let endpoint = stream
+                .endpoint
+                .and_then(|j| cluster?.endpoint(j))
+                .map(|e| (e.address.clone(), e.zone.clone()));
+            stream.move_planned = false;
+            out.push(HandedStream {
+                id,
+                cluster: cluster.map(|c| c.name.clone()).unwrap_or_default(),
+                route: self.routes.name(stream.route).to_string(),
+                endpoint,
+                stream,
+            });
         }
+        out
+    }
+
+    /// Take over a stream from an older configuration's router. Returns its (route, cluster)
+    /// indices here, or `None` when this configuration does not cover it (it is then no longer
+    /// tracked).
+    pub fn adopt(&mut self, now: Nanos, handed: HandedStream) -> Option<(usize, usize)> {
+        if !self.cfg.covers(&handed.route, &handed.cluster) {
+            return None;
+        }
+        let ci = self.cluster_index(&handed.cluster)?;
+        let ri = self.routes.intern(&handed.route);
+        let c = self.clusters.get_mut(ci)?;
+        let mut s = handed.stream;
+        s.cluster = ci;
+        s.route = ri;
+        s.endpoint = handed
+            .endpoint
+            .map(|(address, zone)| c.observe_upstream(now, &address, &zone));
+        if let Some(j) = s.endpoint {
+            c.add_stream_load(j, s.rate.value(), s.pending);
+        }
+        if let Some(old) = self.streams.insert(handed.id, s) {
+            self.forget(&old);
+        }
+        Some((ri, ci))
     }
 }
 
@@ -962,7 +1095,12 @@ mod tests {
 
     #[test]
     fn remembered_rates_place_known_streams_and_ends_are_remembered() {
-        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 5);
+        let mut r = Router::new(
+            // Nothing is learned yet: the cap is max_ratio × default_stream_rate (1/s).
+            cfg(r#"{"clusters":["pods"],"rate_memory":{"max_ratio":1000}}"#),
+            "",
+            5,
+        );
         r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
         r.tick(0);
         let heavy = Source {
@@ -986,21 +1124,15 @@ mod tests {
         assert!(r.take_rate_updates().is_empty());
     }
 
-    #[test]
-    fn rebalancer_plans_moves_off_a_hot_endpoint_once() {
-        let mut r = Router::new(
-            cfg(
-                r#"{"clusters":["pods"],"rebalance":{"mode":"on","min_age_ms":1000,"max_share_per_minute":0.5}}"#,
-            ),
-            "",
-            5,
+    /// Three endpoints e0..e2; six 10/s streams forced onto e0 (as if placed by another
+    /// policy), measured for 20 s.
+    fn hot_e0(rebalance: &str) -> (Router, Nanos) {
+        let json = format!(r#"{{"clusters":["pods"],"rebalance":{rebalance}}}"#);
+        let mut r = Router::new(cfg(&json), "", 5);
+        r.apply_snapshot(
+            0,
+            &snapshot(&[("e0:1", "", true), ("e1:1", "", true), ("e2:1", "", true)]),
         );
-        let eps: Vec<(String, &str, bool)> =
-            (0..3).map(|i| (format!("e{i}:1"), "", true)).collect();
-        let eps: Vec<(&str, &str, bool)> =
-            eps.iter().map(|(a, z, h)| (a.as_str(), *z, *h)).collect();
-        r.apply_snapshot(0, &snapshot(&eps));
-        // Six 10/s streams forced onto e0 (as if placed by another policy).
         for id in 0..6 {
             r.place(0, id, "rt", "pods");
             r.on_upstream(0, id, "e0:1", "");
@@ -1013,17 +1145,166 @@ mod tests {
             }
             r.tick(t);
         }
-        let plan = r.plan_moves(t, 1);
-        assert_eq!(plan.moves.len(), 2, "{plan:?}"); // max_moves_per_tick
+        (r, t)
+    }
+
+    #[test]
+    fn rebalancer_plans_moves_off_a_hot_endpoint_once() {
+        let (mut r, t) = hot_e0(r#"{"mode":"on","min_age_ms":1000}"#);
+        let plan = r.plan_moves(t, 2);
+        assert_eq!(plan.moves.len(), 2, "{plan:?}"); // the allowance
+        assert!(plan.skipped_budget[0] > 0, "{plan:?}");
+        assert!(plan.moves.iter().all(|m| !r.move_planned(m.stream)));
+        r.commit_moves(t, &plan);
         assert!(plan
             .moves
             .iter()
             .all(|m| m.from == 0 && r.move_planned(m.stream)));
         assert!(plan.excess_after[0] < plan.excess_before[0]);
-        let again = r.plan_moves(t + S, 1);
+        let again = r.plan_moves(t + S, 10);
         assert!(again
             .moves
             .iter()
             .all(|m| !plan.moves.iter().any(|p| p.stream == m.stream)));
+    }
+
+    #[test]
+    fn planned_moves_not_carried_out_are_dropped_and_count_again() {
+        let (mut r, t) = hot_e0(r#"{"mode":"on","min_age_ms":1000}"#);
+        let first = r.plan_moves(t, 2);
+        r.commit_moves(t, &first);
+        let ids = |p: &Plan| -> Vec<u64> { p.moves.iter().map(|m| m.stream).collect() };
+        // While planned, the streams are not chosen again.
+        let meanwhile = r.plan_moves(t + S, 10);
+        assert!(!meanwhile.moves.is_empty());
+        assert!(meanwhile
+            .moves
+            .iter()
+            .all(|m| !ids(&first).contains(&m.stream)));
+        // Not carried out by the deadline: dropped, and they are candidates again.
+        let deadline = rebalance::move_deadline(S);
+        assert_eq!(deadline, 5 * S);
+        assert_eq!(r.expire_moves(t + deadline - 1, deadline), vec![0]);
+        assert_eq!(r.expire_moves(t + deadline, deadline), vec![2]);
+        assert!(first.moves.iter().all(|m| !r.move_planned(m.stream)));
+        assert_eq!(ids(&r.plan_moves(t + deadline, 2)), ids(&first));
+        // A stream whose response started (no resets allowed) loses its planned move.
+        let plan = r.plan_moves(t + deadline, 1);
+        r.commit_moves(t + deadline, &plan);
+        let id = plan.moves[0].stream;
+        assert_eq!(r.set_unmovable(id), Some(0));
+        assert!(!r.move_planned(id));
+        assert_eq!(r.set_unmovable(id), None);
+        assert!(r
+            .plan_moves(t + deadline, 10)
+            .moves
+            .iter()
+            .all(|m| m.stream != id));
+    }
+
+    #[test]
+    fn remembered_rates_are_capped_at_a_multiple_of_the_route_mean() {
+        let mut r = Router::new(
+            cfg(r#"{"clusters":["pods"],"rate_memory":{"max_ratio":20}}"#),
+            "",
+            5,
+        );
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        // Ten streams measured at 10/s: the route mean is 10/s.
+        for id in 0..10 {
+            r.place_from(
+                0,
+                id,
+                "rt",
+                "pods",
+                Some(Source {
+                    key: id,
+                    rate: None,
+                }),
+            );
+        }
+        let mut t = 0;
+        for _ in 0..30 {
+            t += S;
+            for id in 0..10 {
+                r.on_data(id, Direction::Upstream, 10, 0);
+            }
+            r.tick(t);
+        }
+        let rt = r.routes.intern("rt");
+        assert!((r.expected_rate(0, rt) - 10.0).abs() < 0.5);
+        // A source claiming 10^5 × the mean is placed as 20 × the mean.
+        let poisoned = Source {
+            key: 99,
+            rate: Some(1e6),
+        };
+        let d = r.place_from(t, 100, "rt", "pods", Some(poisoned)).unwrap();
+        assert!((d.expected_rate - 200.0).abs() < 10.0, "{d:?}");
+        // An honest remembered rate below the cap is used as is.
+        let honest = Source {
+            key: 98,
+            rate: Some(150.0),
+        };
+        assert_eq!(
+            r.place_from(t, 101, "rt", "pods", Some(honest))
+                .unwrap()
+                .expected_rate,
+            150.0
+        );
+        // What is written is capped too: a stream that really sent 10^5 × the mean.
+        r.take_rate_updates();
+        for _ in 0..5 {
+            t += S;
+            r.on_data(100, Direction::Upstream, 1_000_000, 0);
+            for id in 0..10 {
+                r.on_data(id, Direction::Upstream, 10, 0);
+            }
+            r.tick(t);
+        }
+        r.on_end(t, 100, Outcome::Cancelled);
+        let updates = r.take_rate_updates();
+        let written = updates.iter().find(|u| u.0 == 99).unwrap().1;
+        assert!(
+            written <= 20.0 * r.expected_rate(0, rt) + 1e-9,
+            "{updates:?}"
+        );
+        assert!(written > 100.0, "{updates:?}");
+    }
+
+    #[test]
+    fn handed_streams_keep_their_load_endpoint_and_rate() {
+        let (mut old, t) = hot_e0(r#"{"mode":"on","min_age_ms":1000}"#);
+        let plan = old.plan_moves(t, 1);
+        old.commit_moves(t, &plan);
+        // The new configuration covers the same cluster (listed second) and has discovered it.
+        let mut new = Router::new(cfg(r#"{"clusters":["other","pods"]}"#), "", 6);
+        new.apply_snapshot(
+            t,
+            &snapshot(&[("e2:1", "", true), ("e1:1", "", true), ("e0:1", "", true)]),
+        );
+        let handed = old.hand_over();
+        assert_eq!(handed.len(), 6);
+        assert!(old.streams().is_empty() && old.clusters()[0].totals().0 == 0.0);
+        for h in handed {
+            let id = h.id;
+            let (ri, ci) = new.adopt(t, h).unwrap();
+            assert_eq!((new.routes().name(ri), ci), ("rt", 1));
+            assert!(!new.move_planned(id), "a planned move is not carried over");
+        }
+        let c = &new.clusters()[1];
+        let e0 = c.endpoint(c.index_of("e0:1").unwrap()).unwrap();
+        assert_eq!(e0.local_active, 6);
+        assert!((c.totals().0 - 60.0).abs() < 1.0, "{}", c.totals().0);
+        new.tick(t + S);
+        let c = &new.clusters()[1];
+        let e0 = c.endpoint(c.index_of("e0:1").unwrap()).unwrap();
+        assert_eq!(e0.local_active, 6);
+        assert!((e0.load() - 60.0).abs() < 2.0, "{}", e0.load());
+        // A configuration that does not cover the cluster does not take the stream.
+        let mut elsewhere = Router::new(cfg(r#"{"clusters":["other"]}"#), "", 7);
+        for h in new.hand_over() {
+            assert_eq!(elsewhere.adopt(t, h), None);
+        }
+        assert!(elsewhere.streams().is_empty());
     }
 }

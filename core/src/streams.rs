@@ -54,8 +54,9 @@ pub struct Stream {
     pub key: Option<u64>,
     /// When its rate was last written to the rate memory.
     pub remembered_at: Nanos,
-    /// Chosen by the rebalancer to move.
+    /// Chosen by the rebalancer to move (at `planned_at`).
     pub move_planned: bool,
+    pub planned_at: Nanos,
     /// Its response has started and resets are not allowed: it cannot be moved.
     pub unmovable: bool,
 }
@@ -82,6 +83,7 @@ impl Stream {
             key: None,
             remembered_at: now,
             move_planned: false,
+            planned_at: 0,
             unmovable: false,
         }
     }

@@ -17,6 +17,7 @@ use common::snapshot;
 
 use streamlb_core::config::Config;
 use streamlb_core::penalty::Outcome;
+use streamlb_core::rebalance::Budget;
 use streamlb_core::rng::Rng;
 use streamlb_core::router::{Router, Source};
 use streamlb_core::streams::Direction;
@@ -58,6 +59,8 @@ fn flipping_rates_never_exceed_the_churn_budget() {
             .place_from(now, id, "t", "pods", Some(Source { key, rate: None }))
             .unwrap();
     }
+    // The proxy's budget, as the filter keeps it in shared data.
+    let mut budget = Budget::default();
     let mut move_times: Vec<Nanos> = Vec::new();
     let mut skipped_budget = 0;
     let mut moves_per_device: HashMap<u64, Vec<Nanos>> = HashMap::new();
@@ -75,7 +78,15 @@ fn flipping_rates_never_exceed_the_churn_budget() {
         for (key, rate) in router.take_rate_updates() {
             memory.insert(key, rate);
         }
-        let plan = router.plan_moves(now, 1);
+        let allowance = budget.allowance(
+            &router.config().rebalance,
+            now,
+            500 * MS,
+            router.proxy_streams(),
+        );
+        let plan = router.plan_moves(now, allowance);
+        budget.spend(now, plan.moves.len());
+        router.commit_moves(now, &plan);
         skipped_budget += plan.skipped_budget.iter().sum::<u64>();
         for m in plan.moves {
             // The stream ends; its device reconnects at once with its remembered rate.

@@ -63,10 +63,12 @@ class Envoy(Managed):
         health_checks: bool = True,
         native_strip: bool = True,
         reporter: bool = False,
+        lds: bool = False,
     ):
         self.health_checks = health_checks
         self.native_strip = native_strip
         self.reporter = reporter
+        self.lds = lds
         self.pod_list = list(pods.pods if isinstance(pods, Pods) else pods)
         self.filter_config = filter_config
         self.lb = lb
@@ -84,6 +86,7 @@ class Envoy(Managed):
         self.admin_gate_port = free_port()
         self.listen_port = free_port()
         self.config_path = self.workdir / "envoy.yaml"
+        self.lds_path = self.workdir / "lds.yaml"
         self.proc: Proc | None = None
         self.write_config()
 
@@ -115,8 +118,35 @@ class Envoy(Managed):
     def write_config(self) -> Path:
         if self.filter_config is not None and not self.wasm.exists():
             raise FileNotFoundError(f"{self.wasm} missing: run `make build`")
-        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False, width=120))
+        config = self.config()
+        if self.lds:
+            # Filesystem LDS: the listeners live in lds.yaml, which Envoy watches (a rename into
+            # place is an update).
+            listeners = config["static_resources"].pop("listeners")
+            config["dynamic_resources"] = {
+                "lds_config": {"path_config_source": {"path": str(self.lds_path)}, "resource_api_version": "V3"}
+            }
+            self._write_lds(listeners)
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False, width=120))
         return self.config_path
+
+    def _write_lds(self, listeners: list[dict[str, Any]]) -> None:
+        resources = [{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **l} for l in listeners]
+        staging = self.workdir / "lds.yaml.next"
+        staging.write_text(yaml.safe_dump({"resources": resources}, sort_keys=False, width=120))
+        os.replace(staging, self.lds_path)
+
+    def update_filter_config(self, filter_config: Mapping[str, Any], timeout: float = 15.0) -> None:
+        """With `lds=True`: push a new filter configuration as a listener update and wait until
+        Envoy has accepted it (listener_manager.lds.update_success grows)."""
+        if not self.lds:
+            raise RuntimeError("update_filter_config needs Envoy(lds=True)")
+        name = "listener_manager.lds.update_success"
+        before = self.stats(f"^{re.escape(name)}$").get(name, 0)
+        self.filter_config = dict(filter_config)
+        self._write_lds(self.config()["static_resources"]["listeners"])
+        if not self.wait_for_counter(name, before + 1, timeout):
+            raise RuntimeError(f"Envoy did not accept the listener update:\n{self.proc.tail(40) if self.proc else ''}")
 
     def validate(self) -> str:
         """validate_config() on the rendered config."""

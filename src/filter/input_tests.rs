@@ -38,7 +38,8 @@ fn a_non_utf8_endpoint_header_is_stripped_and_replaced() {
 fn a_non_utf8_device_id_is_remembered_by_its_bytes() {
     let store = SharedStore::default();
     let (h, h2) = (host(&store), host(&store));
-    let config = r#"{"clusters":["pods"],"debug_header":"x-d","rebalance":{"mode":"off"}}"#;
+    // default_stream_rate 10: a remembered rate counts up to 20× it before any measurement.
+    let config = r#"{"clusters":["pods"],"debug_header":"x-d","rebalance":{"mode":"off"},"load":{"default_stream_rate":10}}"#;
     let (v, v2) = (vm(&h, config), vm(&h2, config));
     discover(&h, &v);
     v2.borrow_mut().on_tick(&h2);

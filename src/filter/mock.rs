@@ -34,6 +34,8 @@ pub struct MockHost {
     pub ended_streams: RefCell<Vec<String>>,
     /// (status, headers, body) of local responses.
     pub local_responses: RefCell<Vec<LocalResponse>>,
+    /// The last tick period set (0 stops the timer).
+    pub tick_period_ms: Cell<Option<u64>>,
 }
 
 impl MockHost {
@@ -196,8 +198,10 @@ impl Host for MockHost {
         Ok(())
     }
 
-    fn set_tick_period_ms(&self, _ms: u64) -> HostResult<()> {
-        self.check("set_tick_period")
+    fn set_tick_period_ms(&self, ms: u64) -> HostResult<()> {
+        self.check("set_tick_period")?;
+        self.tick_period_ms.set(Some(ms));
+        Ok(())
     }
 
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()> {

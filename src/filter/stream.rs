@@ -15,7 +15,7 @@ use super::fleet::answer_probe;
 use super::host::{parse_number, string_property, Body, HeaderMap, Host};
 use super::stats::{StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US};
 use super::vm::Vm;
-use streamlb_core::config::{Mode, RebalanceMode};
+use streamlb_core::config::Mode;
 use streamlb_core::grpc_framing::FrameCounter;
 use streamlb_core::orca::{self, OrcaError, OrcaReport};
 use streamlb_core::penalty;
@@ -180,9 +180,40 @@ impl StreamFilter {
         }
     }
 
+    /// A newer configuration took this stream over (see `vm.rs`): follow it to the `Vm` that
+    /// now holds it, with its indices there (untracked when the new configuration does not
+    /// cover it).
+    fn follow_reload(&mut self) {
+        let superseded = self
+            .vm
+            .try_borrow()
+            .is_ok_and(|vm| vm.successor().is_some());
+        if self.tracked.is_none() || !superseded {
+            return;
+        }
+        loop {
+            let next = match self.vm.try_borrow() {
+                Ok(vm) if vm.router.streams().get(self.id).is_none() => vm.successor().cloned(),
+                _ => None,
+            };
+            match next {
+                Some(n) => self.vm = n,
+                None => break,
+            }
+        }
+        if let Ok(vm) = self.vm.try_borrow() {
+            self.tracked = vm
+                .router
+                .streams()
+                .get(self.id)
+                .map(|s| (s.route, s.cluster));
+        }
+    }
+
     /// Counts the frame, unless the rebalancer chose this stream and the upstream has so far
     /// received whole messages only: then the stream ends here (this frame is not forwarded).
     pub fn on_request_body(&mut self, host: &dyn Host, size: usize) -> BodyAction {
+        self.follow_reload();
         if self.tracked.is_some() && self.up.at_message_boundary() && self.move_now(host) {
             return BodyAction::Ended;
         }
@@ -195,7 +226,18 @@ impl StreamFilter {
             return false;
         };
         let vm = &mut *vm;
-        if vm.config().rebalance.mode != RebalanceMode::On || !vm.router.move_planned(self.id) {
+        if !vm.router.move_planned(self.id) || !vm.may_move(host) {
+            return false;
+        }
+        if self.first_byte_seen && !vm.config().rebalance.allow_reset {
+            // Planned before its response started: only a reset could end it now.
+            if let Some(ci) = vm.router.set_unmovable(self.id) {
+                *vm.stats
+                    .rebalance
+                    .skipped
+                    .entry((ci, "unmovable"))
+                    .or_default() += 1;
+            }
             return false;
         }
         if let Err(e) = host.end_stream_unavailable(REBALANCE_MESSAGE) {
@@ -218,6 +260,7 @@ impl StreamFilter {
     }
 
     pub fn on_response_body(&mut self, host: &dyn Host, size: usize) {
+        self.follow_reload();
         self.count(host, Direction::Downstream, size);
     }
 
@@ -270,6 +313,7 @@ impl StreamFilter {
     }
 
     pub fn on_response_headers(&mut self, host: &dyn Host) {
+        self.follow_reload();
         self.report_app_utilization(host, HeaderMap::Response);
         let Some(key) = self.tracked else {
             return;
@@ -303,7 +347,14 @@ impl StreamFilter {
         }
         on_orca_report(host, vm, HeaderMap::Response, now, self.id);
         if !vm.config().rebalance.allow_reset {
-            vm.router.set_unmovable(self.id); // from now on only a reset could end it
+            // From now on only a reset could end it: never move it, and drop a planned move.
+            if let Some(ci) = vm.router.set_unmovable(self.id) {
+                *vm.stats
+                    .rebalance
+                    .skipped
+                    .entry((ci, "unmovable"))
+                    .or_default() += 1;
+            }
         }
         if !self.first_byte_seen {
             self.first_byte_seen = true;
@@ -350,6 +401,7 @@ impl StreamFilter {
     }
 
     pub fn on_response_trailers(&mut self, host: &dyn Host) {
+        self.follow_reload();
         self.report_app_utilization(host, HeaderMap::ResponseTrailers);
         if self.tracked.is_none() {
             return;
@@ -365,6 +417,7 @@ impl StreamFilter {
 
     /// The stream is over (Envoy's `on_log` / `on_done`); idempotent.
     pub fn on_done(&mut self, host: &dyn Host) {
+        self.follow_reload();
         if std::mem::take(&mut self.reported) {
             if let Ok(mut vm) = self.vm.try_borrow_mut() {
                 vm.reporter.on_close();
@@ -490,7 +543,7 @@ fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
         }
         _ => return None,
     };
-    let hash = rate_memory::key_hash(&key);
+    let hash = rate_memory::key_hash(&vm.rate_secret, &key);
     let buckets = rate_memory::bucket_count(cfg.capacity);
     let max_age = (cfg.max_age_ms / 1000).min(u64::from(u32::MAX)) as u32;
     let shared_key = rate_memory::shared_key(rate_memory::bucket_of(hash, buckets));

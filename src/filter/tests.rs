@@ -8,6 +8,7 @@ use super::host::{Body, HeaderMap, LogLevel};
 use super::mock::{MockHost, SharedStore};
 use super::stream::{BodyAction, StreamFilter, REBALANCE_MESSAGE};
 use super::vm::{Vm, LEASE_KEY, LOAD_KEY, SNAPSHOT_KEY};
+use streamlb_core::streams::Direction;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -490,7 +491,10 @@ fn shadow_rebalancing_reports_but_never_ends_a_stream() {
 fn a_reconnecting_device_is_placed_with_its_remembered_rate() {
     let store = SharedStore::default();
     let (h1, h2) = (host(&store), host(&store));
-    let config = r#"{"clusters":["pods"],"debug_header":"x-d","rebalance":{"mode":"off"}}"#;
+    // Remembered rates are capped at 20 × the route mean, here (nothing learned yet on the
+    // second worker) 20 × default_stream_rate.
+    let config = r#"{"clusters":["pods"],"debug_header":"x-d","rebalance":{"mode":"off"},
+        "load":{"default_stream_rate":3}}"#;
     let (v1, v2) = (vm(&h1, config), vm(&h2, config));
     discover(&h1, &v1);
     v2.borrow_mut().on_tick(&h2);
@@ -523,5 +527,384 @@ fn a_reconnecting_device_is_placed_with_its_remembered_rate() {
     other.on_request_headers(&h2);
     other.on_response_headers(&h2);
     let debug = h2.get(HeaderMap::Response, "x-d").unwrap();
-    assert!(debug.ends_with("expected=1.000"), "{debug}");
+    assert!(debug.ends_with("expected=3.000"), "{debug}");
+}
+
+/// Ten messages per stream and second, then a tick, for `ticks` seconds from `from` (seconds
+/// after 10 s); stops after a tick that planned a move (in `on` mode the next frame would end
+/// the stream). Returns the ticks run.
+fn run_hot(
+    h: &MockHost,
+    v: &Rc<RefCell<Vm>>,
+    streams: &mut [StreamFilter],
+    from: u64,
+    ticks: u64,
+) -> u64 {
+    let frame = grpc_frames(&[30]);
+    for t in from..from + ticks {
+        for s in streams.iter_mut() {
+            for _ in 0..10 {
+                assert_eq!(send(h, s, &frame), BodyAction::Continue);
+            }
+        }
+        h.time.set(10 * SEC + t * SEC);
+        v.borrow_mut().on_tick(h);
+        let vm = v.borrow();
+        if vm.router.streams().iter().any(|(_, s)| s.move_planned) {
+            return t - from + 1;
+        }
+    }
+    ticks
+}
+
+fn metric_of(h: &MockHost, name: &str, reason: &str) -> i64 {
+    h.metric(&format!("{name}.cluster=.=pods;.;reason=.={reason};.;"))
+}
+
+/// Envoy with `--concurrency 8` runs 9 ticking VMs (8 workers and the main thread). However
+/// many there are, the proxy's churn budget holds: per tick window, per minute.
+#[test]
+fn the_churn_budget_is_per_proxy_whatever_the_worker_count() {
+    let store = SharedStore::default();
+    let config = r#"{"clusters":["pods"],"local_zone":"a","tick_ms":1000,
+        "rebalance":{"mode":"on","allow_reset":true,"min_age_ms":0,"max_moves_per_tick":1,
+                     "max_moves_per_minute":3,"max_share_per_minute":1.0}}"#;
+    let hosts: Vec<MockHost> = (0..9).map(|_| host(&store)).collect();
+    let vms: Vec<_> = hosts.iter().map(|h| vm(h, config)).collect();
+    discover(&hosts[0], &vms[0]);
+    // Eight workers with six hot streams each (the main thread's VM has none).
+    let mut streams: Vec<Vec<StreamFilter>> = (0..8)
+        .map(|w| {
+            (0..6)
+                .map(|i| {
+                    open_on(
+                        &hosts[w],
+                        &vms[w],
+                        100 * w as u64 + i,
+                        "10.0.0.1:8080",
+                        None,
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let mut planned_per_tick = Vec::new();
+    for t in 1..=30 {
+        let before: i64 = (0..9)
+            .map(|w| {
+                vms[w].borrow_mut().flush(&hosts[w]);
+                metric_of(&hosts[w], "streamlb_rebalance_moves_total", "planned")
+            })
+            .sum();
+        // The VMs tick in turn within the same second, as Envoy's timers do.
+        for w in 0..9 {
+            if let Some(ss) = streams.get_mut(w) {
+                let frame = grpc_frames(&[30]);
+                for s in ss.iter_mut() {
+                    for _ in 0..10 {
+                        send(&hosts[w], s, &frame);
+                    }
+                }
+            }
+            hosts[w].time.set(10 * SEC + t * SEC + w as u64 * 1_000_000);
+            vms[w].borrow_mut().on_tick(&hosts[w]);
+        }
+        let after: i64 = (0..9)
+            .map(|w| {
+                vms[w].borrow_mut().flush(&hosts[w]);
+                metric_of(&hosts[w], "streamlb_rebalance_moves_total", "planned")
+            })
+            .sum();
+        planned_per_tick.push(after - before);
+    }
+    let total: i64 = planned_per_tick.iter().sum();
+    let skipped: i64 = (0..9)
+        .map(|w| metric_of(&hosts[w], "streamlb_rebalance_skipped_total", "budget"))
+        .sum();
+    assert!(
+        planned_per_tick.iter().all(|&n| n <= 1),
+        "{planned_per_tick:?}"
+    );
+    assert_eq!(total, 3, "{planned_per_tick:?}"); // 30 s: one minute's budget
+    assert!(
+        skipped > 0,
+        "the skew must want more moves than the budget allows"
+    );
+}
+
+#[test]
+fn a_move_planned_before_the_response_started_is_not_a_reset() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(
+        &h,
+        r#"{"clusters":["pods"],"local_zone":"a","rebalance":{"mode":"on","min_age_ms":0,
+            "max_moves_per_tick":10,"max_share_per_minute":1.0}}"#,
+    );
+    discover(&h, &v);
+    let mut streams: Vec<StreamFilter> = (0..6)
+        .map(|id| open_on(&h, &v, id, "10.0.0.1:8080", None))
+        .collect();
+    run_hot(&h, &v, &mut streams, 1, 3);
+    let planned: Vec<usize> = (0..6)
+        .filter(|&id| v.borrow().router.move_planned(id as u64))
+        .collect();
+    assert!(!planned.is_empty());
+    // The response starts before the stream's next request frame: ending it now would be a
+    // reset, which allow_reset (false) forbids.
+    for &id in &planned {
+        streams[id].on_response_headers(&h);
+        assert_eq!(
+            send(&h, &mut streams[id], &grpc_frames(&[30])),
+            BodyAction::Continue
+        );
+        assert!(!v.borrow().router.move_planned(id as u64));
+    }
+    assert!(h.ended_streams.borrow().is_empty());
+    v.borrow_mut().flush(&h);
+    let unmovable = metric_of(&h, "streamlb_rebalance_skipped_total", "unmovable");
+    assert_eq!(unmovable, planned.len() as i64);
+    assert_eq!(metric_of(&h, "streamlb_rebalance_moves_total", "reset"), 0);
+}
+
+/// Reads this VM's excess-before gauge as it was last flushed.
+fn excess_before(h: &MockHost) -> i64 {
+    h.metric("streamlb_rebalance_excess_before_permille.cluster=.=pods;.;")
+}
+
+#[test]
+fn shadow_excess_stays_while_the_skew_stays() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(
+        &h,
+        r#"{"clusters":["pods"],"local_zone":"a","rebalance":{"mode":"shadow","min_age_ms":0,
+            "max_share_per_minute":1.0,"max_moves_per_minute":100}}"#,
+    );
+    discover(&h, &v);
+    let mut streams: Vec<StreamFilter> = (0..6)
+        .map(|id| open_on(&h, &v, id, "10.0.0.1:8080", None))
+        .collect();
+    run_hot(&h, &v, &mut streams, 1, 4);
+    let mut gauges = Vec::new();
+    for t in 5..15 {
+        run_hot(&h, &v, &mut streams, t, 1);
+        gauges.push(excess_before(&h));
+    }
+    assert!(
+        gauges.iter().all(|&g| g > 300),
+        "excess before, per tick: {gauges:?}"
+    );
+    // Planned in shadow mode means "would move", within the budget: here 100 % of 6 streams
+    // per minute.
+    assert_eq!(
+        metric_of(&h, "streamlb_rebalance_moves_total", "planned"),
+        6
+    );
+    assert!(h.ended_streams.borrow().is_empty());
+}
+
+#[test]
+fn a_planned_move_never_carried_out_is_dropped() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(
+        &h,
+        r#"{"clusters":["pods"],"local_zone":"a","rebalance":{"mode":"on","min_age_ms":0,
+            "max_moves_per_tick":10,"max_share_per_minute":1.0,"max_moves_per_minute":100}}"#,
+    );
+    discover(&h, &v);
+    let mut streams: Vec<StreamFilter> = (0..6)
+        .map(|id| open_on(&h, &v, id, "10.0.0.1:8080", None))
+        .collect();
+    run_hot(&h, &v, &mut streams, 1, 3);
+    let planned: Vec<usize> = (0..6)
+        .filter(|&id| v.borrow().router.move_planned(id as u64))
+        .collect();
+    assert!(!planned.is_empty());
+    let first = excess_before(&h);
+    let t0 = h.time.get();
+    // The streams keep their rates, but no request frame reaches the filter (counted straight
+    // into the router): no boundary comes, no planned move is carried out.
+    for t in 1..=5 {
+        for id in 0..6 {
+            v.borrow_mut()
+                .router
+                .on_data(id, Direction::Upstream, 10, 300);
+        }
+        h.time.set(t0 + t * SEC);
+        v.borrow_mut().on_tick(&h);
+        let dropped = metric_of(&h, "streamlb_rebalance_skipped_total", "expired");
+        assert_eq!(
+            dropped,
+            if t < 5 { 0 } else { planned.len() as i64 },
+            "tick {t}"
+        );
+    }
+    assert!(h.ended_streams.borrow().is_empty());
+    // The dropped moves count on their endpoint again: the excess is what it was.
+    assert!(
+        (excess_before(&h) - first).abs() <= 20,
+        "{} vs {first}",
+        excess_before(&h)
+    );
+}
+
+/// A configuration reload inside one VM: the new root context's `Vm` takes every stream, the
+/// old one stops (no timer, no lease, no moves), and the new configuration governs the old
+/// streams from then on.
+#[test]
+fn a_reload_hands_every_stream_to_the_new_configuration() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let on = r#"{"clusters":["pods"],"local_zone":"a","rebalance":{"mode":"on","min_age_ms":0,
+        "max_moves_per_tick":10,"max_share_per_minute":1.0,"max_moves_per_minute":100}}"#;
+    let old = vm(&h, on);
+    discover(&h, &old);
+    let mut streams: Vec<StreamFilter> = (0..6)
+        .map(|id| open_on(&h, &old, id, "10.0.0.1:8080", None))
+        .collect();
+    let before = run_hot(&h, &old, &mut streams, 1, 3);
+    assert!((0..6).any(|id| old.borrow().router.move_planned(id)));
+    assert!(store
+        .borrow()
+        .get(LEASE_KEY)
+        .is_some_and(|(v, _)| !v.is_empty()));
+    // Reload: rebalancing off. The new root context starts in the same VM.
+    let new = vm(&h, &on.replace(r#""mode":"on""#, r#""mode":"off""#));
+    old.borrow_mut().supersede(new.clone());
+    // At once, before any tick: no planned move is carried out.
+    for s in streams.iter_mut() {
+        assert_eq!(send(&h, s, &grpc_frames(&[30])), BodyAction::Continue);
+    }
+    // Until the new root context has ticked (Envoy may still reject the update), the old one
+    // keeps its streams, but stands down: the lease is released.
+    h.time.set(14 * SEC);
+    old.borrow_mut().on_tick(&h);
+    assert_eq!(old.borrow().router.streams().len(), 6);
+    assert!(Rc::ptr_eq(&Vm::newest(old.clone()), &old));
+    let holder = |store: &SharedStore| {
+        (store.borrow().get(LEASE_KEY)).and_then(|(v, _)| {
+            v.get(0..8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        })
+    };
+    assert_eq!(holder(&store), None, "lease released");
+    new.borrow_mut().on_tick(&h);
+    old.borrow_mut().on_tick(&h);
+    assert_eq!(h.tick_period_ms.get(), Some(0), "the old timer stops");
+    assert!(old.borrow().router.streams().is_empty());
+    assert_eq!(new.borrow().router.streams().len(), 6);
+    assert_eq!(holder(&store), Some(new.borrow().id));
+    // The streams follow; the new configuration never moves them.
+    run_hot(&h, &new, &mut streams, 5, 10);
+    assert!(h.ended_streams.borrow().is_empty());
+    for s in streams.iter_mut() {
+        s.on_done(&h);
+    }
+    old.borrow_mut().flush(&h);
+    new.borrow_mut().flush(&h);
+    assert_eq!(
+        h.metric("streamlb_route_streams_active.route=.=telemetry;.;cluster=.=pods;.;"),
+        0
+    );
+    let up = h.metric("streamlb_route_messages_total.route=.=telemetry;.;cluster=.=pods;.;direction=.=upstream;.;");
+    assert_eq!(up, 6 * (10 * before + 1 + 10 * 10) as i64);
+    // New streams on the old root context go to the new configuration.
+    assert!(Rc::ptr_eq(&Vm::newest(old.clone()), &new));
+}
+
+/// Envoy rejected the listener update after the new root context was configured: it is
+/// deleted before it ticks, and the old configuration carries on as before.
+#[test]
+fn a_rejected_reload_changes_nothing() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let on = r#"{"clusters":["pods"],"local_zone":"a","rebalance":{"mode":"on","min_age_ms":0,
+        "max_moves_per_tick":10,"max_share_per_minute":1.0,"max_moves_per_minute":100}}"#;
+    let old = vm(&h, on);
+    discover(&h, &old);
+    let mut streams: Vec<StreamFilter> = (0..6)
+        .map(|id| open_on(&h, &old, id, "10.0.0.1:8080", None))
+        .collect();
+    run_hot(&h, &old, &mut streams, 1, 3);
+    let rejected = vm(&h, &on.replace(r#""mode":"on""#, r#""mode":"off""#));
+    old.borrow_mut().supersede(rejected.clone());
+    rejected.borrow_mut().retire();
+    h.time.set(14 * SEC);
+    old.borrow_mut().on_tick(&h);
+    assert!(Rc::ptr_eq(&Vm::newest(old.clone()), &old));
+    assert_eq!(old.borrow().router.streams().len(), 6);
+    assert!(rejected.borrow().router.streams().is_empty());
+    // Still rebalancing: a planned stream ends at its next boundary.
+    let planned: Vec<usize> = (0..6)
+        .filter(|&id| old.borrow().router.move_planned(id as u64))
+        .collect();
+    assert!(!planned.is_empty());
+    assert_eq!(
+        send(&h, &mut streams[planned[0]], &grpc_frames(&[30])),
+        BodyAction::Ended
+    );
+}
+
+/// The new configuration runs in another VM (e.g. new code): the old one learns of it from
+/// shared data and stands down.
+#[test]
+fn an_outdated_configuration_stands_down() {
+    let store = SharedStore::default();
+    let (h1, h2) = (host(&store), host(&store));
+    let on = r#"{"clusters":["pods"],"local_zone":"a","discovery":{"poll_ms":1000},
+        "rebalance":{"mode":"on","min_age_ms":0,"max_moves_per_tick":10,"max_share_per_minute":1.0}}"#;
+    let old = vm(&h1, on);
+    discover(&h1, &old);
+    let mut streams: Vec<StreamFilter> = (0..6)
+        .map(|id| open_on(&h1, &old, id, "10.0.0.1:8080", None))
+        .collect();
+    run_hot(&h1, &old, &mut streams, 1, 3);
+    assert!((0..6).any(|id| old.borrow().router.move_planned(id)));
+    let polls = h1.calls.borrow().len();
+    let new = vm(&h2, &on.replace(r#""mode":"on""#, r#""mode":"off""#));
+    h2.time.set(h1.time.get());
+    new.borrow_mut().on_tick(&h2); // claims its generation; the old VM still holds the lease
+    assert!(h2.calls.borrow().is_empty());
+    // At once: the planned moves are not carried out.
+    for s in streams.iter_mut() {
+        assert_eq!(send(&h1, s, &grpc_frames(&[30])), BodyAction::Continue);
+    }
+    run_hot(&h1, &old, &mut streams, 4, 10);
+    assert_eq!(
+        h1.calls.borrow().len(),
+        polls,
+        "the old configuration polled"
+    );
+    assert!(h1.ended_streams.borrow().is_empty());
+    assert!(h1.logged("stands down"));
+    // The old one released the lease: the new one takes it and polls.
+    h2.time.set(h1.time.get());
+    new.borrow_mut().on_tick(&h2);
+    let admin_calls = |h: &MockHost| {
+        (h.calls.borrow().iter())
+            .filter(|(_, c, _)| c == "streamlb_admin")
+            .count()
+    };
+    assert_eq!(admin_calls(&h2), 1);
+    // The same configuration text again is the same generation: nobody stands down.
+    let again = vm(&h2, &on.replace(r#""mode":"on""#, r#""mode":"off""#));
+    again.borrow_mut().on_tick(&h2);
+    new.borrow_mut().on_tick(&h2);
+    assert!(!h2.logged("stands down"));
+}
+
+#[test]
+fn the_rate_memory_key_is_one_secret_per_envoy() {
+    let store = SharedStore::default();
+    let (h1, h2) = (host(&store), host(&store));
+    let (v1, v2) = (
+        vm(&h1, r#"{"clusters":["pods"]}"#),
+        vm(&h2, r#"{"clusters":["pods"]}"#),
+    );
+    assert_eq!(v1.borrow().rate_secret, v2.borrow().rate_secret);
+    let other_envoy = host(&SharedStore::default());
+    let v3 = vm(&other_envoy, r#"{"clusters":["pods"]}"#);
+    assert_ne!(v1.borrow().rate_secret, v3.borrow().rate_secret);
 }

@@ -1,5 +1,5 @@
 //! Per-VM state (the root context's logic). Envoy runs one VM per worker plus one on the main
-//! thread; each has its own [`Vm`].
+//! thread; each root context (one per VM and plugin configuration) has its own [`Vm`].
 //!
 //! On every tick a VM:
 //! 1. contends for the discovery lease in shared data; the holder polls the admin `/clusters`
@@ -9,7 +9,30 @@
 //!    shared view with compare-and-swap and takes the other VMs' load from it;
 //! 4. probes pods for their load reports if it holds the lease, shares the reports (see
 //!    [`super::fleet`]), and folds the reporter role's counts;
-//! 5. flushes its accumulated stats.
+//! 5. plans rebalancing moves within the proxy's churn budget (shared data, compare-and-swap);
+//! 6. flushes its accumulated stats.
+//!
+//! Configuration reload. Envoy (1.40, checked with filesystem LDS) gives a new plugin
+//! configuration a new root context in the **same** VM of each worker and of the main thread;
+//! the old root contexts keep their timers and their streams (new streams on old connections
+//! too) until the old filter chains are gone (with `--drain-time-s 600` they still ticked 30 s
+//! after their last connection closed). So:
+//! - on its first tick (a listener update Envoy rejects never ticks) every configuration claims
+//!   a generation in shared data (`GENERATION_KEY`: a new configuration text gets the next
+//!   number);
+//! - in the same VM, the adapter links each `Vm` to its successor ([`Vm::supersede`]) and
+//!   marks a `Vm` whose root context Envoy deleted ([`Vm::retire`]). Once the successor has
+//!   ticked, the old `Vm` hands all its streams to it on its own next tick (rates, endpoints,
+//!   load and the active-stream gauge go along), releases the discovery lease, flushes its stats
+//!   and stops its timer; its stream contexts follow on their next callback, and it gives new
+//!   streams to the newest `Vm`. From then on the new configuration governs every stream;
+//! - a `Vm` that sees a newer generation but has no successor (the new configuration runs in
+//!   another VM, e.g. new code) stands down: no lease, no polls, no rebalancing; it only keeps
+//!   measuring and reporting its own streams;
+//! - either way a planned move is not carried out once a newer configuration exists.
+
+use std::cell::RefCell;
+use std::rc::Rc;
 
 use hashbrown::{HashMap, HashSet};
 
@@ -19,7 +42,8 @@ use super::stats::Stats;
 use streamlb_core::config::{Config, RebalanceMode};
 use streamlb_core::discovery;
 use streamlb_core::fleet::MeasuredLoad;
-use streamlb_core::rate_memory::{self, Bucket};
+use streamlb_core::rate_memory::{self, Bucket, Secret};
+use streamlb_core::rebalance::{self, Budget};
 use streamlb_core::reporter::{self, Reporter};
 use streamlb_core::router::Router;
 use streamlb_core::shared_view::{self, Slot};
@@ -29,6 +53,12 @@ pub const VM_SEQ_KEY: &str = "streamlb.vm_seq";
 pub const LEASE_KEY: &str = "streamlb.discovery.lease";
 pub const SNAPSHOT_KEY: &str = "streamlb.discovery.snapshot";
 pub const LOAD_KEY: &str = "streamlb.load";
+/// The proxy's churn budget: its moves of the last minute ([`Budget`]).
+pub const BUDGET_KEY: &str = "streamlb.rebalance.budget";
+/// The newest configuration: generation (u64 LE) | hash of its text (u64 LE).
+pub const GENERATION_KEY: &str = "streamlb.config.generation";
+/// The rate memory's hash key, random per Envoy (16 bytes).
+pub const SECRET_KEY: &str = "streamlb.rate_memory.secret";
 const CAS_ATTEMPTS: usize = 8;
 const MS: Nanos = 1_000_000;
 
@@ -37,8 +67,6 @@ pub struct Vm {
     pub id: u64,
     pub stats: Stats,
     logged: HashSet<&'static str>,
-    /// Live workers in the shared load view (they split the churn budget).
-    workers: usize,
     poll: Option<(u32, Nanos)>,
     next_poll: Nanos,
     snapshot_cas: Option<u32>,
@@ -50,6 +78,23 @@ pub struct Vm {
     /// The other VMs' reporter figures and app utilisation, from the shared load view.
     reporter_others: MeasuredLoad,
     reporter_app_utilization: Option<f64>,
+    /// Hash of the configuration text.
+    config_hash: u64,
+    /// This configuration's generation, claimed on the first tick (0: not yet, or shared data
+    /// failed; never outdated then).
+    generation: u64,
+    /// The first tick ran (the root context is live).
+    ticked: bool,
+    /// Envoy deleted this root context (e.g. its listener update was rejected).
+    retired: bool,
+    /// Standing down: a newer configuration exists (no lease, no polls, no moves).
+    stood_down: bool,
+    /// A newer configuration exists (seen in shared data).
+    outdated: bool,
+    /// The root context of a newer configuration in this same VM.
+    successor: Option<Rc<RefCell<Vm>>>,
+    /// Key of the rate memory's hash.
+    pub rate_secret: Secret,
 }
 
 impl Vm {
@@ -68,12 +113,11 @@ impl Vm {
         host.set_tick_period_ms(cfg.tick_ms)
             .map_err(|e| format!("cannot set the tick period: {e:?}"))?;
         let seed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now;
-        Ok(Vm {
+        let mut vm = Vm {
             router: Router::new(cfg, &local_zone, seed),
             id,
             stats: Stats::loaded(),
             logged: HashSet::new(),
-            workers: 1,
             poll: None,
             next_poll: 0,
             snapshot_cas: None,
@@ -82,7 +126,116 @@ impl Vm {
             reporter: Reporter::default(),
             reporter_others: MeasuredLoad::default(),
             reporter_app_utilization: None,
-        })
+            config_hash: rate_memory::key_hash(&[0, 0], config),
+            generation: 0,
+            ticked: false,
+            retired: false,
+            stood_down: false,
+            outdated: false,
+            successor: None,
+            rate_secret: [0, 0],
+        };
+        vm.rate_secret = vm.load_secret(host);
+        if let Ok((None, _)) = host.shared_get(BUDGET_KEY) {
+            // Created once, so that every later write is a compare-and-swap.
+            if let Err(e) = host.shared_set(BUDGET_KEY, &Budget::default().encode(), None) {
+                vm.host_error(host, "set_shared_data (budget)", &e);
+            }
+        }
+        vm.read_snapshot(host, now); // place at once, not after the first tick
+        Ok(vm)
+    }
+
+    /// The rate memory's key: the one in shared data, else a new random one stored there (then
+    /// read back, so that VMs starting at the same moment agree on the one that was kept).
+    fn load_secret(&mut self, host: &dyn Host) -> Secret {
+        let stored = || match host.shared_get(SECRET_KEY) {
+            Ok((Some(b), _)) => rate_memory::decode_secret(&b),
+            _ => None,
+        };
+        if let Some(s) = stored() {
+            return s;
+        }
+        let fresh = rate_memory::new_secret();
+        if let Err(e) = host.shared_set(SECRET_KEY, &rate_memory::encode_secret(&fresh), None) {
+            // This VM keeps its own key: its devices' rates are not shared with the others.
+            self.host_error(host, "set_shared_data (rate memory key)", &e);
+        }
+        stored().unwrap_or(fresh)
+    }
+
+    /// A newer configuration's root context started in this same VM: hand everything to it on
+    /// the next tick.
+    pub fn supersede(&mut self, successor: Rc<RefCell<Vm>>) {
+        self.successor = Some(successor);
+    }
+
+    /// Envoy deleted this `Vm`'s root context: it is nobody's successor.
+    pub fn retire(&mut self) {
+        self.retired = true;
+    }
+
+    pub fn successor(&self) -> Option<&Rc<RefCell<Vm>>> {
+        self.successor.as_ref()
+    }
+
+    /// The newest live `Vm` this one leads to: the last successor that has ticked and was not
+    /// retired, else `vm` itself.
+    pub fn newest(vm: Rc<RefCell<Vm>>) -> Rc<RefCell<Vm>> {
+        let mut newest = vm.clone();
+        let mut next = vm.try_borrow().ok().and_then(|v| v.successor.clone());
+        while let Some(n) = next {
+            let (live, after) = match n.try_borrow() {
+                Ok(v) => (v.ticked && !v.retired, v.successor.clone()),
+                Err(_) => (false, None),
+            };
+            if live {
+                newest = n.clone();
+            }
+            next = after;
+        }
+        newest
+    }
+
+    /// A successor in this VM that has not been retired (live or about to be).
+    fn has_successor(&self) -> bool {
+        let mut next = self.successor.clone();
+        while let Some(n) = next {
+            match n.try_borrow() {
+                Ok(v) if !v.retired => return true,
+                Ok(v) => next = v.successor.clone(),
+                Err(_) => return true, // busy: it is running
+            }
+        }
+        false
+    }
+
+    /// Whether a newer configuration exists (in this VM or, per shared data, anywhere).
+    fn superseded(&mut self, host: &dyn Host) -> bool {
+        if self.has_successor() {
+            return true;
+        }
+        if !self.outdated && self.generation > 0 {
+            match host.shared_get(GENERATION_KEY) {
+                Ok((bytes, _)) => {
+                    let newest = bytes.as_deref().and_then(decode_generation);
+                    self.outdated = newest.is_some_and(|(g, _)| g > self.generation);
+                }
+                Err(e) => self.host_error(host, "get_shared_data (generation)", &e),
+            }
+        }
+        self.outdated
+    }
+
+    /// Whether a planned move may be carried out now: rebalancing is `on` and no newer
+    /// configuration exists. Otherwise every planned move is dropped.
+    pub fn may_move(&mut self, host: &dyn Host) -> bool {
+        let on = self.config().rebalance.mode == RebalanceMode::On;
+        if on && !self.superseded(host) {
+            return true;
+        }
+        self.router.clear_moves();
+        false
     }
 
     pub fn config(&self) -> &Config {
@@ -114,18 +267,93 @@ impl Vm {
             Ok(t) => t,
             Err(e) => return self.host_error(host, "get_current_time", &e),
         };
-        self.discovery_tick(host, now);
+        if !self.ticked {
+            self.ticked = true;
+            self.generation = claim_generation(host, self.config_hash);
+            host.log(
+                LogLevel::Info,
+                &format!(
+                    "streamlb: configuration generation {} running (vm {})",
+                    self.generation, self.id
+                ),
+            );
+        }
+        if let Some(successor) = self.successor.clone() {
+            let newest = Vm::newest(successor);
+            if newest.try_borrow().is_ok_and(|v| v.ticked && !v.retired) {
+                return self.hand_over(host, now, &newest);
+            }
+        }
+        let current = !self.superseded(host);
+        if current {
+            self.stood_down = false;
+            self.discovery_tick(host, now);
+        } else if !self.stood_down {
+            self.stand_down(host);
+        }
         self.read_snapshot(host, now);
         self.router.tick(now);
-        self.fleet_tick(host, now);
+        self.fleet_tick(host, now, current);
         let tau = self.router.config().load.tau_ms as f64 / 1000.0;
         self.reporter.tick(now, tau);
         self.share_load(host, now);
-        if self.router.config().rebalance.mode != RebalanceMode::Off {
+        if current && self.router.config().rebalance.mode != RebalanceMode::Off {
             self.rebalance(host, now);
         }
         self.remember_rates(host, now);
         self.flush(host);
+    }
+
+    /// A newer configuration exists: no lease, no polls, no moves. (In this VM it is about to
+    /// take the streams over; elsewhere this `Vm` keeps measuring its own streams.)
+    fn stand_down(&mut self, host: &dyn Host) {
+        self.stood_down = true;
+        self.poll = None;
+        self.release_lease(host);
+        self.router.clear_moves();
+        if !self.has_successor() {
+            host.log(
+                LogLevel::Info,
+                &format!(
+                    "streamlb: vm {} (generation {}) stands down: a newer configuration runs in another VM",
+                    self.id, self.generation
+                ),
+            );
+        }
+    }
+
+    /// Give every stream to `newest` (this VM's newest configuration), then stop: release the
+    /// lease, flush, stop the timer.
+    fn hand_over(&mut self, host: &dyn Host, now: Nanos, newest: &Rc<RefCell<Vm>>) {
+        let Ok(mut new) = newest.try_borrow_mut() else {
+            return; // busy: next tick
+        };
+        let handed = self.router.hand_over();
+        let (mut kept, total) = (0, handed.len());
+        for h in handed {
+            let (route, cluster) = (h.stream.route, h.stream.cluster);
+            self.stats.route(route, cluster).active_delta -= 1;
+            if let Some((ri, ci)) = new.router.adopt(now, h) {
+                new.stats.route(ri, ci).active_delta += 1;
+                kept += 1;
+            }
+        }
+        drop(new);
+        self.poll = None;
+        self.release_lease(host);
+        self.flush(host);
+        if let Err(e) = host.set_tick_period_ms(0) {
+            self.host_error(host, "stop the timer", &e);
+        }
+        if self.logged.insert("handed over") {
+            host.log(
+                LogLevel::Info,
+                &format!(
+                    "streamlb: vm {} (generation {}) handed {kept} of {total} streams to a newer configuration and stopped",
+                    self.id, self.generation
+                ),
+            );
+        }
     }
 
     fn discovery_tick(&mut self, host: &dyn Host, now: Nanos) {
@@ -197,6 +425,7 @@ impl Vm {
     }
 
     fn release_lease(&mut self, host: &dyn Host) {
+        self.lease_until = 0;
         if let Ok((Some(v), cas)) = host.shared_get(LEASE_KEY) {
             if decode_lease(&v).is_some_and(|(holder, _)| holder == self.id) {
                 let _ = host.shared_set(LEASE_KEY, &[], cas);
@@ -334,7 +563,6 @@ impl Vm {
             match host.shared_set(LOAD_KEY, &record, cas) {
                 Ok(()) => {
                     if let Ok(slots) = shared_view::decode(&record) {
-                        self.workers = slots.len().max(1);
                         let others: Vec<_> = shared_view::others(&slots, self.id, now, expire)
                             .map(|e| {
                                 (
@@ -358,8 +586,8 @@ impl Vm {
     }
 
     /// The fleet view: the lease holder probes and publishes, the others apply its reports.
-    fn fleet_tick(&mut self, host: &dyn Host, now: Nanos) {
-        let prober = now < self.lease_until && self.router.config().probe.enabled;
+    fn fleet_tick(&mut self, host: &dyn Host, now: Nanos, current: bool) {
+        let prober = current && now < self.lease_until && self.router.config().probe.enabled;
         if prober {
             self.stats.fleet.probed_at = Some(now);
             self.prober
@@ -449,11 +677,57 @@ impl Vm {
         }
     }
 
-    /// Plan moves off hot endpoints; in `on` mode the streams end at their next request frame
-    /// on a message boundary (see `stream.rs`), in `shadow` mode they are only reported.
+    /// Plan moves off hot endpoints within the proxy's churn budget (claimed in shared data
+    /// with compare-and-swap, so all workers together stay within it). In `on` mode the streams
+    /// end at their next request frame on a message boundary (see `stream.rs`); in `shadow`
+    /// mode they are only reported (and planned afresh on the next tick).
     fn rebalance(&mut self, host: &dyn Host, now: Nanos) {
-        let plan = self.router.plan_moves(now, self.workers);
-        let shadow = self.router.config().rebalance.mode == RebalanceMode::Shadow;
+        let cfg = self.router.config().rebalance.clone();
+        let tick = self.router.config().tick_ms * MS;
+        let expired = self
+            .router
+            .expire_moves(now, rebalance::move_deadline(tick));
+        for (ci, n) in expired.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+            *self
+                .stats
+                .rebalance
+                .skipped
+                .entry((ci, "expired"))
+                .or_default() += n;
+        }
+        let streams = self.router.proxy_streams();
+        let mut planned = None;
+        for _ in 0..CAS_ATTEMPTS {
+            let (current, cas) = match host.shared_get(BUDGET_KEY) {
+                Ok(v) => v,
+                Err(e) => return self.host_error(host, "get_shared_data (budget)", &e),
+            };
+            let mut budget = current.as_deref().map(Budget::decode).unwrap_or_default();
+            let plan = self
+                .router
+                .plan_moves(now, budget.allowance(&cfg, now, tick, streams));
+            if plan.moves.is_empty() {
+                planned = Some(plan);
+                break;
+            }
+            budget.spend(now, plan.moves.len());
+            match host.shared_set(BUDGET_KEY, &budget.encode(), cas) {
+                Ok(()) => {
+                    planned = Some(plan);
+                    break;
+                }
+                Err(HostError::CasMismatch) => self.stats.health.cas_retries += 1,
+                Err(e) => return self.host_error(host, "set_shared_data (budget)", &e),
+            }
+        }
+        let Some(plan) = planned else {
+            self.stats.health.host_errors += 1; // gave up after CAS conflicts: no moves now
+            return;
+        };
+        let shadow = cfg.mode == RebalanceMode::Shadow;
+        if !shadow {
+            self.router.commit_moves(now, &plan);
+        }
         let r = &mut self.stats.rebalance;
         for (ci, (before, after)) in plan
             .excess_before
@@ -499,6 +773,37 @@ impl Vm {
             self.host_error(host, "metrics", &e);
         }
     }
+}
+
+fn decode_generation(v: &[u8]) -> Option<(u64, u64)> {
+    let generation = u64::from_le_bytes(v.get(0..8)?.try_into().ok()?);
+    let hash = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+    Some((generation, hash))
+}
+
+/// The generation of the configuration whose text hashes to `hash`: the current one if the
+/// newest configuration has the same text, else the next number (written with
+/// compare-and-swap). 0 if shared data fails.
+fn claim_generation(host: &dyn Host, hash: u64) -> u64 {
+    for _ in 0..CAS_ATTEMPTS {
+        let Ok((current, cas)) = host.shared_get(GENERATION_KEY) else {
+            break;
+        };
+        let newest = current.as_deref().and_then(decode_generation);
+        let next = match newest {
+            Some((g, h)) if h == hash && g > 0 => return g,
+            Some((g, _)) => g + 1,
+            None => 1,
+        };
+        let mut record = next.to_le_bytes().to_vec();
+        record.extend_from_slice(&hash.to_le_bytes());
+        match host.shared_set(GENERATION_KEY, &record, cas) {
+            Ok(()) => return next,
+            Err(HostError::CasMismatch) => continue,
+            Err(_) => break,
+        }
+    }
+    0
 }
 
 fn decode_lease(v: &[u8]) -> Option<(u64, Nanos)> {

@@ -9,7 +9,9 @@ accounting of every message is checked on both sides.
 
 from __future__ import annotations
 
+import re
 import time
+from datetime import datetime
 
 import streamlb_testkit as harness
 from test_filter import max_over_mean, pod_rates, wait_for_discovery
@@ -132,3 +134,93 @@ def test_without_rebalancing_the_skew_stays(make_pods):
     print(f"\nrebalance off: start {r['start']:.3f}, max/mean every 2 s: {r['series']}; moves {r['moves']}")
     assert not r["moves"].get("reset") and not r["moves"].get("unavailable")
     assert r["start"] >= 1.3 and min(r["series"]) >= 1.2, r
+
+
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]")
+
+
+def planned_times(log: str, shadow: bool = False) -> list[float]:
+    """Envoy's log timestamps (s) of the filter's planned-move lines, in order."""
+    needle = "streamlb: rebalance (shadow): stream" if shadow else "streamlb: rebalance: stream"
+    times = []
+    for line in log.splitlines():
+        m = LOG_TIME.match(line)
+        if m and needle in line:
+            times.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp())
+    return times
+
+
+def churn_config(mode: str, **rebalance) -> dict:
+    """A skew that never goes away: new streams land at random (one choice, no rate memory)
+    and any move that does not raise the pair's maximum is wanted (no hysteresis)."""
+    return {
+        "clusters": ["pods"], "tick_ms": 500, "discovery": {"poll_ms": 1000}, "load": {"tau_ms": 2000},
+        "pick": {"choices": 1}, "rate_memory": {"header": ""},
+        "rebalance": {"mode": mode, "allow_reset": True, "min_age_ms": 3000, "tolerance": 0.01,
+                      "hysteresis": 0.0, **rebalance},
+    }
+
+
+def test_the_churn_budget_is_per_proxy_with_eight_workers(make_pods):
+    """`--concurrency 8`: nine VMs tick (eight workers and the main thread), streams spread
+    over the workers, and together they stay within the proxy's budget."""
+    pods = make_pods(zones={"a": 6})
+    budget = {"max_moves_per_tick": 1, "max_moves_per_minute": 10, "max_share_per_minute": 1.0}
+    with harness.Envoy(pods, filter_config=churn_config("on", **budget), concurrency=8) as envoy:
+        wait_for_discovery(envoy)
+        started = time.monotonic()
+        harness.run_devices(envoy.listen_addr, streams=48, mean_rate=10, dist="zipf:0.8", duration=30,
+                            reconnect=True, seed=5)
+        assert time.monotonic() - started < 60, "the checks below assume the run fits in one minute"
+        planned = moves(envoy).get("planned", 0)
+        ended = moves(envoy).get("reset", 0) + moves(envoy).get("unavailable", 0)
+        skipped = {k.split("reason=.=")[1].split(";")[0]: v
+                   for k, v in envoy.stats("streamlb_rebalance_skipped_total").items()}
+        workers = [v for k, v in envoy.stats(r"^listener\.127\.0\.0\.1_\d+\.worker_\d+\.downstream_cx_total$").items()
+                   if v > 0]
+        times = planned_times(envoy.log_text())
+    gaps = [round(b - a, 3) for a, b in zip(times, times[1:])]
+    print(f"\nplanned {planned}, ended {ended}, skipped {skipped}; connections per worker {workers}; gaps {gaps}")
+    assert len(workers) >= 4, f"streams must be spread over the workers: {workers}"
+    assert skipped.get("budget", 0) > 0, "the skew must want more moves than the budget allows"
+    assert 1 <= planned <= 10, planned  # per minute (the whole run)
+    assert planned == len(times)
+    assert all(g >= 0.4 for g in gaps), f"two moves in one tick window (500 ms): {gaps}"
+    assert ended <= planned
+
+
+def excess_permille(rates: dict[str, float], tolerance: float) -> float:
+    """1000 × Σ max(0, r_j − (1 + tolerance) × mean) / Σ r over equal pods (the filter's
+    streamlb_rebalance_excess_before_permille, from the pods' own counts)."""
+    values = list(rates.values())
+    mean = sum(values) / len(values)
+    return 1000 * sum(max(0.0, r - (1 + tolerance) * mean) for r in values) / sum(values)
+
+
+def test_shadow_excess_gauges_stay_while_the_skew_stays(make_pods):
+    """In shadow mode nothing moves, so the excess the filter reports must stay what the pods
+    see, tick after tick (a plan that is never carried out must not count as done)."""
+    pods = make_pods(zones={"a": 6})
+    cfg = churn_config("shadow", max_moves_per_tick=2, max_moves_per_minute=1000, max_share_per_minute=1.0)
+    with harness.Envoy(pods, filter_config=cfg, concurrency=1) as envoy:
+        wait_for_discovery(envoy)
+        with harness.start_devices(envoy.listen_addr, streams=24, mean_rate=10, dist="zipf:0.8", duration=30,
+                                   seed=7):
+            time.sleep(8)  # past min_age (3 s) and τ (2 s): planning has run for a while
+            first = pods.pod_stats()
+            before = []
+            for _ in range(20):
+                stats = envoy.stats("streamlb_rebalance_excess_before")
+                before.append(next(iter(stats.values())))
+                time.sleep(0.5)
+            last = pods.pod_stats()
+        planned = moves(envoy).get("planned", 0)
+        log = envoy.log_text()
+    rates = {n: (last[n]["messages"] - first[n]["messages"]) / 10 for n in last}
+    truth = excess_permille(rates, 0.01)
+    print(f"\nshadow: excess before {before}; from the pods {truth:.0f}; max/mean {max_over_mean(rates):.2f}; "
+          f"planned {planned}")
+    assert max_over_mean(rates) >= 1.1, "the scenario must stay skewed (shadow ends nothing)"
+    assert all(0.75 * truth <= b <= 1.25 * truth for b in before), (before, truth)
+    assert planned > 0 and "streamlb: rebalance (shadow): stream" in log
+    assert "streamlb: rebalance: stream" not in log
