@@ -39,7 +39,6 @@ const BUFFER_REQUEST_BODY: u32 = 0;
 const BUFFER_RESPONSE_BODY: u32 = 1;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
-const GRPC_UNAVAILABLE: i32 = 14;
 
 fn map_type(m: HeaderMap) -> u32 {
     match m {
@@ -141,7 +140,7 @@ impl Host for EnvoyHost {
     }
 
     fn end_stream_unavailable(&self, message: &str) -> HostResult<()> {
-        abi::send_grpc_response(GRPC_UNAVAILABLE, message)
+        abi::send_grpc_response(streamlb_core::grpc_status::UNAVAILABLE as i32, message)
     }
 
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()> {

@@ -6,6 +6,7 @@ pub mod endpoints;
 pub mod ewma;
 pub mod fleet;
 pub mod grpc_framing;
+pub mod grpc_status;
 pub mod orca;
 pub mod penalty;
 pub mod pick;

@@ -8,6 +8,8 @@
 //! Failures: gRPC `UNAVAILABLE`/`RESOURCE_EXHAUSTED`, HTTP 5xx and 429 (connect failures reach
 //! the filter as Envoy's local 503).
 
+use super::grpc_status;
+
 /// How a stream ended, as far as the endpoint's health is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -21,8 +23,8 @@ pub enum Outcome {
 /// Classify by HTTP status and gRPC status (either may be unknown).
 pub fn classify(http_status: Option<u32>, grpc_status: Option<u32>) -> Outcome {
     match grpc_status {
-        Some(14) | Some(8) => return Outcome::Failed, // UNAVAILABLE, RESOURCE_EXHAUSTED
-        Some(1) => return Outcome::Cancelled,
+        Some(grpc_status::UNAVAILABLE | grpc_status::RESOURCE_EXHAUSTED) => return Outcome::Failed,
+        Some(grpc_status::CANCELLED) => return Outcome::Cancelled,
         Some(_) => return Outcome::Ok,
         None => {}
     }

@@ -15,6 +15,7 @@ use hashbrown::HashMap;
 
 use super::host::{Host, HostError};
 use super::metrics::{tagged, Metrics};
+use streamlb_core::grpc_status;
 use streamlb_core::router::Router;
 use streamlb_core::Nanos;
 
@@ -45,8 +46,20 @@ impl StatusClass {
     /// `server_error` = every other gRPC code or HTTP 5xx; `reset` = neither.
     pub fn of(http: Option<u32>, grpc: Option<u32>) -> StatusClass {
         match (grpc, http) {
-            (Some(0), _) => StatusClass::Ok,
-            (Some(1 | 3 | 5 | 6 | 7 | 9 | 11 | 16), _) => StatusClass::ClientError,
+            (Some(grpc_status::OK), _) => StatusClass::Ok,
+            (
+                Some(
+                    grpc_status::CANCELLED
+                    | grpc_status::INVALID_ARGUMENT
+                    | grpc_status::NOT_FOUND
+                    | grpc_status::ALREADY_EXISTS
+                    | grpc_status::PERMISSION_DENIED
+                    | grpc_status::FAILED_PRECONDITION
+                    | grpc_status::OUT_OF_RANGE
+                    | grpc_status::UNAUTHENTICATED,
+                ),
+                _,
+            ) => StatusClass::ClientError,
             (Some(_), _) => StatusClass::ServerError,
             (None, Some(s)) if s < 400 => StatusClass::Ok,
             (None, Some(s)) if s < 500 => StatusClass::ClientError,
@@ -92,15 +105,57 @@ pub struct Health {
     pub probes_answered: u64,
 }
 
+/// How a moved stream was ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MoveHow {
+    /// Before its response started: the client got a clean `UNAVAILABLE`.
+    Unavailable,
+    /// After: a reset (the client sees `INTERNAL`).
+    Reset,
+}
+
+/// Why a wanted move was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// The churn budget was spent.
+    Budget,
+    /// No endpoint could take the stream.
+    NoRoom,
+    /// Its response started and resets are not allowed.
+    Unmovable,
+    /// Planned but not carried out in time.
+    Expired,
+}
+
+impl MoveHow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveHow::Unavailable => "unavailable",
+            MoveHow::Reset => "reset",
+        }
+    }
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Budget => "budget",
+            SkipReason::NoRoom => "no_room",
+            SkipReason::Unmovable => "unmovable",
+            SkipReason::Expired => "expired",
+        }
+    }
+}
+
 /// Rebalancing since the last flush, per cluster.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct RebalanceStats {
     /// Moves planned (in `shadow` mode: moves it would make).
     pub planned: HashMap<usize, u64>,
-    /// Streams really ended, by how: `unavailable` (before the response) or `reset`.
-    pub moved: HashMap<(usize, &'static str), u64>,
-    /// Wanted moves not made: `budget` or `no_room`.
-    pub skipped: HashMap<(usize, &'static str), u64>,
+    /// Streams really ended, by how.
+    pub moved: HashMap<(usize, MoveHow), u64>,
+    /// Wanted moves not made, by why.
+    pub skipped: HashMap<(usize, SkipReason), u64>,
     /// Excess above the hot line as a share of load, before and after the planned moves.
     pub excess: HashMap<usize, (f64, f64)>,
 }
@@ -343,12 +398,12 @@ fn flush_rebalance(out: &mut Flush<'_>, router: &Router, r: RebalanceStats) {
     }
     for ((ci, how), n) in r.moved {
         let c = cluster_name(router, ci);
-        let tags = [("cluster", c.as_str()), ("reason", how)];
+        let tags = [("cluster", c.as_str()), ("reason", how.as_str())];
         out.count("streamlb_rebalance_moves_total", &tags, n);
     }
     for ((ci, why), n) in r.skipped {
         let c = cluster_name(router, ci);
-        let tags = [("cluster", c.as_str()), ("reason", why)];
+        let tags = [("cluster", c.as_str()), ("reason", why.as_str())];
         out.count("streamlb_rebalance_skipped_total", &tags, n);
     }
     for (ci, (before, after)) in r.excess {

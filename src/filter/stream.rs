@@ -13,10 +13,13 @@ use std::rc::Rc;
 
 use super::fleet::answer_probe;
 use super::host::{parse_number, string_property, Body, HeaderMap, Host};
-use super::stats::{StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US};
+use super::stats::{
+    MoveHow, SkipReason, StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US,
+};
 use super::vm::Vm;
 use streamlb_core::config::Mode;
 use streamlb_core::grpc_framing::FrameCounter;
+use streamlb_core::grpc_status;
 use streamlb_core::orca::{self, OrcaError, OrcaReport};
 use streamlb_core::penalty;
 use streamlb_core::rate_memory::{self, Bucket};
@@ -235,7 +238,7 @@ impl StreamFilter {
                 *vm.stats
                     .rebalance
                     .skipped
-                    .entry((ci, "unmovable"))
+                    .entry((ci, SkipReason::Unmovable))
                     .or_default() += 1;
             }
             return false;
@@ -248,14 +251,14 @@ impl StreamFilter {
             return false;
         };
         let how = if self.first_byte_seen {
-            "reset"
+            MoveHow::Reset
         } else {
-            "unavailable"
+            MoveHow::Unavailable
         };
         *vm.stats.rebalance.moved.entry((ci, how)).or_default() += 1;
         self.moved = true;
         self.http_status = Some(200);
-        self.grpc_status = Some(14);
+        self.grpc_status = Some(grpc_status::UNAVAILABLE);
         true
     }
 
@@ -352,7 +355,7 @@ impl StreamFilter {
                 *vm.stats
                     .rebalance
                     .skipped
-                    .entry((ci, "unmovable"))
+                    .entry((ci, SkipReason::Unmovable))
                     .or_default() += 1;
             }
         }

@@ -38,7 +38,7 @@ use hashbrown::{HashMap, HashSet};
 
 use super::fleet::Prober;
 use super::host::{string_property, Host, HostError, LogLevel};
-use super::stats::Stats;
+use super::stats::{SkipReason, Stats};
 use streamlb_core::config::{Config, RebalanceMode};
 use streamlb_core::discovery;
 use streamlb_core::fleet::MeasuredLoad;
@@ -692,7 +692,7 @@ impl Vm {
                 .stats
                 .rebalance
                 .skipped
-                .entry((ci, "expired"))
+                .entry((ci, SkipReason::Expired))
                 .or_default() += n;
         }
         let streams = self.router.proxy_streams();
@@ -762,8 +762,8 @@ impl Vm {
             .zip(&plan.skipped_no_room)
             .enumerate()
         {
-            *r.skipped.entry((ci, "budget")).or_default() += budget;
-            *r.skipped.entry((ci, "no_room")).or_default() += no_room;
+            *r.skipped.entry((ci, SkipReason::Budget)).or_default() += budget;
+            *r.skipped.entry((ci, SkipReason::NoRoom)).or_default() += no_room;
         }
     }
 
