@@ -13,6 +13,7 @@
 use hashbrown::HashMap;
 
 use super::host::{parse_number, HeaderMap, Host};
+use super::shared::reports_key;
 use super::stats::{FleetStats, ProbeResult};
 use streamlb_core::fleet::{self, LoadReport, ReportError};
 use streamlb_core::orca;
@@ -22,11 +23,6 @@ use streamlb_core::Nanos;
 /// Marks streamlb's own probes. Gateways remove it from client requests natively (see
 /// envoy/envoy.yaml.tmpl), and a reporter answers only requests that carry it.
 pub const PROBE_HEADER: &str = "x-streamlb-probe";
-
-/// Shared-data key of a cluster's published reports.
-pub fn reports_key(cluster: &str) -> String {
-    format!("streamlb.fleet.{cluster}")
-}
 
 const MS: Nanos = 1_000_000;
 

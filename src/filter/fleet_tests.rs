@@ -2,9 +2,10 @@
 //! placed cluster, reports reach every VM, bad answers are counted, and the reporter role answers
 //! only marked GET probes, with every stream it saw.
 
-use super::fleet::{reports_key, PROBE_HEADER};
+use super::fleet::PROBE_HEADER;
 use super::host::HeaderMap;
 use super::mock::{MockHost, SharedStore};
+use super::shared::reports_key;
 use super::stream::{HeadersAction, StreamFilter};
 use super::tests::{discover, grpc_frames, host, send, vm, HEADER, SEC};
 #[cfg(target_arch = "wasm32")]

@@ -7,9 +7,10 @@ use std::rc::Rc;
 
 use super::host::HeaderMap;
 use super::mock::SharedStore;
+use super::shared::SNAPSHOT_KEY;
 use super::stream::StreamFilter;
 use super::tests::{discover, grpc_frames, host, open_on, send, vm, ADMIN, HEADER, SEC};
-use super::vm::{Vm, SNAPSHOT_KEY};
+use super::vm::Vm;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 

@@ -103,6 +103,8 @@ pub struct Health {
     pub orca_invalid: u64,
     /// Load probes answered in the reporter role.
     pub probes_answered: u64,
+    /// Shared-data updates given up after losing every compare-and-swap attempt.
+    pub cas_lost: u64,
 }
 
 /// How a moved stream was ended.
@@ -463,6 +465,7 @@ fn flush_health(out: &mut Flush<'_>, h: Health, config_loads: u64) {
         ("streamlb_discovery_polls_failed_total", h.polls_failed),
         ("streamlb_host_errors_total", h.host_errors),
         ("streamlb_cas_retries_total", h.cas_retries),
+        ("streamlb_cas_lost_total", h.cas_lost),
         (
             "streamlb_endpoint_header_stripped_total",
             h.endpoint_headers_stripped,

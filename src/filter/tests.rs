@@ -6,8 +6,9 @@ use std::rc::Rc;
 
 use super::host::{Body, HeaderMap, LogLevel};
 use super::mock::{MockHost, SharedStore};
+use super::shared::{LEASE_KEY, LOAD_KEY, SNAPSHOT_KEY};
 use super::stream::{BodyAction, StreamFilter, REBALANCE_MESSAGE};
-use super::vm::{Vm, LEASE_KEY, LOAD_KEY, SNAPSHOT_KEY};
+use super::vm::Vm;
 use streamlb_core::streams::Direction;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;

@@ -38,6 +38,10 @@ use hashbrown::{HashMap, HashSet};
 
 use super::fleet::Prober;
 use super::host::{string_property, Host, HostError, LogLevel};
+use super::shared::{
+    self, Step, UpdateError, BUDGET_KEY, GENERATION_KEY, LEASE_KEY, LOAD_KEY, SECRET_KEY,
+    SNAPSHOT_KEY, VM_SEQ_KEY,
+};
 use super::stats::{SkipReason, Stats};
 use streamlb_core::config::{Config, RebalanceMode};
 use streamlb_core::discovery;
@@ -49,17 +53,6 @@ use streamlb_core::router::Router;
 use streamlb_core::shared_view::{self, Slot};
 use streamlb_core::Nanos;
 
-pub const VM_SEQ_KEY: &str = "streamlb.vm_seq";
-pub const LEASE_KEY: &str = "streamlb.discovery.lease";
-pub const SNAPSHOT_KEY: &str = "streamlb.discovery.snapshot";
-pub const LOAD_KEY: &str = "streamlb.load";
-/// The proxy's churn budget: its moves of the last minute ([`Budget`]).
-pub const BUDGET_KEY: &str = "streamlb.rebalance.budget";
-/// The newest configuration: generation (u64 LE) | hash of its text (u64 LE).
-pub const GENERATION_KEY: &str = "streamlb.config.generation";
-/// The rate memory's hash key, random per Envoy (16 bytes).
-pub const SECRET_KEY: &str = "streamlb.rate_memory.secret";
-const CAS_ATTEMPTS: usize = 8;
 const MS: Nanos = 1_000_000;
 
 pub struct Vm {
@@ -269,7 +262,13 @@ impl Vm {
         };
         if !self.ticked {
             self.ticked = true;
-            self.generation = claim_generation(host, self.config_hash);
+            let claimed =
+                claim_generation(host, self.config_hash, &mut self.stats.health.cas_retries);
+            // 0 (shared data failed): never outdated.
+            self.generation = claimed.unwrap_or_else(|e| {
+                self.shared_failed(host, "configuration generation", e);
+                0
+            });
             host.log(
                 LogLevel::Info,
                 &format!(
@@ -550,38 +549,41 @@ impl Vm {
             updated_at: now,
             entries,
         };
-        for _ in 0..CAS_ATTEMPTS {
-            let (current, cas) = match host.shared_get(LOAD_KEY) {
-                Ok(v) => v,
-                Err(e) => return self.host_error(host, "get_shared_data (load)", &e),
-            };
-            let (record, corrupt) =
-                shared_view::merge(current.as_deref(), mine.clone(), now, expire);
+        let health = &mut self.stats.health;
+        let written = shared::update(host, LOAD_KEY, &mut health.cas_retries, |current| {
+            let (record, corrupt) = shared_view::merge(current, mine.clone(), now, expire);
             if corrupt.is_some() {
-                self.stats.health.host_errors += 1;
+                health.host_errors += 1;
             }
-            match host.shared_set(LOAD_KEY, &record, cas) {
-                Ok(()) => {
-                    if let Ok(slots) = shared_view::decode(&record) {
-                        let others: Vec<_> = shared_view::others(&slots, self.id, now, expire)
-                            .map(|e| {
-                                (
-                                    e.cluster.as_str(),
-                                    e.address.as_str(),
-                                    f64::from(e.load),
-                                    e.active,
-                                )
-                            })
-                            .collect();
-                        self.router.set_remote_loads(now, others);
-                        (self.reporter_others, self.reporter_app_utilization) =
-                            reporter_figures(shared_view::others(&slots, self.id, now, expire));
-                    }
-                    return;
+            Step::Write(record.clone(), record)
+        });
+        match written {
+            Err(e) => self.shared_failed(host, "load view", e),
+            Ok(record) => {
+                if let Ok(slots) = shared_view::decode(&record) {
+                    let others: Vec<_> = shared_view::others(&slots, self.id, now, expire)
+                        .map(|e| {
+                            (
+                                e.cluster.as_str(),
+                                e.address.as_str(),
+                                f64::from(e.load),
+                                e.active,
+                            )
+                        })
+                        .collect();
+                    self.router.set_remote_loads(now, others);
+                    (self.reporter_others, self.reporter_app_utilization) =
+                        reporter_figures(shared_view::others(&slots, self.id, now, expire));
                 }
-                Err(HostError::CasMismatch) => self.stats.health.cas_retries += 1,
-                Err(e) => return self.host_error(host, "set_shared_data (load)", &e),
             }
+        }
+    }
+
+    /// A shared-data update failed: a lost compare-and-swap is counted, a host error logged.
+    fn shared_failed(&mut self, host: &dyn Host, what: &'static str, e: UpdateError) {
+        match e {
+            UpdateError::Lost => self.stats.health.cas_lost += 1,
+            UpdateError::Host(e) => self.host_error(host, what, &e),
         }
     }
 
@@ -655,24 +657,16 @@ impl Vm {
         let seconds = rate_memory::seconds(now);
         for (bucket, entries) in by_bucket {
             let key = rate_memory::shared_key(bucket);
-            for attempt in 0..=CAS_ATTEMPTS {
-                if attempt == CAS_ATTEMPTS {
-                    self.stats.health.host_errors += 1; // gave up: this update is lost
-                    break;
-                }
-                let (current, cas) = match host.shared_get(&key) {
-                    Ok(v) => v,
-                    Err(e) => return self.host_error(host, "get_shared_data (rate memory)", &e),
-                };
-                let mut b = current.as_deref().map(Bucket::decode).unwrap_or_default();
+            let retries = &mut self.stats.health.cas_retries;
+            let written = shared::update(host, &key, retries, |current| {
+                let mut b = current.map(Bucket::decode).unwrap_or_default();
                 for &(hash, rate) in &entries {
                     b.put(hash, rate, seconds);
                 }
-                match host.shared_set(&key, &b.encode(), cas) {
-                    Ok(()) => break,
-                    Err(HostError::CasMismatch) => self.stats.health.cas_retries += 1,
-                    Err(e) => return self.host_error(host, "set_shared_data (rate memory)", &e),
-                }
+                Step::Write(b.encode(), ())
+            });
+            if let Err(e) = written {
+                self.shared_failed(host, "rate memory", e);
             }
         }
     }
@@ -696,33 +690,20 @@ impl Vm {
                 .or_default() += n;
         }
         let streams = self.router.proxy_streams();
-        let mut planned = None;
-        for _ in 0..CAS_ATTEMPTS {
-            let (current, cas) = match host.shared_get(BUDGET_KEY) {
-                Ok(v) => v,
-                Err(e) => return self.host_error(host, "get_shared_data (budget)", &e),
-            };
-            let mut budget = current.as_deref().map(Budget::decode).unwrap_or_default();
-            let plan = self
-                .router
-                .plan_moves(now, budget.allowance(&cfg, now, tick, streams));
+        let router = &mut self.router;
+        let retries = &mut self.stats.health.cas_retries;
+        let planned = shared::update(host, BUDGET_KEY, retries, |current| {
+            let mut budget = current.map(Budget::decode).unwrap_or_default();
+            let plan = router.plan_moves(now, budget.allowance(&cfg, now, tick, streams));
             if plan.moves.is_empty() {
-                planned = Some(plan);
-                break;
+                return Step::Keep(plan);
             }
             budget.spend(now, plan.moves.len());
-            match host.shared_set(BUDGET_KEY, &budget.encode(), cas) {
-                Ok(()) => {
-                    planned = Some(plan);
-                    break;
-                }
-                Err(HostError::CasMismatch) => self.stats.health.cas_retries += 1,
-                Err(e) => return self.host_error(host, "set_shared_data (budget)", &e),
-            }
-        }
-        let Some(plan) = planned else {
-            self.stats.health.host_errors += 1; // gave up after CAS conflicts: no moves now
-            return;
+            Step::Write(budget.encode(), plan)
+        });
+        let plan = match planned {
+            Ok(plan) => plan,
+            Err(e) => return self.shared_failed(host, "rebalance budget", e), // no moves now
         };
         let shadow = cfg.mode == RebalanceMode::Shadow;
         if !shadow {
@@ -776,62 +757,37 @@ impl Vm {
 }
 
 fn decode_generation(v: &[u8]) -> Option<(u64, u64)> {
-    let generation = u64::from_le_bytes(v.get(0..8)?.try_into().ok()?);
-    let hash = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
-    Some((generation, hash))
+    Some((shared::u64_at(v, 0)?, shared::u64_at(v, 8)?))
 }
 
 /// The generation of the configuration whose text hashes to `hash`: the current one if the
 /// newest configuration has the same text, else the next number (written with
 /// compare-and-swap). 0 if shared data fails.
-fn claim_generation(host: &dyn Host, hash: u64) -> u64 {
-    for _ in 0..CAS_ATTEMPTS {
-        let Ok((current, cas)) = host.shared_get(GENERATION_KEY) else {
-            break;
-        };
-        let newest = current.as_deref().and_then(decode_generation);
-        let next = match newest {
-            Some((g, h)) if h == hash && g > 0 => return g,
+fn claim_generation(host: &dyn Host, hash: u64, conflicts: &mut u64) -> Result<u64, UpdateError> {
+    shared::update(host, GENERATION_KEY, conflicts, |current| {
+        let next = match current.and_then(decode_generation) {
+            Some((g, h)) if h == hash && g > 0 => return Step::Keep(g),
             Some((g, _)) => g + 1,
             None => 1,
         };
         let mut record = next.to_le_bytes().to_vec();
         record.extend_from_slice(&hash.to_le_bytes());
-        match host.shared_set(GENERATION_KEY, &record, cas) {
-            Ok(()) => return next,
-            Err(HostError::CasMismatch) => continue,
-            Err(_) => break,
-        }
-    }
-    0
+        Step::Write(record, next)
+    })
 }
 
 fn decode_lease(v: &[u8]) -> Option<(u64, Nanos)> {
-    let holder = u64::from_le_bytes(v.get(0..8)?.try_into().ok()?);
-    let until = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
-    Some((holder, until))
+    Some((shared::u64_at(v, 0)?, shared::u64_at(v, 8)?))
 }
 
 /// A VM id unique within this Envoy: a counter in shared data, incremented with CAS (falls back
 /// to the time if shared data fails).
 fn allocate_vm_id(host: &dyn Host, now: Nanos) -> u64 {
-    for _ in 0..CAS_ATTEMPTS {
-        let Ok((current, cas)) = host.shared_get(VM_SEQ_KEY) else {
-            break;
-        };
-        let next = current
-            .as_deref()
-            .and_then(|b| b.get(0..8)?.try_into().ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(0)
-            + 1;
-        match host.shared_set(VM_SEQ_KEY, &next.to_le_bytes(), cas) {
-            Ok(()) => return next,
-            Err(HostError::CasMismatch) => continue,
-            Err(_) => break,
-        }
-    }
-    now | (1 << 63)
+    let next = shared::update(host, VM_SEQ_KEY, &mut 0, |current| {
+        let next = current.and_then(|b| shared::u64_at(b, 0)).unwrap_or(0) + 1;
+        Step::Write(next.to_le_bytes().to_vec(), next)
+    });
+    next.unwrap_or(now | (1 << 63))
 }
 
 /// The reporter figures in the other VMs' shared-view entries (summed; the app's utilisation is
