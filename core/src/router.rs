@@ -888,6 +888,19 @@ mod tests {
         }
     }
 
+    /// A router (seed `seed`) over pods e1, e2, e3 of no zone; new streams are expected at 10/s
+    /// and scored on all three.
+    fn three_pods(seed: u64) -> Router {
+        let mut r = Router::new(
+            cfg(r#"{"clusters":["pods"],"pick":{"choices":3},"load":{"default_stream_rate":10}}"#),
+            "",
+            seed,
+        );
+        let pods = [("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)];
+        r.apply_snapshot(0, &snapshot(&pods));
+        r
+    }
+
     /// Where `n` new streams (expected 10/s each) land, per address.
     fn spread(r: &mut Router, now: Nanos, first_id: u64, n: u64) -> HashMap<String, u32> {
         let mut out = HashMap::new();
@@ -901,15 +914,7 @@ mod tests {
     #[test]
     fn reports_show_other_proxies_load() {
         // Locally nothing is known; the pods report that other proxies loaded e1 heavily.
-        let mut r = Router::new(
-            cfg(r#"{"clusters":["pods"],"pick":{"choices":3},"load":{"default_stream_rate":10}}"#),
-            "",
-            11,
-        );
-        r.apply_snapshot(
-            0,
-            &snapshot(&[("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)]),
-        );
+        let mut r = three_pods(11);
         let reports = [
             ("e1:1".to_owned(), report(300.0, None, S)),
             ("e2:1".to_owned(), report(0.0, None, S)),
@@ -931,15 +936,7 @@ mod tests {
     fn a_degraded_pod_gets_its_capacity_share() {
         // Same rate everywhere, but e1 says it is full (capacity 50) and e2, e3 at a quarter
         // (capacity 200): new streams go mostly to e2 and e3, in proportion to the room left.
-        let mut r = Router::new(
-            cfg(r#"{"clusters":["pods"],"pick":{"choices":3},"load":{"default_stream_rate":10}}"#),
-            "",
-            12,
-        );
-        r.apply_snapshot(
-            0,
-            &snapshot(&[("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)]),
-        );
+        let mut r = three_pods(12);
         let reports = [
             ("e1:1".to_owned(), report(50.0, Some(1.0), S)),
             ("e2:1".to_owned(), report(50.0, Some(0.25), S)),
@@ -954,15 +951,7 @@ mod tests {
 
     #[test]
     fn a_silent_pod_is_assumed_at_the_mean_not_idle() {
-        let mut r = Router::new(
-            cfg(r#"{"clusters":["pods"],"pick":{"choices":3},"load":{"default_stream_rate":10}}"#),
-            "",
-            13,
-        );
-        r.apply_snapshot(
-            0,
-            &snapshot(&[("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)]),
-        );
+        let mut r = three_pods(13);
         let reports = [
             ("e1:1".to_owned(), report(100.0, Some(0.5), S)),
             ("e2:1".to_owned(), report(20.0, Some(0.1), S)),

@@ -197,16 +197,7 @@ async fn truncated_message_is_counted() {
         .await
         .expect("fleet");
     let pod = fleet.pods[0].clone();
-    let tcp = tokio::net::TcpStream::connect(pod.address)
-        .await
-        .expect("connect");
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_client(&pod).await;
     let mut body = vec![0u8, 0, 0, 0, 100]; // uncompressed, 100 bytes promised
     body.extend_from_slice(&[0x10, 1, 0x18, 2]); // only 4 arrive
     let request = http::Request::post(format!(
@@ -241,18 +232,29 @@ async fn truncated_message_is_counted() {
     fleet.shutdown();
 }
 
-/// GET /.well-known/streamlb/load over h2c: the pod's ORCA load report.
-async fn probe(pod: &Arc<Pod>) -> String {
+/// An h2c connection to `pod`.
+async fn h2_client<B>(pod: &Arc<Pod>) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::net::TcpStream::connect(pod.address)
         .await
         .expect("connect");
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+    let (sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tcp),
     )
     .await
     .expect("h2 handshake");
     tokio::spawn(connection);
+    sender
+}
+
+/// GET /.well-known/streamlb/load over h2c: the pod's ORCA load report.
+async fn probe(pod: &Arc<Pod>) -> String {
+    let mut sender = h2_client(pod).await;
     let request = http::Request::get(format!(
         "http://{}{}",
         pod.address,
