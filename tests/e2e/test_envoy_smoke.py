@@ -125,7 +125,7 @@ def test_pod_weight_is_rendered_and_used(pods, make_envoy):
 
 def gate(envoy, path, method="GET"):
     """A request to the admin gate listener: (status, body)."""
-    return harness._http(method, f"http://127.0.0.1:{envoy.admin_gate_port}{path}", body=b"" if method == "POST" else None)
+    return harness.http_request(method, f"http://127.0.0.1:{envoy.admin_gate_port}{path}", body=b"" if method == "POST" else None)
 
 
 def test_the_admin_gate_passes_only_get_clusters(pods, make_envoy):
