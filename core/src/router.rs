@@ -415,7 +415,8 @@ impl Router {
     /// Periodic update: fold counts into rates, recompute loads, learn expected rates.
     pub fn tick(&mut self, now: Nanos) {
         let tau = self.tau_secs();
-        let dt_all = self.last_tick.map(|t| now.saturating_sub(t)).unwrap_or(0);
+        // Before the first tick every stream's count covers its whole life.
+        let dt_all = self.last_tick.map_or(Nanos::MAX, |t| now.saturating_sub(t));
         self.last_tick = Some(now);
         for c in &mut self.clusters {
             for e in &mut c.endpoints {
@@ -812,5 +813,23 @@ mod tests {
             .moves
             .iter()
             .all(|m| !plan.moves.iter().any(|p| p.stream == m.stream)));
+    }
+
+    #[test]
+    fn streams_open_before_the_first_tick_are_measured_over_their_whole_life() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 5);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true)]));
+        for id in 0..10 {
+            r.place(0, id, "rt", "pods");
+            r.on_data(id, Direction::Upstream, 20, 0);
+        }
+        r.tick(S);
+        // 20 messages in its first second: the learned mean is ≈ 20/s, not 0.
+        let rt = r.routes.intern("rt");
+        assert!(
+            (r.expected_rate(0, rt) - 20.0).abs() < 0.5,
+            "{}",
+            r.expected_rate(0, rt)
+        );
     }
 }
