@@ -277,6 +277,9 @@ impl Vm {
                 Ok(()) => {
                     if let Ok(slots) = shared_view::decode(&record) {
                         self.workers = slots.len().max(1);
+                        // The slots are Envoy's workers and its main thread's VM, which places
+                        // nothing: the other workers placing streams are the rest.
+                        self.router.set_peers(slots.len().saturating_sub(2));
                         let others: Vec<_> = shared_view::others(&slots, self.id, now, expire)
                             .map(|e| {
                                 (
