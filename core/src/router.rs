@@ -559,6 +559,10 @@ impl Router {
         self.peers = n;
     }
 
+    pub fn peers(&self) -> usize {
+        self.peers
+    }
+
     pub fn take_counters(&mut self) -> Counters {
         std::mem::take(&mut self.counters)
     }
