@@ -4,10 +4,11 @@
 //! passively by the real upstream seen on responses. Load bookkeeping:
 //!
 //! ```text
-//! own_j      = local_rate_j + local_pending_j + remote_load_j
+//! own_j      = local_rate_j + local_pending_j + remote_load_j + peer_guess_j
 //! load_j     = own_j, or max(F_j + placed_j, own_j) with the fleet view
 //! local_rate_j    = Σ over this VM's streams on j of their rate EWMA
 //! local_pending_j = Σ prior_s · e^(−age_s/τ)   (what the EWMA has not yet learned of young streams)
+//! peer_guess_j    = (other workers) × the priors this VM placed on j since its last tick
 //! capacity_j = base_j · slow_start_j · penalty_j,  base_j = weight_j, or c_j with the fleet view
 //! ```
 //!
@@ -16,7 +17,9 @@
 //!
 //! `local_*` is recomputed from the stream table on every tick and adjusted incrementally
 //! between ticks (placement, re-attribution, stream end), so a burst of placements between two
-//! ticks already sees itself. Zone aggregates (`Σ load`, `Σ capacity` over healthy endpoints)
+//! ticks already sees itself. The other workers' placements arrive only with the next exchange
+//! (on the tick); until then each of them is assumed to be placing a burst like this VM's, so W
+//! workers hit by one storm do not each fill the same headroom. Zone aggregates (`Σ load`, `Σ capacity` over healthy endpoints)
 //! are kept beside, so a placement costs O(zones + d), not O(endpoints).
 
 use hashbrown::HashMap;
@@ -46,6 +49,9 @@ pub struct Endpoint {
     /// Load and active streams of the other workers of this Envoy (shared view).
     pub remote_load: f64,
     pub remote_active: u32,
+    /// Load the other workers are assumed to have placed here since the last tick: each is taken
+    /// to place what this VM placed (see the module doc). Reset on every tick.
+    pub peer_guess: f64,
     pub penalty: Decaying,
     /// Latest ORCA utilisation and when it was reported.
     pub orca: Option<(f64, Nanos)>,
@@ -78,6 +84,7 @@ impl Endpoint {
             local_active: 0,
             remote_load: 0.0,
             remote_active: 0,
+            peer_guess: 0.0,
             penalty: Decaying::default(),
             orca: None,
             report: None,
@@ -90,9 +97,10 @@ impl Endpoint {
         }
     }
 
-    /// What this Envoy itself measured and placed on the endpoint.
+    /// What this Envoy itself measured and placed on the endpoint (and its guess of the other
+    /// workers' burst).
     pub fn own_load(&self) -> f64 {
-        self.local_rate + self.local_pending + self.remote_load
+        self.local_rate + self.local_pending + self.remote_load + self.peer_guess
     }
 
     /// The endpoint's load: the fleet view's when the cluster has one, else [`Self::own_load`].
@@ -147,6 +155,10 @@ pub struct Cluster {
     pub snapshot_at: Option<Nanos>,
     /// The fleet picture as of the last refresh; `None`: local view.
     pub fleet: Option<FleetSummary>,
+    /// This VM's load estimate over its streams on the cluster, and the part of it that is
+    /// priors of streams of unknown rate (kept by the router).
+    pub own_load: f64,
+    pub own_unknown: f64,
 }
 
 impl Cluster {
@@ -158,6 +170,8 @@ impl Cluster {
             zones: Vec::new(),
             snapshot_at: None,
             fleet: None,
+            own_load: 0.0,
+            own_unknown: 0.0,
         }
     }
 
@@ -317,6 +331,25 @@ impl Cluster {
         };
         e.local_pending = (e.local_pending + delta).max(0.0);
         self.add_zone_load(i, delta);
+    }
+
+    /// Add `delta` to endpoint `i`'s guessed load of the other workers (and to its zone's sum).
+    pub fn add_peer_guess(&mut self, i: usize, delta: f64) {
+        let Some(e) = self.endpoints.get_mut(i) else {
+            return;
+        };
+        e.peer_guess += delta;
+        self.add_zone_load(i, delta);
+    }
+
+    /// Share of this VM's own load estimate on the cluster that is known (measured, or a
+    /// remembered rate) rather than the prior of a stream of unknown rate; 0 with no load.
+    pub fn known_share(&self) -> f64 {
+        if self.own_load > 0.0 {
+            (1.0 - self.own_unknown / self.own_load).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
     }
 
     /// Remove a stream's contribution from endpoint `i`.

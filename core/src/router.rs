@@ -105,6 +105,8 @@ pub struct Router {
     counters: Counters,
     /// Rates to write to the rate memory.
     rate_updates: Vec<RateUpdate>,
+    /// Other workers of this proxy placing streams at the same time (see [`Router::set_peers`]).
+    peers: usize,
 }
 
 /// A measured rate to remember, with the stream's (cluster, route) for its cap.
@@ -157,6 +159,7 @@ impl Router {
             last_tick: None,
             counters: Counters::default(),
             rate_updates: Vec::new(),
+            peers: 0,
         }
     }
 
@@ -256,11 +259,15 @@ impl Router {
             .snapshot_at
             .is_some_and(|t| now.saturating_sub(t) <= stale_after);
         let choice = if fresh {
+            // Tolerance and slack are for known load: the priors of streams of unknown rate carry
+            // no evidence, so a storm of them is spread in proportion to capacity.
             zone::choose(
                 &c.zones,
                 &self.local_zone,
                 self.cfg.zone.spill_threshold,
+                c.known_share(),
                 e,
+                self.peers as f64 * e,
                 &mut self.rng,
             )
         } else {
@@ -355,11 +362,17 @@ impl Router {
         }
         if let Some(j) = placed_on {
             c.add_stream_load(j, 0.0, e);
+            c.add_peer_guess(j, self.peers as f64 * e);
         } else {
             decision.reason = Reason::Fallback;
         }
+        c.own_load += e;
+        if !remembered {
+            c.own_unknown += e;
+        }
         let mut stream = Stream::new(ci, ri, placed_on, now, e);
         stream.key = source.map(|s| s.key);
+        stream.known_prior = remembered;
         if let Some(old) = self.streams.insert(id, stream) {
             self.forget(&old);
         }
@@ -461,7 +474,14 @@ impl Router {
     }
 
     fn forget(&mut self, s: &Stream) {
-        if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster), s.endpoint) {
+        let Some(c) = self.clusters.get_mut(s.cluster) else {
+            return;
+        };
+        c.own_load = (c.own_load - s.estimate()).max(0.0);
+        if !s.known_prior {
+            c.own_unknown = (c.own_unknown - s.pending).max(0.0);
+        }
+        if let Some(j) = s.endpoint {
             c.remove_stream_load(j, s.rate.value(), s.pending);
         }
     }
@@ -469,13 +489,17 @@ impl Router {
     /// Periodic update: fold counts into rates, recompute loads, learn expected rates.
     pub fn tick(&mut self, now: Nanos) {
         let tau = self.tau_secs();
-        let dt_all = self.last_tick.map(|t| now.saturating_sub(t)).unwrap_or(0);
+        // Before the first tick every stream's count covers its whole life.
+        let dt_all = self.last_tick.map_or(Nanos::MAX, |t| now.saturating_sub(t));
         self.last_tick = Some(now);
         for c in &mut self.clusters {
+            c.own_load = 0.0;
+            c.own_unknown = 0.0;
             for e in &mut c.endpoints {
                 e.local_rate = 0.0;
                 e.local_pending = 0.0;
                 e.local_active = 0;
+                e.peer_guess = 0.0;
             }
         }
         // (cluster, route) → (Σ ewma, Σ evidence weight)
@@ -489,6 +513,12 @@ impl Router {
             }
             let w = prior_weight(age, tau);
             s.pending = s.prior * w;
+            if let Some(c) = self.clusters.get_mut(s.cluster) {
+                c.own_load += s.estimate();
+                if !s.known_prior {
+                    c.own_unknown += s.pending;
+                }
+            }
             if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster), s.endpoint) {
                 if let Some(e) = c.endpoint_mut(j) {
                     e.local_rate += s.rate.value();
@@ -632,6 +662,17 @@ impl Router {
         out
     }
 
+    /// `n` other workers of this proxy place streams too; their placements become visible only
+    /// with the next exchange of loads, so until this VM's next tick each is assumed to place
+    /// what this VM places (it counts `n ×` each of its own placements).
+    pub fn set_peers(&mut self, n: usize) {
+        self.peers = n;
+    }
+
+    pub fn peers(&self) -> usize {
+        self.peers
+    }
+
     pub fn take_counters(&mut self) -> Counters {
         std::mem::take(&mut self.counters)
     }
@@ -759,6 +800,9 @@ impl Router {
         }
         let ci = self.cluster_index(&handed.cluster)?;
         let ri = self.routes.intern(&handed.route);
+        // An adopted stream brings its measured rate: it is not one "open before the first
+        // tick" whose whole life the first tick would fold in.
+        self.last_tick.get_or_insert(now);
         let c = self.clusters.get_mut(ci)?;
         let mut s = handed.stream;
         s.cluster = ci;
@@ -1273,7 +1317,7 @@ mod tests {
         );
         let handed = old.hand_over();
         assert_eq!(handed.len(), 6);
-        assert!(old.streams().is_empty() && old.clusters()[0].totals().0 == 0.0);
+        assert!(old.streams().is_empty() && old.clusters()[0].totals().0 < 1e-9);
         for h in handed {
             let id = h.id;
             let (ri, ci) = new.adopt(t, h).unwrap();
@@ -1284,6 +1328,9 @@ mod tests {
         let e0 = c.endpoint(c.index_of("e0:1").unwrap()).unwrap();
         assert_eq!(e0.local_active, 6);
         assert!((c.totals().0 - 60.0).abs() < 1.0, "{}", c.totals().0);
+        for id in 0..6 {
+            new.on_data(id, Direction::Upstream, 10, 0);
+        }
         new.tick(t + S);
         let c = &new.clusters()[1];
         let e0 = c.endpoint(c.index_of("e0:1").unwrap()).unwrap();
@@ -1295,5 +1342,84 @@ mod tests {
             assert_eq!(elsewhere.adopt(t, h), None);
         }
         assert!(elsewhere.streams().is_empty());
+    }
+
+    #[test]
+    fn placements_count_for_the_peers_until_the_tick() {
+        let eps = [("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)];
+        let on_e1 = |peers: usize| {
+            let mut r = Router::new(cfg(r#"{"clusters":["pods"],"pick":{"choices":8}}"#), "", 5);
+            r.apply_snapshot(0, &snapshot(&eps));
+            r.set_peers(peers);
+            r.tick(0);
+            // The other workers' last exchange: 6 on e1, nothing elsewhere.
+            r.set_remote_loads(0, [("pods", "e1:1", 6.0, 6)]);
+            (0..7)
+                .filter(|&id| {
+                    r.place(S, id, "rt", "pods").unwrap().primary.as_deref() == Some("e1:1")
+                })
+                .count()
+        };
+        // Alone, e2 and e3 take 6 streams each before e1 gets one; with two peers placing the
+        // same burst, e2 and e3 are full after two streams each.
+        assert_eq!(on_e1(0), 0);
+        assert!(on_e1(2) >= 1);
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 5);
+        r.apply_snapshot(0, &snapshot(&eps));
+        r.set_peers(3);
+        r.place(S, 1, "rt", "pods");
+        assert_eq!(r.clusters()[0].totals().0, 4.0);
+        r.tick(S); // the exchange: the peers' own placements arrive now
+        assert_eq!(r.clusters()[0].totals().0, 1.0);
+    }
+
+    #[test]
+    fn known_share_grows_with_measurement_and_remembered_rates() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 5);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        r.tick(0);
+        assert_eq!(r.clusters()[0].known_share(), 0.0);
+        for id in 0..4 {
+            r.place(0, id, "rt", "pods");
+        }
+        assert_eq!(r.clusters()[0].known_share(), 0.0);
+        let remembered = Source {
+            key: 1,
+            rate: Some(4.0),
+        };
+        r.place_from(0, 9, "rt", "pods", Some(remembered));
+        assert!((r.clusters()[0].known_share() - 0.5).abs() < 1e-9); // 4 of 8
+        let mut t = 0;
+        for _ in 0..30 {
+            t += S;
+            for id in [0, 1, 2, 3, 9] {
+                r.on_data(id, Direction::Upstream, 4, 0);
+            }
+            r.tick(t);
+        }
+        assert!(r.clusters()[0].known_share() > 0.99);
+        r.on_end(t, 9, Outcome::Ok);
+        for id in 0..4 {
+            r.on_end(t, id, Outcome::Ok);
+        }
+        assert!(r.clusters()[0].own_load.abs() < 1e-9);
+    }
+
+    #[test]
+    fn streams_open_before_the_first_tick_are_measured_over_their_whole_life() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 5);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true)]));
+        for id in 0..10 {
+            r.place(0, id, "rt", "pods");
+            r.on_data(id, Direction::Upstream, 20, 0);
+        }
+        r.tick(S);
+        // 20 messages in its first second: the learned mean is ≈ 20/s, not 0.
+        let rt = r.routes.intern("rt");
+        assert!(
+            (r.expected_rate(0, rt) - 20.0).abs() < 0.5,
+            "{}",
+            r.expected_rate(0, rt)
+        );
     }
 }

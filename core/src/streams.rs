@@ -43,6 +43,8 @@ pub struct Stream {
     pub started: Nanos,
     /// Expected rate at placement (signal units per second).
     pub prior: f64,
+    /// The prior is the stream's own remembered rate, not the route's mean.
+    pub known_prior: bool,
     pub rate: RateEwma,
     /// `prior · e^(−age/τ)` as of the last tick (what `local_pending` holds for this stream).
     pub pending: f64,
@@ -75,6 +77,7 @@ impl Stream {
             endpoint,
             started: now,
             prior,
+            known_prior: false,
             rate: RateEwma::default(),
             pending: prior,
             unticked: 0.0,

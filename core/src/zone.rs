@@ -1,19 +1,26 @@
 //! Zone policy: stay in the local zone while it has headroom, spill only the excess.
 //!
 //! With `L_z`, `C_z` the load and capacity of zone z's healthy endpoints, `ū = ΣL / ΣC` the
-//! cluster-wide load per unit capacity and θ = `zone.spill_threshold`:
+//! cluster-wide load per unit capacity, θ = `zone.spill_threshold`, and `κ = min(1, 2k)` where k
+//! is the known share of the load (measured or remembered rates, not priors of streams of
+//! unknown rate):
 //!
-//! - **local**: `L_local ≤ (1 + θ) · ū · C_local + e` — the stream stays in the local zone
-//!   (`ū` counts the new stream's expected rate `e`; the `+ e` slack keeps a zone with only a
+//! - **local**: `L_local ≤ (1 + κθ) · ū · C_local + κ·e` — the stream stays in the local zone
+//!   (`ū` counts the new stream's expected rate `e`; the `+ κ·e` slack keeps a zone with only a
 //!   few streams from spilling, and gives local streams priority over other zones' spill);
 //! - **spill**: otherwise — a remote zone is drawn with probability proportional to its headroom
-//!   `max(0, (1 + θ) · ū · C_z − L_z)` (the least loaded one if none has headroom), so only the
+//!   `max(0, (1 + κθ) · ū · C_z − L_z)` (the least loaded one if none has headroom), so only the
 //!   local excess crosses zones and it lands where there is room;
 //! - **no-local**: the proxy has no zone, or no healthy endpoint in it: all zones are candidates;
 //! - **fallback**: no usable endpoint data at all; Envoy's own policy decides.
 //!
-//! In steady state the local zone runs at most `(1 + θ)` times the mean, which is the minimum
-//! cross-zone share `Σ_z max(0, d_z − (1 + θ) · c_z)` of ANCHORS.md.
+//! In steady state (`κ = 1`) the local zone runs at most `(1 + θ)` times the mean, which is the
+//! minimum cross-zone share `Σ_z max(0, d_z − (1 + θ) · c_z)` of ANCHORS.md. Rates nobody knows
+//! yet (a reconnect storm, `k = 0`) carry no evidence to spend a tolerance on: they are spread in
+//! proportion to capacity, the new stream (with what the other workers place meanwhile) crossing
+//! the line at a random point of its size, so the local share is not rounded up. The tolerance is
+//! back in full once half of the load is known: young streams joining a measured fleet do not
+//! cost it its zone preference.
 
 use super::endpoints::Zone;
 use super::rng::Rng;
@@ -57,12 +64,18 @@ pub enum ZoneChoice {
     Any(Reason),
 }
 
+/// `known`: the share k of the load that is known (see
+/// [`crate::endpoints::Cluster::known_share`]); θ and the slack are scaled by `κ = min(1, 2k)`.
 /// `expected`: the new stream's expected rate, counted in the mean it is compared with.
+/// `peer_burst`: what the other workers are assumed to add with this placement (see
+/// [`crate::router::Router::set_peers`]), also counted in the mean.
 pub fn choose(
     zones: &[Zone],
     local: &str,
     threshold: f64,
+    known: f64,
     expected: f64,
+    peer_burst: f64,
     rng: &mut Rng,
 ) -> ZoneChoice {
     if zones.is_empty() {
@@ -77,18 +90,32 @@ pub fn choose(
     let (load, capacity) = zones
         .iter()
         .fold((0.0, 0.0), |(l, c), z| (l + z.load, c + z.capacity));
+    let (expected, peer_burst) = (expected.max(0.0), peer_burst.max(0.0));
+    // κ: full tolerance once half of the load is known.
+    let trust = (2.0 * known).clamp(0.0, 1.0);
     let mean = if capacity > 0.0 {
-        (load + expected.max(0.0)) / capacity
+        (load + expected + peer_burst) / capacity
     } else {
         0.0
     };
-    let limit = (1.0 + threshold) * mean;
+    let limit = (1.0 + threshold * trust) * mean;
     let Some(lz) = zones.get(li) else {
         return ZoneChoice::Any(Reason::NoLocal);
     };
-    // One expected stream of slack above the limit: a handful of streams never spills, and
-    // the local zone's own streams win over spill from other zones (whose target is the limit).
-    if zones.len() == 1 || lz.load <= limit * lz.capacity + expected.max(0.0) {
+    // Known load gets one stream of slack above the limit: a handful of streams never spills,
+    // and the local zone's own streams win over spill from other zones (whose target is the
+    // limit). Unknown priors get none: the stream, and the burst of the other workers it stands
+    // for, crosses the limit at a random point, which rounds the local share without bias.
+    if zones.len() == 1 {
+        return ZoneChoice::Zone(li, Reason::Local);
+    }
+    let unknown = peer_burst + (1.0 - trust) * expected;
+    let crossing = if unknown > 0.0 {
+        unknown * rng.next_f64()
+    } else {
+        0.0
+    };
+    if lz.load + crossing <= limit * lz.capacity + trust * expected {
         return ZoneChoice::Zone(li, Reason::Local);
     }
     let headroom = |z: &Zone| (limit * z.capacity - z.load).max(0.0);
@@ -155,23 +182,23 @@ mod tests {
             zone("c", 8.0, 1.0),
         ];
         assert_eq!(
-            choose(&zs, "a", 0.2, 0.0, &mut rng),
+            choose(&zs, "a", 0.2, 1.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Zone(0, Reason::Local)
         );
         assert_eq!(
-            choose(&zs, "c", 0.0, 0.0, &mut rng),
+            choose(&zs, "c", 0.0, 1.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Zone(2, Reason::Local)
         );
         assert_eq!(
-            choose(&[], "a", 0.1, 0.0, &mut rng),
+            choose(&[], "a", 0.1, 1.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Any(Reason::Fallback)
         );
         assert_eq!(
-            choose(&zs, "", 0.1, 0.0, &mut rng),
+            choose(&zs, "", 0.1, 1.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Any(Reason::NoLocal)
         );
         assert_eq!(
-            choose(&zs, "d", 0.1, 0.0, &mut rng),
+            choose(&zs, "d", 0.1, 1.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Any(Reason::NoLocal)
         );
     }
@@ -187,7 +214,7 @@ mod tests {
         ];
         let mut counts = [0; 3];
         for _ in 0..8000 {
-            match choose(&zs, "a", 0.1, 0.0, &mut rng) {
+            match choose(&zs, "a", 0.1, 1.0, 0.0, 0.0, &mut rng) {
                 ZoneChoice::Zone(i, Reason::Spill) => counts[i] += 1,
                 other => panic!("{other:?}"),
             }
@@ -206,15 +233,64 @@ mod tests {
             zone("b", 30.0, 3.0),
             zone("c", 29.97, 3.0),
         ];
-        let got = choose(&zs, "a", 0.0, 0.0, &mut rng);
+        let got = choose(&zs, "a", 0.0, 1.0, 0.0, 0.0, &mut rng);
         assert!(
             matches!(got, ZoneChoice::Zone(1 | 2, Reason::Spill)),
             "{got:?}"
         );
         let zs = [zone("a", 20.0, 1.0), zone("b", 40.0, 1.0)];
         assert_eq!(
-            choose(&zs, "a", 0.0, 0.0, &mut rng),
+            choose(&zs, "a", 0.0, 1.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Zone(0, Reason::Local)
         );
+    }
+
+    /// Places `n` streams of rate 1 one by one (each worker's own placement counting
+    /// `1 + peers`), as the router does, and returns the local zone's share.
+    fn local_share(n: usize, known: f64, peers: f64, rng: &mut Rng) -> f64 {
+        let mut zs = [
+            zone("a", 0.0, 1.0),
+            zone("b", 0.0, 1.0),
+            zone("c", 0.0, 1.0),
+        ];
+        let mut local = 0.0;
+        for _ in 0..n {
+            let unit = 1.0 + peers;
+            match choose(&zs, "a", 0.1, known, 1.0, peers, rng) {
+                ZoneChoice::Zone(i, _) => {
+                    zs[i].load += unit;
+                    if i == 0 {
+                        local += unit;
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        local / zs.iter().map(|z| z.load).sum::<f64>()
+    }
+
+    #[test]
+    fn unknown_rates_spread_by_capacity_known_ones_keep_the_tolerance() {
+        let mut rng = Rng::new(4);
+        let mean = |known: f64, peers: f64, rng: &mut Rng| {
+            (0..400)
+                .map(|_| local_share(30, known, peers, rng))
+                .sum::<f64>()
+                / 400.0
+        };
+        // Known rates: θ and one stream of slack, as before.
+        let known = mean(1.0, 0.0, &mut rng);
+        assert!(known > 0.38, "{known}");
+        // Unknown rates: a third, for one worker and for 8 or 16 workers each placing a few.
+        for (n, peers) in [(30, 0.0), (8, 7.0), (4, 15.0)] {
+            let share = (0..2000)
+                .map(|_| local_share(n, 0.0, peers, &mut rng))
+                .sum::<f64>()
+                / 2000.0;
+            assert!(
+                (share - 1.0 / 3.0).abs() < 0.03,
+                "{n} streams, {peers} peers: {share}"
+            );
+        }
     }
 }

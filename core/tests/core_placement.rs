@@ -230,3 +230,180 @@ fn zone_demand_50_30_20_crosses_zones_only_for_the_excess() {
         "a pod runs at {worst:.3}× its capacity"
     );
 }
+
+/// A reconnect storm: the streams of `rates` open with no rate known, in `waves` equal groups
+/// half a second past each tick (one wave: all at the same instant), through one proxy in zone
+/// `zone` whose `workers` workers each take the connections that reach them (at random) and
+/// see each other's placements on the tick. Returns per-endpoint true load.
+fn storm(
+    config: &str,
+    pods: &[(String, String)],
+    zone: &str,
+    rates: &[f64],
+    workers: usize,
+    waves: usize,
+    rng: &mut Rng,
+) -> Vec<f64> {
+    let cfg = Config::from_json(config.as_bytes()).unwrap();
+    let mut routers: Vec<Router> = (0..workers)
+        .map(|k| {
+            let mut r = Router::new(cfg.clone(), zone, rng.next_u64() ^ k as u64);
+            r.apply_snapshot(0, &snapshot(pods));
+            r.set_peers(workers - 1);
+            r.tick(0);
+            r
+        })
+        .collect();
+    let mut landed = vec![0.0; pods.len()];
+    // (worker, stream id, rate, placed at)
+    let mut open: Vec<(usize, u64, f64, Nanos)> = Vec::new();
+    let per_wave = rates.len().div_ceil(waves);
+    for (w, wave) in rates.chunks(per_wave).enumerate() {
+        let at = w as Nanos * SEC + SEC / 2;
+        for &rate in wave {
+            let k = rng.below(workers);
+            let id = open.len() as u64;
+            let router = &mut routers[k];
+            let d = router.place(at, id, "telemetry", "pods").unwrap();
+            let chosen = d.primary.expect("an endpoint is named");
+            let j = pods.iter().position(|(a, _)| *a == chosen).unwrap();
+            router.on_upstream(at, id, &chosen, &pods[j].1);
+            landed[j] += rate;
+            open.push((k, id, rate, at));
+        }
+        // The tick: messages since the last tick (or the stream's start), then loads exchanged.
+        let now = (w as Nanos + 1) * SEC;
+        for &(k, id, rate, placed) in &open {
+            let since = placed.max(now - SEC);
+            let n = (rate * (now - since) as f64 / 1e9).round() as u64;
+            routers[k].on_data(id, Direction::Upstream, n, n * 64);
+        }
+        for r in routers.iter_mut() {
+            r.tick(now);
+        }
+        let loads: Vec<Vec<(String, String, f64, u32)>> = routers
+            .iter()
+            .map(|r| {
+                r.local_loads()
+                    .into_iter()
+                    .map(|(c, a, l, n)| (c.to_string(), a.to_string(), l, n))
+                    .collect()
+            })
+            .collect();
+        for (k, r) in routers.iter_mut().enumerate() {
+            let others = loads
+                .iter()
+                .enumerate()
+                .filter(|(o, _)| *o != k)
+                .flat_map(|(_, v)| v.iter())
+                .map(|(c, a, l, n)| (c.as_str(), a.as_str(), *l, *n));
+            r.set_remote_loads(now, others);
+        }
+    }
+    landed
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (v[(n - 1) / 2] + v[n / 2]) / 2.0
+}
+
+/// The pods of `make run`: two per zone a, b, c.
+fn three_zones() -> Vec<(String, String)> {
+    ["a", "b", "c"]
+        .iter()
+        .flat_map(|z| (0..2).map(move |i| (format!("{z}-{i}:8080"), z.to_string())))
+        .collect()
+}
+
+#[test]
+fn a_storm_of_unknown_rates_lands_no_worse_than_least_request() {
+    // make run's storm: 60 streams, Zipf(0.8), one proxy in zone a, six pods in three zones.
+    let pods = three_zones();
+    let seeds = 1000u64;
+    for (waves, workers) in [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4), (2, 8)] {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for seed in 1..=seeds {
+            let mut rng = Rng::new(seed);
+            let rates = zipf_rates(60, 0.8, 20.0, &mut rng);
+            let landed = storm(
+                r#"{"clusters":["pods"]}"#,
+                &pods,
+                "a",
+                &rates,
+                workers,
+                waves,
+                &mut rng,
+            );
+            ours.push(max_over_mean(&landed));
+            theirs.push(max_over_mean(&count_balanced(&rates, pods.len(), &mut rng)));
+        }
+        let (ours, theirs) = (median(ours), median(theirs));
+        println!(
+            "storm in {waves} wave(s), {workers} worker(s), {seeds} seeds: median max/mean streamlb {ours:.3}, least_request {theirs:.3}"
+        );
+        if waves == 1 {
+            // All at one instant nothing is known: any placement is blind, and the medians agree
+            // within sampling error (the difference of two 1,000-seed medians has an SD of
+            // ≈ 0.012; over 20,000 seeds: 1.620, 1.629 and 1.634 vs 1.626).
+            assert!(
+                ours <= theirs + 0.025,
+                "{workers} workers: streamlb {ours:.3} vs least_request {theirs:.3}"
+            );
+        } else {
+            // Half of it a second later: the first tick's measurements place the rest.
+            assert!(
+                ours <= theirs,
+                "{workers} workers: streamlb {ours:.3} vs least_request {theirs:.3}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_storm_of_unknown_rates_is_spread_by_capacity_whatever_the_workers() {
+    // Equal rates: the share of streams is the share of load. Before the storm fix the local
+    // zone took 40 % of it with one worker and 57 % with eight (each worker's own slack).
+    let pods = three_zones();
+    let rates = vec![20.0; 60];
+    for workers in [1, 2, 8, 16] {
+        let (mut local, mut worst, mut worst_p2c) = (Vec::new(), Vec::new(), Vec::new());
+        for seed in 1..=200u64 {
+            let mut rng = Rng::new(seed);
+            let landed = storm(
+                r#"{"clusters":["pods"]}"#,
+                &pods,
+                "a",
+                &rates,
+                workers,
+                1,
+                &mut rng,
+            );
+            local.push((landed[0] + landed[1]) / 1200.0);
+            worst.push(max_over_mean(&landed));
+            worst_p2c.push(max_over_mean(&count_balanced(&rates, pods.len(), &mut rng)));
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (local, worst, worst_p2c) = (median(local), mean(&worst), mean(&worst_p2c));
+        println!(
+            "equal rates, {workers} worker(s): local share {local:.3}; mean max/mean streamlb {worst:.3}, least_request {worst_p2c:.3}"
+        );
+        assert!(
+            (local - 1.0 / 3.0).abs() <= 0.02,
+            "{workers} workers: local share {local:.3}"
+        );
+        if workers == 1 {
+            assert_eq!(
+                worst, 1.0,
+                "one worker sees every placement: exactly 10 streams a pod"
+            );
+        }
+        if workers <= 2 {
+            assert!(
+                worst <= worst_p2c,
+                "{workers} workers: {worst:.3} vs {worst_p2c:.3}"
+            );
+        }
+    }
+}

@@ -278,6 +278,9 @@ struct Streamlb {
     stream_id: Vec<u64>,
     next_id: u64,
     carry: Vec<f64>,
+    /// When each device's current stream was placed: its first second carries only the part
+    /// it was open for.
+    placed_at: Vec<Nanos>,
     addr_to_pod: HashMap<String, usize>,
     fallback: LeastRequest,
     fallbacks: u64,
@@ -308,7 +311,10 @@ impl Streamlb {
         let routers = (0..w.proxy_zone.len() * workers)
             .map(|i| {
                 let zone = &w.zones[w.proxy_zone[i / workers]];
-                Router::new(cfg.clone(), zone, seed.wrapping_add(1000 + i as u64))
+                let mut r = Router::new(cfg.clone(), zone, seed.wrapping_add(1000 + i as u64));
+                // The proxy's other workers place at the same time, seen only on the tick.
+                r.set_peers(workers - 1);
+                r
             })
             .collect();
         let mut s = Streamlb {
@@ -317,6 +323,7 @@ impl Streamlb {
             stream_id: vec![0; w.dev_rate.len()],
             next_id: 1,
             carry: vec![0.0; w.dev_rate.len()],
+            placed_at: vec![0; w.dev_rate.len()],
             addr_to_pod: w
                 .pod_name
                 .iter()
@@ -370,6 +377,7 @@ impl Policy for Streamlb {
         self.next_id += 1;
         self.stream_id[dev] = id;
         self.carry[dev] = 0.0;
+        self.placed_at[dev] = now;
         let router = &mut self.routers[r];
         let decision = router.place(now, id, "telemetry", "pods");
         let pod = decision
@@ -400,8 +408,9 @@ impl Policy for Streamlb {
             if a.is_none() {
                 continue;
             }
+            let open = now.saturating_sub(self.placed_at[dev]).min(SEC) as f64 / SEC as f64;
             let c = &mut self.carry[dev];
-            *c += w.dev_rate[dev];
+            *c += w.dev_rate[dev] * open;
             let whole = c.floor();
             *c -= whole;
             let r = w.dev_proxy[dev] * self.workers + dev % self.workers;

@@ -112,6 +112,24 @@ fn lease_moves_when_the_holder_stops() {
 }
 
 #[test]
+fn workers_learn_how_many_others_place_streams_from_the_shared_view() {
+    let store = SharedStore::default();
+    let hosts: Vec<MockHost> = (0..3).map(|_| host(&store)).collect();
+    let vms: Vec<_> = hosts
+        .iter()
+        .map(|h| vm(h, r#"{"clusters":["pods"]}"#))
+        .collect();
+    vms[0].borrow_mut().on_tick(&hosts[0]);
+    assert_eq!(vms[0].borrow().router.peers(), 0); // alone in the view so far
+    for (h, v) in hosts.iter().zip(&vms) {
+        v.borrow_mut().on_tick(h);
+    }
+    vms[0].borrow_mut().on_tick(&hosts[0]);
+    // Three slots: two workers and the main thread's VM, which places nothing.
+    assert_eq!(vms[0].borrow().router.peers(), 1);
+}
+
+#[test]
 fn steers_to_healthy_endpoints_and_strips_client_header() {
     let store = SharedStore::default();
     let h = host(&store);

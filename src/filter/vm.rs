@@ -561,6 +561,9 @@ impl Vm {
             Err(e) => self.shared_failed(host, "load view", e),
             Ok(record) => {
                 if let Ok(slots) = shared_view::decode(&record) {
+                    // The slots are Envoy's workers and its main thread's VM, which places
+                    // nothing: the other workers placing streams are the rest.
+                    self.router.set_peers(slots.len().saturating_sub(2));
                     let others: Vec<_> = shared_view::others(&slots, self.id, now, expire)
                         .map(|e| {
                             (

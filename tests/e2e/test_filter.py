@@ -166,6 +166,23 @@ def test_zone_spills_only_the_excess(make_pods):
     assert spills > 0
 
 
+def test_a_storm_through_eight_workers_is_spread_by_capacity(make_pods):
+    # 60 streams of unknown rate open at once through an Envoy with 8 workers, each of which sees
+    # the others' placements only on its tick. Each must count the others' burst, and spend no
+    # zone tolerance on rates nobody knows: zone a keeps a third, every pod about 10 streams.
+    # (Before: zone a took 27-33 of them, the busiest pod 15.)
+    pods = make_pods(zones={"a": 2, "b": 2, "c": 2})
+    with harness.Envoy(pods, filter_config=config(), node_zone="a", concurrency=8) as envoy:
+        wait_for_discovery(envoy)
+        summary = harness.run_devices(envoy.listen_addr, streams=60, mean_rate=5, dist="constant", duration=3)
+    landed = [s["pods"][0] for s in summary["streams"]]
+    counts = {name: landed.count(name) for name in pods.names}
+    local = sum(n for name, n in counts.items() if pods.by_name(name)["zone"] == "a")
+    print(f"\nstreams per pod {counts}; zone a {local} of 60")
+    assert local <= 24, counts
+    assert max(counts.values()) <= 14, counts
+
+
 def test_stopped_pod_streams_reconnect_elsewhere_and_nothing_is_lost(pods):
     with harness.Envoy(pods, filter_config=config(), node_zone="") as envoy:
         wait_for_discovery(envoy)

@@ -90,8 +90,10 @@ def run(make_pods, mode: str, storm: bool):
                                    reconnect=True, seed=3) as again:
             time.sleep(2)
             result["storm_landing"] = max_over_mean(pod_rates(pods, 4))
-            time.sleep(12)  # remembered rates let the rebalancer act as soon as min_age passes
-            result["after_storm"] = max_over_mean(pod_rates(pods, 6))
+            # Windows ending 8, 10, …, 24 s after the storm: remembered rates let the rebalancer act
+            # as soon as min_age passes.
+            result["storm_series"] = series(pods, 18)
+            result["storm_moves"] = moves(envoy)
             result["summary"] = again.wait()
         time.sleep(1.0)  # a tick: every ended stream is counted
         result["ended"] = ended_by_class(envoy)
@@ -105,22 +107,30 @@ def test_rebalancing_brings_skewed_pods_to_the_mean_and_remembered_rates_survive
     pods, r = run(make_pods, "on", storm=True)
     print(f"\nrebalance on: start {r['start']:.3f}, max/mean every 2 s: {r['series']}")
     streams = r["summary"]["streams"]
+    # The decision header of each device's last connection: after the storm, or after a later
+    # move by the rebalancer (its rate is remembered when the move is planned).
     remembered = [float(s["headers"]["x-streamlb-decision"].split("expected=")[-1]) for s in streams]
     truth = [2 * s["rate"] for s in streams]  # the filter counts both directions (readings + acks)
+    moved_again = [s["device"] for s in streams if s["reconnects"] > 0]
     print(f"moves {r['moves']}, skipped {r['skipped']}")
-    print(f"storm: landed at {r['storm_landing']:.3f}, settled at {r['after_storm']:.3f}; "
-          f"LPT on the same rates {r['lpt']:.3f}")
-    # Every reconnecting device was placed by its own remembered rate, not the mean.
+    print(f"storm: landed at {r['storm_landing']:.3f}, max/mean every 2 s from 8 s: {r['storm_series']}; "
+          f"LPT on the same rates {r['lpt']:.3f}; moved again after it: {len(moved_again)} (moves in all: {r['storm_moves']})")
+    # Every reconnecting device was placed by its own remembered rate, not the mean, also when
+    # it reconnected again after a move.
     assert all(abs(e - t) <= 0.15 * t + 1 for e, t in zip(remembered, truth)), list(zip(remembered, truth))
+    assert moved_again, "the storm landed unbalanced: some device must have been moved and reconnected again"
     assert r["start"] >= 1.3, "the scenario must start skewed"
     ts = r["series"]
-    assert min(ts[-3:]) <= 1.10 and max(ts[-3:]) <= 1.15, ts
+    # A storm settles within 10 % of LPT in 20 s: the cold start (windows ending 7.5, 9.5, … s
+    # after the devices started; from 19.5 s on) ...
+    assert max(ts[6:]) <= 1.10 * r["lpt"], (ts, r["lpt"])
     # Budget: at most 60 moves per minute; the measured part lasted 43 s.
     assert 0 < r["moves"].get("reset", 0) <= 60, r["moves"]
     assert "streamlb: rebalance: stream" in r["log"]
-    # Arrivals in a storm come in random order: greedy on known sizes alone lands around 1.27
-    # (median, this scenario, simulated); with the rebalancer it settles within 10 % of LPT.
-    assert r["after_storm"] <= 1.10 * r["lpt"], (r["after_storm"], r["lpt"])
+    # ... and the reconnect storm (windows ending 8, 10, … s after it; from 20 s on). Arrivals in a
+    # storm come in random order: greedy on known sizes alone lands around 1.27 (median, this
+    # scenario, simulated).
+    assert max(r["storm_series"][6:]) <= 1.10 * r["lpt"], (r["storm_series"], r["lpt"])
     check_accounting(r["summary"], pods)
     # Every stream the rebalancer ended is counted as moved, none as an error.
     ended_moves = r["final_moves"].get("reset", 0) + r["final_moves"].get("unavailable", 0)
