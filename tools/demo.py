@@ -15,7 +15,8 @@ Every second the screen shows each pod's message rate, grouped by zone. At the e
 summary table and writes an HTML report (per-pod rate over time for each routing).
 
   max/mean    per 1 s bin: max_j m_j / mean_j m_j over pods j (m_j = messages the pod
-              received in the bin); median and p90 over the bins
+              received in the bin); median and p90 over the bins of the run, and per half
+              (before / after the storm) the median of its bins and of its last 3 bins
   cross-zone  acked messages served by a pod outside the zone of the device's gateway / all
   p99         ack latency (ack received - reading due), worst device group
   lost        readings the devices generated and never got acked (their ledger)
@@ -52,6 +53,8 @@ STREAMLB_STAT = re.compile(
 # The filter's first successful endpoint discovery: devices start after it (or after 15 s).
 DISCOVERY_STAT = "wasmcustom.streamlb_discovery_polls_ok_total"
 DEFAULT_ZONES = "eu-west-1a=2,eu-west-1b=2,eu-west-1c=2"
+# "last N s" of a phase in the table: where the rebalancer has got to (the median of its bins).
+SETTLED_BINS = 3
 
 # name -> (what it is, Envoy lb, filter configuration or None)
 POLICIES: dict[str, tuple[str, str, dict[str, Any] | None]] = {
@@ -296,6 +299,7 @@ def summarise(policy: str, args: argparse.Namespace, samples: list[dict], report
         "before": [x["max_over_mean"] for x in bins if x["max_over_mean"] is not None and x["t"] <= args.storm_at],
         "after": [x["max_over_mean"] for x in bins if x["max_over_mean"] is not None and x["start"] >= args.storm_at],
     }
+    settled = {k: quantile(v[-SETTLED_BINS:], 0.5) for k, v in phases.items() if k != "all"}
     acked = cross = generated = 0
     streams, rates, storm, other = 0, [], 0, 0
     statuses: dict[str, int] = {}
@@ -318,7 +322,8 @@ def summarise(policy: str, args: argparse.Namespace, samples: list[dict], report
         "policy": policy,
         "description": POLICIES[policy][0],
         "bins": [{"t": x["t"], "rates": x["rates"], "max_over_mean": x["max_over_mean"]} for x in bins],
-        "max_over_mean": {k: {"median": quantile(v, 0.5), "p90": quantile(v, 0.9)} for k, v in phases.items()},
+        "max_over_mean": {k: {"median": quantile(v, 0.5), "p90": quantile(v, 0.9), "last": settled.get(k)}
+                          for k, v in phases.items()},
         "cross_zone": ratio(cross, acked) if acked else None,
         "latency_p99_ms": max((r["latency_ms"]["p99"] for r in reports if r["latency_ms"]["count"]), default=None),
         "generated": generated,
@@ -343,8 +348,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     header = [
         "policy",
         "max/mean, whole run: median (p90)",
-        f"0–{storm:.0f} s, cold start",
-        f"{storm:.0f}–{duration:.0f} s, after the storm",
+        f"0–{storm:.0f} s, cold start: median → last {SETTLED_BINS} s",
+        f"{storm:.0f}–{duration:.0f} s, after the storm: median → last {SETTLED_BINS} s",
         "cross-zone",
         "p99 latency",
         "reconnects: storm / other",
@@ -356,8 +361,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([
             s["policy"],
             f"{fmt(m['all']['median'])} ({fmt(m['all']['p90'])})",
-            f"{fmt(m['before']['median'])} ({fmt(m['before']['p90'])})",
-            f"{fmt(m['after']['median'])} ({fmt(m['after']['p90'])})",
+            f"{fmt(m['before']['median'])} → {fmt(m['before']['last'])}",
+            f"{fmt(m['after']['median'])} → {fmt(m['after']['last'])}",
             "–" if s["cross_zone"] is None else f"{s['cross_zone']:.1%}",
             "–" if s["latency_p99_ms"] is None else f"{s['latency_p99_ms']:.1f} ms",
             f"{s['reconnects']['storm']} / {s['reconnects']['other']}",
