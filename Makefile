@@ -24,6 +24,8 @@ LAB := $(CARGO_TARGET_DIR)/release/lab
 APT_PACKAGES := curl:curl node:nodejs cc:gcc prometheus:prometheus
 # make image / test-deploy: OCI image without Docker, its inspection, a loopback registry, YAML lint.
 APT_PACKAGES += buildah:buildah skopeo:skopeo docker-registry:docker-registry yamllint:yamllint
+# tests/e2e/test_report_html.py: the demo's and the bench's HTML reports rendered headless.
+APT_PACKAGES += chromium:chromium
 # A Python without the venv module (Debian's python3 without python3-venv) gets it from apt.
 ifneq ($(shell python3 -c 'import ensurepip, venv' 2>/dev/null && echo ok),ok)
 APT_PACKAGES += python3:python3 python3-venv
@@ -32,11 +34,12 @@ endif
 # wasm-bindgen-test-runner must match the wasm-bindgen version the lockfile resolved.
 WASM_BINDGEN_VERSION := $(shell awk -F'"' '/^name = "wasm-bindgen"$$/ { getline; print $$2; exit }' Cargo.lock)
 
-# `make run` parameters, passed to tools/demo.py.
-DURATION ?= 60
+# `make run` parameters, passed to tools/demo.py (README, Quick start). DURATION: seconds per routing.
+DURATION ?= 36
 STREAMS ?= 60
 RATE ?= 20
 DIST ?= zipf:0.8
+ENVOYS ?= 1
 
 .PHONY: bench sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
 	test-unit-native test-unit-wasm test-e2e test-compat fuzz-smoke fuzz fuzz-long test run clean distclean
@@ -142,9 +145,10 @@ fuzz-long: rust-nightly
 ## test: what CI runs (.ci/run).
 test: deps lint test-unit fuzz-smoke test-e2e test-deploy
 
-## run: live demo: pods in zones a,b,c, Envoy with the filter, simulated devices.
+## run: live demo: the same devices against least_request, streamlb and streamlb with rebalancing,
+## each DURATION s with a reconnect storm midway; a summary table and build/demo/report.html.
 run: deps build
-	$(PY) tools/demo.py --duration $(DURATION) --streams $(STREAMS) --rate $(RATE) --dist $(DIST)
+	$(PY) tools/demo.py --duration $(DURATION) --streams $(STREAMS) --rate $(RATE) --dist $(DIST) --envoys $(ENVOYS)
 
 ## bench: real-Envoy benchmark of every policy on one scenario, plus `lab sim` on it
 ## (bench/README.md). `make bench SCENARIO=bench/scenarios/quick.json POLICIES=streamlb,least_request`
@@ -154,10 +158,10 @@ bench: venv build
 	$(PY) bench/run.py --scenario $(SCENARIO) $(if $(POLICIES),--policies $(POLICIES))
 
 ## sim: fleet-scale simulation of SCENARIO over the real routing core and the peers.
-sim: build-lab
+sim: venv build-lab
 	@mkdir -p build
 	$(LAB) sim --scenario $(SCENARIO) --progress --out build/sim-$(notdir $(SCENARIO)) > /dev/null
-	python3 bench/report.py build/sim-$(notdir $(SCENARIO))
+	$(PY) bench/report.py build/sim-$(notdir $(SCENARIO))
 
 ## microbench: the core's pick cost vs endpoints and heap per stream/endpoint.
 microbench: build-lab

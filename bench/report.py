@@ -1,6 +1,7 @@
-"""Self-contained HTML report (inline SVG, no network) and a markdown table from a bench JSON.
+"""Self-contained HTML report (matplotlib charts as inline SVG, no network) and a markdown
+table from a bench JSON.
 
-    python3 bench/report.py bench/results/<file>.json   # rewrites <file>.html, prints the table
+    .venv/bin/python bench/report.py bench/results/<file>.json   # rewrites <file>.html, prints the table
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 import html as _html
 import json
 import sys
+import textwrap
 from pathlib import Path
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-          "#bcbd22", "#17becf", "#393b79", "#637939"]
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from streamlb_testkit import plots
 
 
 def esc(x) -> str:
@@ -28,87 +31,78 @@ def f(v, d=3) -> str:
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str, w=640, h=240,
                hlines: dict[str, float] | None = None, ymin: float | None = 0.0, xlabel: str = "t (s)") -> str:
-    pts = [p for s in series.values() for p in s if p[1] is not None]
-    if not pts:
+    """One line per series (w, h: size in px at 100 dpi), dashed reference lines `hlines`."""
+    series = {k: [(x, y) for x, y in v if y is not None] for k, v in series.items()}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
         return ""
-    xs = [p[0] for p in pts]
-    ys = [p[1] for p in pts] + list((hlines or {}).values())
-    x0, x1 = min(xs), max(xs)
-    y0 = ymin if ymin is not None else min(ys)
-    y1 = max(ys) * 1.05 or 1.0
-    if x1 == x0:
-        x1 = x0 + 1
-    if y1 == y0:
-        y1 = y0 + 1
-    L, R, T, B = 50, 150, 24, 30
-    sx = lambda x: L + (x - x0) / (x1 - x0) * (w - L - R)
-    sy = lambda y: h - B - (y - y0) / (y1 - y0) * (h - T - B)
-    out = [f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" font-size="11" font-family="sans-serif">',
-           f'<text x="{L}" y="14" font-weight="bold">{esc(title)}</text>',
-           f'<line x1="{L}" y1="{h - B}" x2="{w - R}" y2="{h - B}" stroke="#888"/>',
-           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{h - B}" stroke="#888"/>']
-    for k in range(5):
-        yv = y0 + (y1 - y0) * k / 4
-        out.append(f'<text x="{L - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-        out.append(f'<line x1="{L}" y1="{sy(yv):.1f}" x2="{w - R}" y2="{sy(yv):.1f}" stroke="#eee"/>')
-    for k in range(5):
-        xv = x0 + (x1 - x0) * k / 4
-        out.append(f'<text x="{sx(xv):.1f}" y="{h - B + 14}" text-anchor="middle">{xv:.3g}</text>')
-    out.append(f'<text x="{w - R}" y="{h - 4}" text-anchor="end">{esc(xlabel)}</text>')
-    out.append(f'<text x="4" y="{T - 6}">{esc(ylabel)}</text>')
-    for i, (name, hv) in enumerate((hlines or {}).items()):
-        out.append(f'<line x1="{L}" y1="{sy(hv):.1f}" x2="{w - R}" y2="{sy(hv):.1f}" stroke="#000" stroke-dasharray="4 3"/>')
-        out.append(f'<text x="{w - R + 4}" y="{sy(hv) + 4:.1f}">{esc(name)} {hv:.3g}</text>')
-    for i, (name, s) in enumerate(series.items()):
-        c = COLORS[i % len(COLORS)]
-        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s if y is not None)
-        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{d}"/>')
-        ly = T + 12 + i * 13 + len(hlines or {}) * 0
-        if len(series) <= 16:
-            out.append(f'<rect x="{w - R + 4}" y="{ly + 20 - 8}" width="10" height="3" fill="{c}"/>'
-                       f'<text x="{w - R + 18}" y="{ly + 20}">{esc(name)}</text>')
-    out.append("</svg>")
-    return "".join(out)
+    fig = plots.figure(w / 100, h / 100)
+    ax = fig.add_subplot()
+    for i, (name, points) in enumerate(series.items()):
+        ax.plot([x for x, _ in points], [y for _, y in points], color=plots.color(i), linewidth=1.5, label=name)
+    for name, value in (hlines or {}).items():
+        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"{name} {value:.3g}")
+    if ymin is not None:
+        ax.set_ylim(bottom=ymin)
+    ax.set_title(textwrap.fill(title, 60), fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, color="#eeeeee")
+    if len(series) + len(hlines or {}) <= 16:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return plots.svg(fig)
 
 
 def bar_chart(values: dict[str, float | None], title: str, hlines: dict[str, float] | None = None,
               w=640, fmt_="{:.3f}") -> str:
+    """Horizontal bars, one per key, with their values; dashed reference lines `hlines`."""
     items = [(k, v) for k, v in values.items() if v is not None]
     if not items:
         return ""
-    bh, L, R, T = 18, 190, 80, 24
-    h = T + len(items) * (bh + 6) + 20
-    vmax = max([v for _, v in items] + list((hlines or {}).values()) + [1e-9]) * 1.08
-    sx = lambda v: L + v / vmax * (w - L - R)
-    out = [f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" font-size="11" font-family="sans-serif">',
-           f'<text x="4" y="14" font-weight="bold">{esc(title)}</text>']
-    for i, (k, v) in enumerate(items):
-        y = T + i * (bh + 6)
-        out.append(f'<text x="{L - 6}" y="{y + 13}" text-anchor="end">{esc(k)}</text>')
-        out.append(f'<rect x="{L}" y="{y}" width="{max(0.5, sx(v) - L):.1f}" height="{bh}" fill="{COLORS[i % len(COLORS)]}"/>')
-        out.append(f'<text x="{sx(v) + 4:.1f}" y="{y + 13}">{fmt_.format(v)}</text>')
-    for j, (name, hv) in enumerate((hlines or {}).items()):
-        out.append(f'<line x1="{sx(hv):.1f}" y1="{T - 4}" x2="{sx(hv):.1f}" y2="{h - 16}" stroke="#000" stroke-dasharray="4 3"/>')
-        out.append(f'<text x="{sx(hv):.1f}" y="{h - 4 - 10 * j}" text-anchor="middle">{esc(name)} {hv:.3g}</text>')
-    out.append("</svg>")
-    return "".join(out)
+    fig = plots.figure(w / 100, 0.6 + 0.3 * len(items))
+    ax = fig.add_subplot()
+    names = [k for k, _ in items]
+    bars = ax.barh(names, [v for _, v in items], color=[plots.color(i) for i in range(len(items))])
+    ax.bar_label(bars, labels=[fmt_.format(v) for _, v in items], padding=3, fontsize=8)
+    ax.invert_yaxis()
+    for j, (name, value) in enumerate((hlines or {}).items()):
+        ax.axvline(value, color="black", linestyle=("--", ":", "-.")[j % 3], linewidth=1, label=f"{name} {value:.3g}")
+    if hlines:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    vmax = max([v for _, v in items] + list((hlines or {}).values()) + [1e-9])
+    ax.set_xlim(0, vmax * 1.15)
+    ax.set_title(textwrap.fill(title, 60), fontsize=10)
+    ax.tick_params(labelsize=8)
+    return plots.svg(fig)
 
 
 def latency_cdf(policies: dict) -> str:
-    """Coarse CDF from the quantiles the devices report (p50, p99, p99.9, max), log-scaled x."""
+    """Tail of the latency distribution from the quantiles the devices report (p50, p99,
+    p99.9, max): x latency (log), y the quantile on a nines scale."""
     import math
     series = {}
     for name, r in policies.items():
         lat = r.get("latency_ms") or {}
         qs = [(lat.get("p50"), 0.5), (lat.get("p99"), 0.99), (lat.get("p999"), 0.999), (lat.get("max"), 1.0)]
         if all(v is not None and v > 0 for v, _ in qs):
-            series[name] = [(math.log10(v), q) for v, q in qs]
+            series[name] = [(v, min(4.0, -math.log10(max(1e-4, 1 - q)))) for v, q in qs]
     if not series:
         return ""
-    # y: −log10(1−q) makes the tail visible (0.5→0.3, 0.99→2, 0.999→3, max→4).
-    tail = {k: [(x, min(4.0, -math.log10(max(1e-4, 1 - q)))) for x, q in v] for k, v in series.items()}
-    return line_chart(tail, "Message latency CDF through p50, p99, p99.9, max (worst client zone)",
-                      "nines: 0.3=p50, 2=p99, 3=p99.9, 4=max", ymin=0.0, xlabel="log10(latency ms)")
+    fig = plots.figure(6.4, 3.0)
+    ax = fig.add_subplot()
+    for i, (name, points) in enumerate(series.items()):
+        ax.plot([x for x, _ in points], [y for _, y in points], color=plots.color(i), marker="o", markersize=4,
+                linewidth=1.5, label=name)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks([-math.log10(0.5), 2, 3, 4], ["p50", "p99", "p99.9", "max"])
+    ax.set_xlabel("message latency (ms, log scale)")
+    ax.set_title("Message latency: p50, p99, p99.9, max (worst client zone)", fontsize=10)
+    ax.grid(True, color="#eeeeee")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return plots.svg(fig)
 
 
 def markdown_table(out: dict) -> str:
@@ -118,7 +112,8 @@ def markdown_table(out: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for name, r in out.get("policies", {}).items():
         if r.get("error"):
-            rows.append(f"| {name} | failed: {esc(r['error'].splitlines()[-1] if r['error'] else '')[:80]} | | | | | | |")
+            last_line = r["error"].splitlines()[-1] if r["error"] else ""
+            rows.append(f"| {name} | failed: {last_line[:80].replace('|', '/')} | | | | | | |")
             continue
         lat = r.get("latency_ms") or {}
         c = r.get("envoy_cpu") or {}
@@ -171,16 +166,14 @@ def html(out: dict) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>streamlb bench: {esc(sc.get('name', ''))}</title>",
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:1em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-        "svg{display:block;margin:8px 0}code{background:#f4f4f4}</style></head><body>",
+        f"<style>{plots.STYLE}</style></head><body>",
         f"<h1>streamlb benchmark: {esc(sc.get('name', ''))}</h1>",
         f"<p>{esc(sc.get('description', ''))}</p>",
         f"<p>Run {esc(out.get('started', ''))} on {esc(out.get('machine', {}).get('cpus'))} CPUs "
         f"({esc(out.get('machine', {}).get('uname', ''))}). Placement: {esc(out.get('machine', {}).get('placement', ''))}. "
         f"Seed {esc(sc.get('seed'))}, {esc(sc.get('duration_s'))} s per policy, warm-up {esc(sc.get('warmup_s'))} s.</p>",
         "<h2>Results (real Envoy)</h2>",
-        "<pre>" + esc(markdown_table({k: v for k, v in out.items() if k != "sim"})) + "</pre>",
+        plots.markdown_to_html(markdown_table({k: v for k, v in out.items() if k != "sim"})),
     ]
     failed = {k: v["error"] for k, v in out.get("policies", {}).items() if v.get("error")}
     if failed:

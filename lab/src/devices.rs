@@ -89,6 +89,9 @@ pub struct DevicesConfig {
     pub device_prefix: String,
     pub ramp: Duration,
     pub progress: bool,
+    /// Reconnect storms: at each of these offsets from the start (each below `duration`),
+    /// every open stream half-closes, waits for its acks and reconnects at once.
+    pub storm_at: Vec<Duration>,
 }
 
 /// One device stream in the final report.
@@ -104,7 +107,12 @@ pub struct StreamReport {
     pub headers: BTreeMap<String, String>,
     #[serde(flatten)]
     pub counts: Counts,
+    /// New attempts after the first: after a failure, or for a storm.
     pub reconnects: u64,
+    /// Reconnects for a storm (`--storm-at`).
+    pub storm_reconnects: u64,
+    /// Acks received per pod (`x-pod` of the attempt that got them).
+    pub acked_by_pod: BTreeMap<String, u64>,
     /// How each attempt ended: gRPC code names ("OK", "UNAVAILABLE", ...) or DRAIN_TIMEOUT.
     pub statuses: BTreeMap<String, u64>,
     /// Message of the last failed attempt.
@@ -116,6 +124,7 @@ pub struct Totals {
     #[serde(flatten)]
     pub counts: Counts,
     pub reconnects: u64,
+    pub storm_reconnects: u64,
     pub statuses: BTreeMap<String, u64>,
 }
 
@@ -156,6 +165,7 @@ pub fn totals(streams: &[StreamReport]) -> Totals {
         t.lost += c.lost;
         t.unsent += c.unsent;
         totals.reconnects += stream.reconnects;
+        totals.storm_reconnects += stream.storm_reconnects;
         for (status, n) in &stream.statuses {
             *totals.statuses.entry(status.clone()).or_default() += n;
         }
@@ -209,6 +219,8 @@ struct Shared {
     base_unix_nanos: u64,
     /// Send phase ends here; the drain wait ends at `end + DRAIN`.
     end: Instant,
+    /// Storm instants, ascending, all before `end`.
+    storms: Vec<Instant>,
     payload: Bytes,
     latency: Histogram,
     live: Live,
@@ -236,9 +248,11 @@ impl Schedule {
 }
 
 enum Outcome {
-    /// The stream ended with OK (or the drain timed out, when `timed_out`).
+    /// The stream ended with OK (or the drain timed out, when `timed_out`); `storm`: it was
+    /// half-closed for a storm, not at the end of the send phase.
     Clean {
         timed_out: bool,
+        storm: bool,
     },
     Failed(Status),
 }
@@ -252,6 +266,8 @@ struct Device {
     report: StreamReport,
     /// x-pod of the current attempt.
     attempt_pod: Option<String>,
+    /// Index of the next storm in `shared.storms`.
+    next_storm: usize,
 }
 
 impl Device {
@@ -305,8 +321,44 @@ impl Device {
         }
     }
 
+    fn count_acks_of_pod(&mut self, acked: u64) {
+        if let (Some(pod), true) = (&self.attempt_pod, acked > 0) {
+            *self.report.acked_by_pod.entry(pod.clone()).or_default() += acked;
+        }
+    }
+
+    fn next_storm(&self) -> Option<Instant> {
+        self.shared.storms.get(self.next_storm).copied()
+    }
+
+    /// When the open stream next needs attention: a reading due, or a storm.
+    fn wake(&self) -> Instant {
+        match self.next_storm() {
+            Some(storm) => storm.min(self.schedule.next),
+            None => self.schedule.next,
+        }
+    }
+
+    /// Whether an open stream must half-close now: the send phase is over, or a storm is due
+    /// (which is then consumed and `storm` set).
+    fn close_due(&mut self, open: bool, storm: &mut bool) -> bool {
+        if !open {
+            return false;
+        }
+        if !self.schedule.active() {
+            return true;
+        }
+        if self.next_storm().is_some_and(|at| Instant::now() >= at) {
+            self.next_storm += 1;
+            *storm = true;
+            return true;
+        }
+        false
+    }
+
     fn on_ack(&mut self, seq: u64) {
         if let Some(entry) = self.ledger.ack(seq) {
+            self.count_acks_of_pod(1);
             self.shared.live.acked.fetch_add(1, Ordering::Relaxed);
             let due = self.shared.base + Duration::from_nanos(entry.due_nanos);
             let latency = Instant::now().saturating_duration_since(due);
@@ -356,13 +408,19 @@ impl Device {
     }
 
     /// One call: connect, send (resends first), read acks, half-close at the end of the send
-    /// phase, wait for the server to finish or the drain deadline.
+    /// phase or at a storm, wait for the server to finish or the drain deadline.
     async fn attempt(&mut self) -> Outcome {
         let shared = self.shared.clone();
         let channel = match self.connect().await {
             Ok(channel) => channel,
             Err(status) => return Outcome::Failed(status),
         };
+        // A storm that passed while this device was not connected is already this new stream.
+        let now = Instant::now();
+        while self.next_storm().is_some_and(|at| at <= now) {
+            self.next_storm += 1;
+        }
+        let mut storm = false;
         let mut client = TelemetryClient::new(channel);
         let (tx, rx) = mpsc::unbounded_channel();
         let mut tx = Some(tx);
@@ -372,7 +430,7 @@ impl Device {
         let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
         *request.metadata_mut() = self.metadata.clone();
         let drain_deadline = shared.end + DRAIN;
-        let tick = tokio::time::sleep_until(self.schedule.next);
+        let tick = tokio::time::sleep_until(self.wake());
         tokio::pin!(tick);
         let drain = tokio::time::sleep_until(drain_deadline);
         tokio::pin!(drain);
@@ -382,14 +440,19 @@ impl Device {
                 tokio::pin!(call);
                 let mut inbound = None;
                 loop {
-                    if !self.schedule.active() {
+                    if self.close_due(tx.is_some(), &mut storm) {
                         tx = None; // half-close
+                        if storm {
+                            drain
+                                .as_mut()
+                                .reset((Instant::now() + DRAIN).min(drain_deadline));
+                        }
                     }
                     tokio::select! {
                         _ = &mut tick, if tx.is_some() => {
                             self.schedule.generate_due(Instant::now(), shared.base, &mut self.ledger);
                             self.send_ready(&tx);
-                            tick.as_mut().reset(self.schedule.next);
+                            tick.as_mut().reset(self.wake());
                         }
                         response = &mut call, if inbound.is_none() => match response {
                             Ok(response) => {
@@ -403,10 +466,10 @@ impl Device {
                         },
                         message = next_message(&mut inbound), if inbound.is_some() => match message {
                             Ok(Some(ack)) => self.on_ack(ack.seq),
-                            Ok(None) => return Outcome::Clean { timed_out: false },
+                            Ok(None) => return Outcome::Clean { timed_out: false, storm },
                             Err(status) => return Outcome::Failed(status),
                         },
-                        _ = &mut drain => return Outcome::Clean { timed_out: true },
+                        _ = &mut drain => return Outcome::Clean { timed_out: true, storm },
                     }
                 }
             }
@@ -414,14 +477,19 @@ impl Device {
                 let call = client.upload(request);
                 tokio::pin!(call);
                 loop {
-                    if !self.schedule.active() {
+                    if self.close_due(tx.is_some(), &mut storm) {
                         tx = None;
+                        if storm {
+                            drain
+                                .as_mut()
+                                .reset((Instant::now() + DRAIN).min(drain_deadline));
+                        }
                     }
                     tokio::select! {
                         _ = &mut tick, if tx.is_some() => {
                             self.schedule.generate_due(Instant::now(), shared.base, &mut self.ledger);
                             self.send_ready(&tx);
-                            tick.as_mut().reset(self.schedule.next);
+                            tick.as_mut().reset(self.wake());
                         }
                         response = &mut call => match response {
                             Ok(response) => {
@@ -430,15 +498,16 @@ impl Device {
                                 let before = self.ledger.counts().acked;
                                 self.ledger.ack_upload(received);
                                 let acked = self.ledger.counts().acked - before;
+                                self.count_acks_of_pod(acked);
                                 shared.live.acked.fetch_add(acked, Ordering::Relaxed);
-                                return Outcome::Clean { timed_out: false };
+                                return Outcome::Clean { timed_out: false, storm };
                             }
                             Err(status) => {
                                 self.record_headers(status.metadata());
                                 return Outcome::Failed(status);
                             }
                         },
-                        _ = &mut drain => return Outcome::Clean { timed_out: true },
+                        _ = &mut drain => return Outcome::Clean { timed_out: true, storm },
                     }
                 }
             }
@@ -456,13 +525,19 @@ impl Device {
             let outcome = self.attempt().await;
             self.report.pods.push(self.attempt_pod.take());
             let status = match outcome {
-                Outcome::Clean { timed_out } => {
+                Outcome::Clean { timed_out, storm } => {
                     self.ledger.end_clean();
-                    if timed_out {
-                        DRAIN_TIMEOUT
-                    } else {
-                        "OK"
+                    let status = if timed_out { DRAIN_TIMEOUT } else { "OK" };
+                    if storm && Instant::now() < shared.end {
+                        // Straight back, like every other device: that is the storm.
+                        *self.report.statuses.entry(status.to_string()).or_default() += 1;
+                        self.report.reconnects += 1;
+                        self.report.storm_reconnects += 1;
+                        shared.live.reconnects.fetch_add(1, Ordering::Relaxed);
+                        backoff = BACKOFF_START;
+                        continue;
                     }
+                    status
                 }
                 Outcome::Failed(status) => {
                     let failed = self.ledger.attempt_failed();
@@ -533,6 +608,17 @@ pub async fn run(config: DevicesConfig) -> anyhow::Result<Report> {
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
     let mut rng = SplitMix64::new(config.seed);
+    let mut storm_at = config.storm_at.clone();
+    storm_at.sort();
+    if let Some(last) = storm_at.last() {
+        if *last >= config.duration {
+            bail!(
+                "--storm-at {}s is not within --duration {}s",
+                last.as_secs_f64(),
+                config.duration.as_secs_f64()
+            );
+        }
+    }
     let rates = stream_rates(config.rate_dist, config.streams, config.mean_rate, &mut rng);
     let base = Instant::now();
     let shared = Arc::new(Shared {
@@ -540,6 +626,7 @@ pub async fn run(config: DevicesConfig) -> anyhow::Result<Report> {
         base,
         base_unix_nanos: unix_nanos_now(),
         end: base + config.duration,
+        storms: storm_at.iter().map(|at| base + *at).collect(),
         payload: Bytes::from(vec![0x5a; config.payload]),
         latency: Histogram::new(),
         live: Live::default(),
@@ -578,10 +665,13 @@ pub async fn run(config: DevicesConfig) -> anyhow::Result<Report> {
                 headers: BTreeMap::new(),
                 counts: Counts::default(),
                 reconnects: 0,
+                storm_reconnects: 0,
+                acked_by_pod: BTreeMap::new(),
                 statuses: BTreeMap::new(),
                 last_error: None,
             },
             attempt_pod: None,
+            next_storm: 0,
         };
         tasks.push(tokio::spawn(device.run(start)));
     }
@@ -654,6 +744,8 @@ mod tests {
                 ..Counts::default()
             },
             reconnects: failed.min(1),
+            storm_reconnects: 0,
+            acked_by_pod: BTreeMap::new(),
             statuses: BTreeMap::from([(status.to_string(), 1)]),
             last_error: None,
         }

@@ -104,6 +104,11 @@ enum Command {
         /// One status line per second on stderr.
         #[arg(long)]
         progress: bool,
+        /// Reconnect storm at this many seconds after the start (repeatable, below
+        /// --duration): every open stream half-closes, waits for its acks and reconnects at
+        /// once, on a new connection, as after a gateway restart.
+        #[arg(long = "storm-at")]
+        storm_at: Vec<f64>,
         /// Also write the report to this file.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -239,6 +244,7 @@ fn main() -> anyhow::Result<()> {
             device_prefix,
             ramp,
             progress,
+            storm_at,
             out,
         } => {
             let seed = seed.unwrap_or_else(|| {
@@ -265,6 +271,10 @@ fn main() -> anyhow::Result<()> {
                 device_prefix,
                 ramp: seconds(ramp, "--ramp")?,
                 progress,
+                storm_at: storm_at
+                    .iter()
+                    .map(|at| seconds(*at, "--storm-at"))
+                    .collect::<anyhow::Result<_>>()?,
             };
             runtime.block_on(run_devices(config, out))
         }

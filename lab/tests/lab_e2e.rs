@@ -34,6 +34,7 @@ fn devices_config(target: &Arc<Pod>, kind: Kind, seconds: f64, reconnect: bool) 
         device_prefix: "t".into(),
         ramp: Duration::from_millis(200),
         progress: false,
+        storm_at: Vec::new(),
     }
 }
 
@@ -153,6 +154,53 @@ async fn a_stopped_pod_fails_streams_and_reconnects_resend_everything() {
     }
     // The pod saw every reading at least once (failed ones may have arrived unacked).
     assert!(pod.snapshot().messages >= t.counts.acked);
+    fleet.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_reconnects_every_stream_at_once_and_loses_nothing() {
+    let fleet = Fleet::launch(&fleet_config(0.0, None))
+        .await
+        .expect("fleet");
+    let pod = fleet.pods[0].clone();
+    let mut config = devices_config(&pod, Kind::Bidi, 3.0, false);
+    config.storm_at = vec![Duration::from_millis(1500)];
+    let watcher = {
+        let pod = pod.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let before = pod.snapshot().streams_total;
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            (before, pod.snapshot().streams_total)
+        })
+    };
+    let report = devices::run(config).await.expect("devices");
+    let (before, after) = watcher.await.expect("watcher");
+    assert_eq!(
+        (before, after),
+        (20, 40),
+        "every stream reopened within 0.5 s of the storm"
+    );
+    check_ledger(&report);
+    let t = &report.totals;
+    assert_eq!((t.reconnects, t.storm_reconnects), (20, 20), "{t:?}");
+    assert_eq!(
+        t.statuses.get("OK"),
+        Some(&40),
+        "both attempts end cleanly: {t:?}"
+    );
+    assert_eq!(t.counts.acked, t.counts.generated, "nothing lost: {t:?}");
+    assert_eq!(t.counts.failed, 0, "{t:?}");
+    assert_eq!(pod.snapshot().messages, t.counts.acked, "no duplicates");
+    for s in &report.streams {
+        assert_eq!(s.pods.len(), 2, "{}: {:?}", s.device, s.pods);
+        assert_eq!(
+            s.acked_by_pod.get("a-0"),
+            Some(&s.counts.acked),
+            "{}",
+            s.device
+        );
+    }
     fleet.shutdown();
 }
 

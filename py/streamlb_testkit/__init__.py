@@ -10,6 +10,7 @@ and Prometheus text parsing, for tests/, bench/ and tools/. Installed editable i
     devices      `lab devices`
     telemetry    a grpcio client of the lab's Telemetry service
     prometheus   Prometheus text exposition, parsed with prometheus_client
+    plots        report charts (matplotlib to inline SVG) and HTML tables; import it explicitly
 """
 
 from .devices import Devices, devices_argv, run_devices, start_devices
