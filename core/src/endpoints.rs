@@ -5,15 +5,16 @@
 //!
 //! ```text
 //! own_j      = local_rate_j + local_pending_j + remote_load_j + peer_guess_j
-//! load_j     = own_j, or max(F_j + placed_j, own_j) with the fleet view
+//! load_j     = own_j, or max(F_j + Δ_j, own_j) with the fleet view
 //! local_rate_j    = Σ over this VM's streams on j of their rate EWMA
 //! local_pending_j = Σ prior_s · e^(−age_s/τ)   (what the EWMA has not yet learned of young streams)
 //! peer_guess_j    = (other workers) × the priors this VM placed on j since its last tick
 //! capacity_j = base_j · slow_start_j · penalty_j,  base_j = weight_j, or c_j with the fleet view
 //! ```
 //!
-//! `F_j` and `c_j` come from the pods' load reports ([`crate::fleet`]); `placed_j` is the expected
-//! rate of the streams this VM placed on j since its last report (the report cannot know them).
+//! `F_j` and `c_j` come from the pods' load reports ([`crate::fleet`]); `Δ_j` is what this VM
+//! changed on j since its report (the report cannot know it): + the expected rate of each stream
+//! placed there, − the rate of each of its streams that ended or moved away.
 //!
 //! `local_*` is recomputed from the stream table on every tick and adjusted incrementally
 //! between ticks (placement, re-attribution, stream end), so a burst of placements between two
@@ -62,8 +63,9 @@ pub struct Endpoint {
     pub fleet_load: Option<f64>,
     /// Its report was fresh at the last refresh.
     pub reported: bool,
-    /// Expected rate of the streams this VM placed here since the last report.
-    pub placed_since_report: f64,
+    /// What this VM changed here since the last report: + the expected rate of each stream it
+    /// placed, − the rate of each stream of its that ended or moved away.
+    pub change_since_report: f64,
     /// Capacity as of the last refresh (slow start and penalties change it over time).
     pub capacity: f64,
     /// `capacity` before slow start and penalties: the weight, or `c_j` with the fleet view.
@@ -91,7 +93,7 @@ impl Endpoint {
             last_probe: None,
             fleet_load: None,
             reported: false,
-            placed_since_report: 0.0,
+            change_since_report: 0.0,
             capacity: 1.0,
             base_capacity: 1.0,
         }
@@ -107,7 +109,7 @@ impl Endpoint {
     pub fn load(&self) -> f64 {
         let own = self.own_load();
         self.fleet_load
-            .map_or(own, |f| (f + self.placed_since_report).max(own))
+            .map_or(own, |f| (f + self.change_since_report).max(own).max(0.0))
     }
 
     pub fn active(&self) -> u32 {
@@ -360,6 +362,7 @@ impl Cluster {
         e.local_rate = (e.local_rate - rate).max(0.0);
         e.local_pending = (e.local_pending - pending).max(0.0);
         e.local_active = e.local_active.saturating_sub(1);
+        e.change_since_report -= rate + pending;
         self.add_zone_load(i, -(rate + pending));
     }
 
@@ -371,7 +374,7 @@ impl Cluster {
         e.local_rate += rate;
         e.local_pending += pending;
         e.local_active += 1;
-        e.placed_since_report += pending;
+        e.change_since_report += rate + pending;
         self.add_zone_load(i, rate + pending);
     }
 

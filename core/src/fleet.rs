@@ -22,8 +22,9 @@
 //! draws its `pick.choices` candidates among the zone's pods with a fresh report (Prequal's pool
 //! of probed replicas), when there are at least two.
 //!
-//! The load a placement sees is `max(F_j + placed_j, own_j)`: `placed_j` is the expected rate of
-//! the streams this VM placed on j since j's report (the report cannot know them), `own_j` this
+//! The load a placement sees is `max(F_j + Δ_j, own_j)`: `Δ_j` is what this VM changed on j since
+//! j's report (+ the expected rate of each stream it placed there, − the rate of each of its
+//! streams that ended there, so a reconnect storm does not see the old streams twice), `own_j` this
 //! Envoy's own load on j. A reporter counts its young streams at their fading prior
 //! (`prior · e^(−age/τ)`, as the filter does), so the streams that other proxies just placed are
 //! in `F_j`. Capacities are then multiplied by slow start and penalties as before. With no fresh

@@ -623,7 +623,7 @@ impl Router {
             };
             if e.report.is_none_or(|old| old.at <= r.at) {
                 e.report = Some(*r);
-                e.placed_since_report = 0.0;
+                e.change_since_report = 0.0;
             }
         }
         c.refresh(&self.cfg, now);
@@ -974,6 +974,36 @@ mod tests {
         // Reports age out after probe.max_age_ms (5 s): back to the local view.
         r.tick(7 * S);
         assert_eq!(r.place(7 * S, 101, "rt", "pods").unwrap().view, View::Local);
+    }
+
+    #[test]
+    fn streams_that_ended_since_the_report_do_not_count_twice() {
+        // This proxy's three streams on e1 (100/s each) are in e1's report; then they all end
+        // (a reconnect storm): their reconnections must not avoid e1 as if it were still busy.
+        let mut r = three_pods(14);
+        for id in 0..3 {
+            r.place(0, id, "rt", "pods");
+            r.on_upstream(0, id, "e1:1", "");
+        }
+        let mut t = 0;
+        for _ in 0..20 {
+            t += S;
+            for id in 0..3 {
+                r.on_data(id, Direction::Upstream, 100, 0);
+            }
+            r.tick(t);
+        }
+        let reports = [
+            ("e1:1".to_owned(), report(300.0, None, t)),
+            ("e2:1".to_owned(), report(0.0, None, t)),
+            ("e3:1".to_owned(), report(0.0, None, t)),
+        ];
+        r.apply_reports(t, "pods", &reports);
+        for id in 0..3 {
+            r.on_end(t, id, Outcome::Cancelled);
+        }
+        let got = spread(&mut r, t, 10, 3);
+        assert_eq!(got.get("e1:1"), Some(&1), "{got:?}");
     }
 
     #[test]
