@@ -308,18 +308,25 @@ impl Pod {
     }
 
     /// The answer to a load probe (`GET /.well-known/streamlb/load`), as an ORCA-speaking app
-    /// gives it: messages/s in both directions (each bidi message is acked), utilisation and
-    /// active streams, in the `endpoint-load-metrics` TEXT form.
+    /// gives it: messages/s in both directions (each bidi message is acked), active streams and,
+    /// when the pod has a capacity, its utilisation, in the `endpoint-load-metrics` TEXT form.
     pub fn probe_report(&self) -> String {
         let rate = self.rate();
         let total = self.stats.messages.load(Ordering::Relaxed).max(1) as f64;
         let bidi = self.stats.bidi.messages.load(Ordering::Relaxed) as f64;
         let both_directions = rate * (1.0 + bidi / total);
-        format!(
-            "TEXT rps_fractional={both_directions:.3}, application_utilization={:.4}, named_metrics.streams={}",
-            self.utilization(rate),
+        let mut report = format!(
+            "TEXT rps_fractional={both_directions:.3}, named_metrics.streams={}",
             self.stats.streams_active.load(Ordering::Relaxed)
-        )
+        );
+        // An unlimited pod does not know its utilisation: it says none (not r/1000).
+        if self.capacity() > 0.0 {
+            report.push_str(&format!(
+                ", application_utilization={:.4}",
+                self.utilization(rate)
+            ));
+        }
+        report
     }
 
     /// The ORCA (header name, value) this pod sends: the configured raw bytes, else its load

@@ -37,9 +37,15 @@ def test_orca_utilisation_steers_new_streams(make_pods, make_envoy, form):
     envoy = make_envoy(pods, filter_config=config(), node_zone="a")
     assert envoy.wait_for_counter("wasmcustom.streamlb_discovery_polls_ok_total"), envoy.log_text()[-2000:]
     time.sleep(1.0)
-    # First wave: reports come back on every stream's response headers and trailers.
-    harness.run_devices(envoy.listen_addr, streams=8, mean_rate=10, dist="constant", duration=3)
-    second = harness.run_devices(envoy.listen_addr, streams=20, mean_rate=10, dist="constant", duration=2)
+    # A first wave loads both pods; reports come on every stream's response headers (and
+    # trailers), so the second wave, opening over 4 s while the first still runs, learns a-0's
+    # utilisation from its own first streams.
+    with harness.start_devices(envoy.listen_addr, streams=8, mean_rate=10, dist="constant", duration=12) as first:
+        time.sleep(3)
+        second = harness.run_devices(
+            envoy.listen_addr, streams=20, mean_rate=10, dist="constant", duration=6, extra_args=["--ramp", "4"]
+        )
+        first.wait()
     landed = [s["pods"][0] for s in second["streams"]]
     assert landed.count("b-0") >= 17, landed
     invalid = envoy.stats("streamlb_orca_reports_invalid").get("wasmcustom.streamlb_orca_reports_invalid_total", 0)
