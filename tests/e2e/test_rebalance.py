@@ -119,7 +119,8 @@ def test_rebalancing_brings_skewed_pods_to_the_mean_and_remembered_rates_survive
     # it reconnected again after a move.
     assert all(abs(e - t) <= 0.15 * t + 1 for e, t in zip(remembered, truth)), list(zip(remembered, truth))
     assert moved_again, "the storm landed unbalanced: some device must have been moved and reconnected again"
-    assert r["start"] >= 1.3, "the scenario must start skewed"
+    # Random placement of 60 Zipf streams on 6 pods: typically 1.4–1.8 (it can land near 1.25).
+    assert r["start"] >= 1.2, "the scenario must start skewed"
     ts = r["series"]
     # A storm settles within 10 % of LPT in 20 s: the cold start (windows ending 7.5, 9.5, … s
     # after the devices started; from 19.5 s on) ...
@@ -143,7 +144,8 @@ def test_without_rebalancing_the_skew_stays(make_pods):
     pods, r = run(make_pods, "off", storm=False)
     print(f"\nrebalance off: start {r['start']:.3f}, max/mean every 2 s: {r['series']}; moves {r['moves']}")
     assert not r["moves"].get("reset") and not r["moves"].get("unavailable")
-    assert r["start"] >= 1.3 and min(r["series"]) >= 1.2, r
+    # The skew does not come down by itself.
+    assert r["start"] >= 1.2 and min(r["series"]) >= 0.95 * r["start"], r
 
 
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]")
