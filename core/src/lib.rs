@@ -21,6 +21,14 @@ pub mod slow_start;
 pub mod streams;
 pub mod zone;
 
+/// A configured cluster: its position in `Config::clusters`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ClusterIdx(pub usize);
+
+/// A route name interned by the router ([`routes::RouteNames`]); 0 is the fold-over `other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct RouteIdx(pub usize);
+
 /// Time in nanoseconds, as Envoy reports it (`get_current_time`). Only differences matter.
 pub type Nanos = u64;
 

@@ -25,6 +25,7 @@ use super::config::RebalanceConfig;
 use super::endpoints::Cluster;
 use super::streams::StreamTable;
 use super::Nanos;
+use super::ClusterIdx;
 
 const MINUTE: Nanos = 60_000_000_000;
 
@@ -38,7 +39,7 @@ pub fn move_deadline(tick: Nanos) -> Nanos {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Move {
     pub stream: u64,
-    pub cluster: usize,
+    pub cluster: ClusterIdx,
     pub from: usize,
     pub to_room_on: usize,
     pub rate: f64,
@@ -158,7 +159,7 @@ fn excess_share(loads: &[f64], caps: &[f64], line: f64) -> f64 {
 /// Plan moves for one cluster. `allowance` is decremented for each move planned.
 pub fn plan_cluster(
     cfg: &RebalanceConfig,
-    ci: usize,
+    ci: ClusterIdx,
     cluster: &Cluster,
     streams: &StreamTable,
     now: Nanos,
@@ -278,6 +279,7 @@ mod tests {
     use crate::config::{Config, RebalanceConfig};
     use crate::discovery::{ClusterSnapshot, DiscoveredEndpoint};
     use crate::streams::Stream;
+    use crate::RouteIdx;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -302,7 +304,7 @@ mod tests {
         let mut id = 0;
         for (j, rates) in loads.iter().enumerate() {
             for &r in *rates {
-                let mut s = Stream::new(0, 0, Some(j), 0, r);
+                let mut s = Stream::new(ClusterIdx(0), RouteIdx(0), Some(j), 0, r);
                 s.pending = r;
                 c.add_stream_load(j, 0.0, r);
                 t.insert(id, s);
@@ -324,7 +326,15 @@ mod tests {
         ]);
         let mut allowance = 10;
         let mut plan = Plan::default();
-        plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
+        plan_cluster(
+            &cfg,
+            ClusterIdx(0),
+            &c,
+            &t,
+            100 * S,
+            &mut allowance,
+            &mut plan,
+        );
         let moved: Vec<f64> = plan.moves.iter().map(|m| m.rate).collect();
         assert_eq!(moved, vec![10.0, 6.0]); // 20 does not fit 19; 10 + 6 = 16 ≤ 19, 4 > 3 left
         assert!(plan.moves.iter().all(|m| m.from == 0 && m.to_room_on != 0));
@@ -338,10 +348,18 @@ mod tests {
         let (c, t) = setup(&[&[10.0, 10.5], &[10.0, 10.0]]);
         let mut allowance = 10;
         let mut plan = Plan::default();
-        plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
+        plan_cluster(
+            &cfg,
+            ClusterIdx(0),
+            &c,
+            &t,
+            100 * S,
+            &mut allowance,
+            &mut plan,
+        );
         assert!(plan.moves.is_empty());
         let (c, t) = setup(&[&[20.0, 10.0, 6.0, 4.0], &[10.0]]);
-        plan_cluster(&cfg, 0, &c, &t, S, &mut allowance, &mut plan); // 1 s old
+        plan_cluster(&cfg, ClusterIdx(0), &c, &t, S, &mut allowance, &mut plan); // 1 s old
         assert!(plan.moves.is_empty());
     }
 
@@ -380,7 +398,15 @@ mod tests {
         ]);
         let mut allowance = 1;
         let mut plan = Plan::default();
-        plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
+        plan_cluster(
+            &cfg,
+            ClusterIdx(0),
+            &c,
+            &t,
+            100 * S,
+            &mut allowance,
+            &mut plan,
+        );
         assert_eq!((plan.moves.len(), plan.skipped_budget[0]), (1, 1));
     }
 
@@ -392,7 +418,15 @@ mod tests {
         let (c, t) = setup(&[&[100.0, 40.0], &[95.0], &[90.0], &[75.0]]);
         let mut allowance = 10;
         let mut plan = Plan::default();
-        plan_cluster(&cfg, 0, &c, &t, 100 * S, &mut allowance, &mut plan);
+        plan_cluster(
+            &cfg,
+            ClusterIdx(0),
+            &c,
+            &t,
+            100 * S,
+            &mut allowance,
+            &mut plan,
+        );
         assert_eq!(plan.moves.len(), 1, "{plan:?}");
         assert_eq!((plan.moves[0].rate, plan.moves[0].to_room_on), (40.0, 3));
         assert!(plan.excess_after[0] < plan.excess_before[0]);

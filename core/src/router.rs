@@ -27,7 +27,7 @@ use super::rng::Rng;
 use super::routes::RouteNames;
 use super::streams::{Direction, Stream, StreamTable};
 use super::zone::{self, Reason, ZoneChoice};
-use super::{Nanos, NANOS_PER_SEC};
+use super::{ClusterIdx, Nanos, RouteIdx, NANOS_PER_SEC};
 
 /// The answer for one new stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,8 +73,8 @@ impl Decision {
 /// What a stream was, returned when it ends (for stats).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EndedStream {
-    pub cluster: usize,
-    pub route: usize,
+    pub cluster: ClusterIdx,
+    pub route: RouteIdx,
     pub started: Nanos,
     pub messages: [u64; 2],
     pub bytes: [u64; 2],
@@ -84,11 +84,11 @@ pub struct EndedStream {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counters {
     /// (cluster, reason) → decisions.
-    pub decisions: HashMap<(usize, Reason), u64>,
+    pub decisions: HashMap<(ClusterIdx, Reason), u64>,
     /// (cluster, zone of the chosen endpoint) → decisions.
-    pub to_zone: HashMap<(usize, String), u64>,
+    pub to_zone: HashMap<(ClusterIdx, String), u64>,
     /// (cluster, view) → decisions.
-    pub views: HashMap<(usize, View), u64>,
+    pub views: HashMap<(ClusterIdx, View), u64>,
 }
 
 pub struct Router {
@@ -98,7 +98,7 @@ pub struct Router {
     streams: StreamTable,
     routes: RouteNames,
     /// Learned mean rate per stream: (cluster, route) and per cluster.
-    route_rates: HashMap<(usize, usize), f64>,
+    route_rates: HashMap<(ClusterIdx, RouteIdx), f64>,
     cluster_rates: Vec<Option<f64>>,
     rng: Rng,
     last_tick: Option<Nanos>,
@@ -114,8 +114,8 @@ pub struct Router {
 struct RateUpdate {
     key: u64,
     rate: f64,
-    cluster: usize,
-    route: usize,
+    cluster: ClusterIdx,
+    route: RouteIdx,
 }
 
 /// A stream handed from one router to another (configuration reload), with the names its
@@ -175,8 +175,15 @@ impl Router {
         &self.clusters
     }
 
-    pub fn cluster_index(&self, name: &str) -> Option<usize> {
-        self.clusters.iter().position(|c| c.name == name)
+    pub fn cluster(&self, ci: ClusterIdx) -> Option<&Cluster> {
+        self.clusters.get(ci.0)
+    }
+
+    pub fn cluster_index(&self, name: &str) -> Option<ClusterIdx> {
+        self.clusters
+            .iter()
+            .position(|c| c.name == name)
+            .map(ClusterIdx)
     }
 
     pub fn routes(&self) -> &RouteNames {
@@ -197,7 +204,7 @@ impl Router {
             let Some(ci) = self.cluster_index(&snap.name) else {
                 continue;
             };
-            let Some(cluster) = self.clusters.get_mut(ci) else {
+            let Some(cluster) = self.clusters.get_mut(ci.0) else {
                 continue;
             };
             let remap = cluster.apply_snapshot(&self.cfg, now, snap);
@@ -208,18 +215,18 @@ impl Router {
     }
 
     /// Expected rate of a new stream on (cluster, route): the learned mean rate per stream.
-    pub fn expected_rate(&self, cluster: usize, route: usize) -> f64 {
+    pub fn expected_rate(&self, cluster: ClusterIdx, route: RouteIdx) -> f64 {
         self.route_rates
             .get(&(cluster, route))
             .copied()
-            .or_else(|| self.cluster_rates.get(cluster).copied().flatten())
+            .or_else(|| self.cluster_rates.get(cluster.0).copied().flatten())
             .unwrap_or(self.cfg.load.default_stream_rate)
     }
 
     /// The most a remembered rate may claim on (cluster, route): `rate_memory.max_ratio ×` its
     /// expected rate (the learned mean per stream), so that no source can make itself look
     /// arbitrarily large.
-    pub fn rate_cap(&self, cluster: usize, route: usize) -> f64 {
+    pub fn rate_cap(&self, cluster: ClusterIdx, route: RouteIdx) -> f64 {
         self.cfg.rate_memory.max_ratio * self.expected_rate(cluster, route)
     }
 
@@ -254,7 +261,7 @@ impl Router {
             (true, d) => d,
             (false, _) => self.cfg.pick.choices,
         };
-        let c = self.clusters.get_mut(ci)?;
+        let c = self.clusters.get_mut(ci.0)?;
         let fresh = c
             .snapshot_at
             .is_some_and(|t| now.saturating_sub(t) <= stale_after);
@@ -397,7 +404,7 @@ impl Router {
         let Some(s) = self.streams.get_mut(id) else {
             return;
         };
-        let Some(c) = self.clusters.get_mut(s.cluster) else {
+        let Some(c) = self.clusters.get_mut(s.cluster.0) else {
             return;
         };
         let j = c.observe_upstream(now, address, zone);
@@ -419,7 +426,7 @@ impl Router {
         };
         if let Some(ep) = self
             .clusters
-            .get_mut(s.cluster)
+            .get_mut(s.cluster.0)
             .and_then(|c| s.endpoint.and_then(|j| c.endpoint_mut(j)))
         {
             ep.orca = Some((u, now));
@@ -460,7 +467,7 @@ impl Router {
             });
         }
         if outcome == Outcome::Failed {
-            if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster), s.endpoint) {
+            if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster.0), s.endpoint) {
                 c.penalize(&self.cfg, now, j);
             }
         }
@@ -474,7 +481,7 @@ impl Router {
     }
 
     fn forget(&mut self, s: &Stream) {
-        let Some(c) = self.clusters.get_mut(s.cluster) else {
+        let Some(c) = self.clusters.get_mut(s.cluster.0) else {
             return;
         };
         c.own_load = (c.own_load - s.estimate()).max(0.0);
@@ -503,7 +510,7 @@ impl Router {
             }
         }
         // (cluster, route) → (Σ ewma, Σ evidence weight)
-        let mut learned: HashMap<(usize, usize), (f64, f64)> = HashMap::new();
+        let mut learned: HashMap<(ClusterIdx, RouteIdx), (f64, f64)> = HashMap::new();
         for (_, s) in self.streams.iter_mut() {
             let age = now.saturating_sub(s.started);
             let dt = dt_all.min(age) as f64 / NANOS_PER_SEC;
@@ -513,13 +520,13 @@ impl Router {
             }
             let w = prior_weight(age, tau);
             s.pending = s.prior * w;
-            if let Some(c) = self.clusters.get_mut(s.cluster) {
+            if let Some(c) = self.clusters.get_mut(s.cluster.0) {
                 c.own_load += s.estimate();
                 if !s.known_prior {
                     c.own_unknown += s.pending;
                 }
             }
-            if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster), s.endpoint) {
+            if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster.0), s.endpoint) {
                 if let Some(e) = c.endpoint_mut(j) {
                     e.local_rate += s.rate.value();
                     e.local_pending += s.pending;
@@ -546,7 +553,7 @@ impl Router {
             if weight >= 0.5 {
                 self.route_rates.insert((ci, ri), sum / weight);
             }
-            if let Some(acc) = per_cluster.get_mut(ci) {
+            if let Some(acc) = per_cluster.get_mut(ci.0) {
                 acc.0 += sum;
                 acc.1 += weight;
             }
@@ -632,7 +639,7 @@ impl Router {
     /// Pods to probe now, (cluster index, address): healthy endpoints whose last probe is
     /// oldest, at most `probe.max_per_tick` over all clusters, none more often than
     /// `probe.interval_ms`. They are marked as probed now.
-    pub fn due_probes(&mut self, now: Nanos) -> Vec<(usize, String)> {
+    pub fn due_probes(&mut self, now: Nanos) -> Vec<(ClusterIdx, String)> {
         let p = &self.cfg.probe;
         if !p.enabled {
             return Vec::new();
@@ -655,7 +662,7 @@ impl Router {
                     continue;
                 };
                 e.last_probe = Some(now);
-                out.push((ci, e.address.clone()));
+                out.push((ClusterIdx(ci), e.address.clone()));
                 left -= 1;
             }
         }
@@ -703,7 +710,15 @@ impl Router {
         let mut allowance = allowance;
         let mut plan = Plan::default();
         for (ci, c) in self.clusters.iter().enumerate() {
-            rebalance::plan_cluster(cfg, ci, c, &self.streams, now, &mut allowance, &mut plan);
+            rebalance::plan_cluster(
+                cfg,
+                ClusterIdx(ci),
+                c,
+                &self.streams,
+                now,
+                &mut allowance,
+                &mut plan,
+            );
         }
         plan
     }
@@ -736,7 +751,7 @@ impl Router {
         for (_, s) in self.streams.iter_mut() {
             if s.move_planned && now.saturating_sub(s.planned_at) >= deadline {
                 s.move_planned = false;
-                if let Some(n) = expired.get_mut(s.cluster) {
+                if let Some(n) = expired.get_mut(s.cluster.0) {
                     *n += 1;
                 }
             }
@@ -757,7 +772,7 @@ impl Router {
 
     /// The stream's response started and resets are not allowed: never move it. Returns the
     /// cluster of a planned move this drops.
-    pub fn set_unmovable(&mut self, id: u64) -> Option<usize> {
+    pub fn set_unmovable(&mut self, id: u64) -> Option<ClusterIdx> {
         let s = self.streams.get_mut(id)?;
         s.unmovable = true;
         let dropped = std::mem::replace(&mut s.move_planned, false);
@@ -774,7 +789,7 @@ impl Router {
                 continue;
             };
             self.forget(&stream);
-            let cluster = self.clusters.get(stream.cluster);
+            let cluster = self.clusters.get(stream.cluster.0);
             let endpoint = stream
                 .endpoint
                 .and_then(|j| cluster?.endpoint(j))
@@ -791,10 +806,10 @@ impl Router {
         out
     }
 
-    /// Take over a stream from an older configuration's router. Returns its (route, cluster)
+    /// Take over a stream from an older configuration's router. Returns its (cluster, route)
     /// indices here, or `None` when this configuration does not cover it (it is then no longer
     /// tracked).
-    pub fn adopt(&mut self, now: Nanos, handed: HandedStream) -> Option<(usize, usize)> {
+    pub fn adopt(&mut self, now: Nanos, handed: HandedStream) -> Option<(ClusterIdx, RouteIdx)> {
         if !self.cfg.covers(&handed.route, &handed.cluster) {
             return None;
         }
@@ -803,7 +818,7 @@ impl Router {
         // An adopted stream brings its measured rate: it is not one "open before the first
         // tick" whose whole life the first tick would fold in.
         self.last_tick.get_or_insert(now);
-        let c = self.clusters.get_mut(ci)?;
+        let c = self.clusters.get_mut(ci.0)?;
         let mut s = handed.stream;
         s.cluster = ci;
         s.route = ri;
@@ -816,7 +831,7 @@ impl Router {
         if let Some(old) = self.streams.insert(handed.id, s) {
             self.forget(&old);
         }
-        Some((ri, ci))
+        Some((ci, ri))
     }
 }
 
@@ -893,7 +908,9 @@ mod tests {
         let d = r.place(6 * S, 3, "rt", "pods").unwrap();
         assert_eq!(d.reason, Reason::Fallback);
         assert_eq!(
-            r.take_counters().decisions.get(&(0, Reason::Fallback)),
+            r.take_counters()
+                .decisions
+                .get(&(ClusterIdx(0), Reason::Fallback)),
             Some(&2)
         );
     }
@@ -921,7 +938,7 @@ mod tests {
         }
         // Learned expected rate ≈ 100/s, not the default 1.
         let rt = r.routes.intern("rt");
-        assert!((r.expected_rate(0, rt) - 100.0).abs() < 1.0);
+        assert!((r.expected_rate(ClusterIdx(0), rt) - 100.0).abs() < 1.0);
     }
 
     fn report(rate: f64, utilization: Option<f64>, at: Nanos) -> LoadReport {
@@ -970,7 +987,10 @@ mod tests {
         assert_eq!(got.get("e2:1"), Some(&10), "{got:?}");
         let d = r.place(S, 100, "rt", "pods").unwrap();
         assert_eq!(d.view, View::Fleet);
-        assert_eq!(r.take_counters().views.get(&(0, View::Fleet)), Some(&21));
+        assert_eq!(
+            r.take_counters().views.get(&(ClusterIdx(0), View::Fleet)),
+            Some(&21)
+        );
         // Reports age out after probe.max_age_ms (5 s): back to the local view.
         r.tick(7 * S);
         assert_eq!(r.place(7 * S, 101, "rt", "pods").unwrap().view, View::Local);
@@ -1089,7 +1109,7 @@ mod tests {
         r.place(0, 1, "rt", "pods");
         r.on_upstream(0, 1, "e1:1", "");
         let ended = r.on_end(S, 1, Outcome::Failed).unwrap();
-        assert_eq!(ended.cluster, 0);
+        assert_eq!(ended.cluster, ClusterIdx(0));
         let c = &r.clusters()[0];
         let e1 = c.endpoint(c.index_of("e1:1").unwrap()).unwrap();
         assert_eq!((e1.load(), e1.local_active), (0.0, 0));
@@ -1255,7 +1275,7 @@ mod tests {
         let plan = r.plan_moves(t + deadline, 1);
         r.commit_moves(t + deadline, &plan);
         let id = plan.moves[0].stream;
-        assert_eq!(r.set_unmovable(id), Some(0));
+        assert_eq!(r.set_unmovable(id), Some(ClusterIdx(0)));
         assert!(!r.move_planned(id));
         assert_eq!(r.set_unmovable(id), None);
         assert!(r
@@ -1295,7 +1315,7 @@ mod tests {
             r.tick(t);
         }
         let rt = r.routes.intern("rt");
-        assert!((r.expected_rate(0, rt) - 10.0).abs() < 0.5);
+        assert!((r.expected_rate(ClusterIdx(0), rt) - 10.0).abs() < 0.5);
         // A source claiming 10^5 × the mean is placed as 20 × the mean.
         let poisoned = Source {
             key: 99,
@@ -1328,7 +1348,7 @@ mod tests {
         let updates = r.take_rate_updates();
         let written = updates.iter().find(|u| u.0 == 99).unwrap().1;
         assert!(
-            written <= 20.0 * r.expected_rate(0, rt) + 1e-9,
+            written <= 20.0 * r.expected_rate(ClusterIdx(0), rt) + 1e-9,
             "{updates:?}"
         );
         assert!(written > 100.0, "{updates:?}");
@@ -1350,8 +1370,8 @@ mod tests {
         assert!(old.streams().is_empty() && old.clusters()[0].totals().0 < 1e-9);
         for h in handed {
             let id = h.id;
-            let (ri, ci) = new.adopt(t, h).unwrap();
-            assert_eq!((new.routes().name(ri), ci), ("rt", 1));
+            let (ci, ri) = new.adopt(t, h).unwrap();
+            assert_eq!((new.routes().name(ri), ci), ("rt", ClusterIdx(1)));
             assert!(!new.move_planned(id), "a planned move is not carried over");
         }
         let c = &new.clusters()[1];
@@ -1447,9 +1467,9 @@ mod tests {
         // 20 messages in its first second: the learned mean is ≈ 20/s, not 0.
         let rt = r.routes.intern("rt");
         assert!(
-            (r.expected_rate(0, rt) - 20.0).abs() < 0.5,
+            (r.expected_rate(ClusterIdx(0), rt) - 20.0).abs() < 0.5,
             "{}",
-            r.expected_rate(0, rt)
+            r.expected_rate(ClusterIdx(0), rt)
         );
     }
 }

@@ -3,14 +3,16 @@
 
 use hashbrown::HashMap;
 
+use super::RouteIdx;
+
 /// Index and name of the fold-over route.
-pub const OTHER: usize = 0;
+pub const OTHER: RouteIdx = RouteIdx(0);
 pub const OTHER_NAME: &str = "other";
 
 #[derive(Debug, Clone)]
 pub struct RouteNames {
     names: Vec<String>,
-    index: HashMap<String, usize>,
+    index: HashMap<String, RouteIdx>,
     cap: usize,
 }
 
@@ -24,21 +26,21 @@ impl RouteNames {
     }
 
     /// Index of `name`, registering it while fewer than `cap` routes are tracked.
-    pub fn intern(&mut self, name: &str) -> usize {
+    pub fn intern(&mut self, name: &str) -> RouteIdx {
         if let Some(&i) = self.index.get(name) {
             return i;
         }
         if self.names.len() > self.cap || name == OTHER_NAME {
             return OTHER;
         }
-        let i = self.names.len();
+        let i = RouteIdx(self.names.len());
         self.names.push(name.to_string());
         self.index.insert(name.to_string(), i);
         i
     }
 
-    pub fn name(&self, i: usize) -> &str {
-        self.names.get(i).map_or(OTHER_NAME, String::as_str)
+    pub fn name(&self, i: RouteIdx) -> &str {
+        self.names.get(i.0).map_or(OTHER_NAME, String::as_str)
     }
 
     /// Number of indices in use (including `other`).
@@ -66,7 +68,7 @@ mod tests {
         }
         assert_eq!(distinct.len(), 65); // cap + other
         assert_eq!(r.len(), 65);
-        assert_eq!(r.intern("route-3"), 4);
+        assert_eq!(r.intern("route-3"), RouteIdx(4));
         let folded = r.intern("route-9999");
         assert_eq!(r.name(folded), "other");
         assert_eq!(r.intern("other"), OTHER);

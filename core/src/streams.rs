@@ -14,6 +14,7 @@ use hashbrown::HashMap;
 
 use super::ewma::RateEwma;
 use super::Nanos;
+use super::{ClusterIdx, RouteIdx};
 
 /// Direction of a DATA frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +37,8 @@ impl Direction {
 
 #[derive(Debug, Clone)]
 pub struct Stream {
-    pub cluster: usize,
-    pub route: usize,
+    pub cluster: ClusterIdx,
+    pub route: RouteIdx,
     /// Endpoint carrying the stream (named by us, then corrected by the real upstream).
     pub endpoint: Option<usize>,
     pub started: Nanos,
@@ -65,8 +66,8 @@ pub struct Stream {
 
 impl Stream {
     pub fn new(
-        cluster: usize,
-        route: usize,
+        cluster: ClusterIdx,
+        route: RouteIdx,
         endpoint: Option<usize>,
         now: Nanos,
         prior: f64,
@@ -143,7 +144,7 @@ impl StreamTable {
     /// Returns (stream id, estimate) pairs.
     pub fn select_moves(
         &self,
-        cluster: usize,
+        cluster: ClusterIdx,
         endpoint: usize,
         excess: f64,
         now: Nanos,
@@ -193,7 +194,7 @@ mod tests {
 
     #[test]
     fn estimate_is_prior_then_measurement() {
-        let mut s = Stream::new(0, 0, Some(0), 0, 10.0);
+        let mut s = Stream::new(ClusterIdx(0), RouteIdx(0), Some(0), 0, 10.0);
         assert_eq!(s.estimate(), 10.0);
         // Measured at 30/s for 3 τ: pending decays, EWMA approaches 30.
         let tau = 1.0;
@@ -213,15 +214,26 @@ mod tests {
             (4, 5.0, 0),
             (5, 25.0, 900),
         ] {
-            let mut s = Stream::new(0, 0, Some(7), started, rate);
+            let mut s = Stream::new(ClusterIdx(0), RouteIdx(0), Some(7), started, rate);
             s.pending = rate;
             t.insert(id, s);
         }
-        t.insert(6, Stream::new(0, 0, Some(8), 0, 100.0)); // other endpoint
-        let m = t.select_moves(0, 7, 36.0, 1000, 500, 10);
+        t.insert(
+            6,
+            Stream::new(ClusterIdx(0), RouteIdx(0), Some(8), 0, 100.0),
+        ); // other endpoint
+        let m = t.select_moves(ClusterIdx(0), 7, 36.0, 1000, 500, 10);
         assert_eq!(m, vec![(2, 30.0), (4, 5.0)]); // 50 too big, 25 too young
-        assert_eq!(t.select_moves(0, 7, 36.0, 1000, 500, 1), vec![(2, 30.0)]);
-        assert!(t.select_moves(0, 7, 0.0, 1000, 500, 10).is_empty());
-        assert_eq!(t.select_moves(0, 7, 4.0, 1000, 500, 10), vec![(4, 5.0)]); // none fits: smallest
+        assert_eq!(
+            t.select_moves(ClusterIdx(0), 7, 36.0, 1000, 500, 1),
+            vec![(2, 30.0)]
+        );
+        assert!(t
+            .select_moves(ClusterIdx(0), 7, 0.0, 1000, 500, 10)
+            .is_empty());
+        assert_eq!(
+            t.select_moves(ClusterIdx(0), 7, 4.0, 1000, 500, 10),
+            vec![(4, 5.0)]
+        ); // none fits: smallest
     }
 }

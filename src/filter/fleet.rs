@@ -18,6 +18,7 @@ use super::stats::{FleetStats, ProbeResult};
 use streamlb_core::fleet::{self, LoadReport, ReportError};
 use streamlb_core::orca;
 use streamlb_core::router::Router;
+use streamlb_core::ClusterIdx;
 use streamlb_core::Nanos;
 
 /// Marks streamlb's own probes. Gateways remove it from client requests natively (see
@@ -27,7 +28,7 @@ pub const PROBE_HEADER: &str = "x-streamlb-probe";
 const MS: Nanos = 1_000_000;
 
 struct InFlight {
-    cluster: usize,
+    cluster: ClusterIdx,
     address: String,
     sent: Nanos,
 }
@@ -36,7 +37,7 @@ struct InFlight {
 pub struct Prober {
     in_flight: HashMap<u32, InFlight>,
     /// Per cluster: the CAS of the last published record applied.
-    applied: HashMap<usize, u32>,
+    applied: HashMap<ClusterIdx, u32>,
 }
 
 impl Prober {
@@ -62,7 +63,7 @@ impl Prober {
             keep
         });
         for (ci, address) in router.due_probes(now) {
-            let Some(cluster) = router.clusters().get(ci).map(|c| c.name.clone()) else {
+            let Some(cluster) = router.cluster(ci).map(|c| c.name.clone()) else {
                 continue;
             };
             let cfg = router.config();
@@ -104,7 +105,7 @@ impl Prober {
         let result = read_report(host, router, now);
         let outcome = match result {
             Ok(report) => {
-                let cluster = router.clusters().get(p.cluster).map(|c| c.name.clone());
+                let cluster = router.cluster(p.cluster).map(|c| c.name.clone());
                 if let Some(cluster) = cluster {
                     router.apply_reports(now, &cluster, &[(p.address, report)]);
                 }
@@ -122,8 +123,8 @@ impl Prober {
     /// The prober publishes each cluster's fresh reports; the other VMs apply them.
     pub fn share(&mut self, host: &dyn Host, router: &mut Router, prober: bool, now: Nanos) {
         let max_age = router.config().probe.max_age_ms * MS;
-        for ci in 0..router.clusters().len() {
-            let Some(c) = router.clusters().get(ci) else {
+        for ci in (0..router.clusters().len()).map(ClusterIdx) {
+            let Some(c) = router.cluster(ci) else {
                 continue;
             };
             let key = reports_key(&c.name);

@@ -17,7 +17,7 @@ use super::host::{Host, HostError};
 use super::metrics::{tagged, Metrics};
 use streamlb_core::grpc_status;
 use streamlb_core::router::Router;
-use streamlb_core::Nanos;
+use streamlb_core::{ClusterIdx, Nanos, RouteIdx};
 
 /// How a stream ended, as a bounded label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -153,21 +153,21 @@ impl SkipReason {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct RebalanceStats {
     /// Moves planned (in `shadow` mode: moves it would make).
-    pub planned: HashMap<usize, u64>,
+    pub planned: HashMap<ClusterIdx, u64>,
     /// Streams really ended, by how.
-    pub moved: HashMap<(usize, MoveHow), u64>,
+    pub moved: HashMap<(ClusterIdx, MoveHow), u64>,
     /// Wanted moves not made, by why.
-    pub skipped: HashMap<(usize, SkipReason), u64>,
+    pub skipped: HashMap<(ClusterIdx, SkipReason), u64>,
     /// Excess above the hot line as a share of load, before and after the planned moves.
-    pub excess: HashMap<usize, (f64, f64)>,
+    pub excess: HashMap<ClusterIdx, (f64, f64)>,
 }
 
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// (route, cluster) → traffic.
-    pub routes: HashMap<(usize, usize), RouteStats>,
+    /// (cluster, route) → traffic.
+    pub routes: HashMap<(ClusterIdx, RouteIdx), RouteStats>,
     /// cluster → messages (both directions) on streams whose endpoint is in another zone.
-    pub cross_zone_messages: HashMap<usize, u64>,
+    pub cross_zone_messages: HashMap<ClusterIdx, u64>,
     pub health: Health,
     pub config_loads: u64,
     pub rebalance: RebalanceStats,
@@ -212,9 +212,9 @@ impl ProbeResult {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct FleetStats {
     /// (cluster, result) → probes.
-    pub probes: HashMap<(usize, ProbeResult), u64>,
+    pub probes: HashMap<(ClusterIdx, ProbeResult), u64>,
     /// (cluster, round trip in µs) of the answered probes.
-    pub latency_us: Vec<(usize, u64)>,
+    pub latency_us: Vec<(ClusterIdx, u64)>,
     /// Set by the prober VM (when it sent probes): the time its report gauges are computed at.
     pub probed_at: Option<Nanos>,
 }
@@ -234,8 +234,8 @@ impl Stats {
         }
     }
 
-    pub fn route(&mut self, route: usize, cluster: usize) -> &mut RouteStats {
-        self.routes.entry((route, cluster)).or_default()
+    pub fn route(&mut self, cluster: ClusterIdx, route: RouteIdx) -> &mut RouteStats {
+        self.routes.entry((cluster, route)).or_default()
     }
 
     /// Record one histogram sample now (once per stream event, never per message).
@@ -244,10 +244,10 @@ impl Stats {
         host: &dyn Host,
         router: &Router,
         name: &str,
-        (route, cluster): (usize, usize),
+        (cluster, route): (ClusterIdx, RouteIdx),
         micros: u64,
     ) -> Result<(), HostError> {
-        let tags = route_tags(router, route, cluster);
+        let tags = route_tags(router, cluster, route);
         let name = tagged(name, &[("route", &tags.0), ("cluster", &tags.1)]);
         self.metrics.sample(host, &name, micros)
     }
@@ -330,10 +330,10 @@ fn flush_decisions(out: &mut Flush<'_>, router: &mut Router) {
 fn flush_routes(
     out: &mut Flush<'_>,
     router: &Router,
-    routes: &mut HashMap<(usize, usize), RouteStats>,
+    routes: &mut HashMap<(ClusterIdx, RouteIdx), RouteStats>,
 ) {
-    for ((ri, ci), t) in routes.iter_mut() {
-        let (route, c) = route_tags(router, *ri, *ci);
+    for ((ci, ri), t) in routes.iter_mut() {
+        let (route, c) = route_tags(router, *ci, *ri);
         let base = [("route", route.as_str()), ("cluster", c.as_str())];
         out.count("streamlb_route_streams_total", &base, t.started);
         if t.active_delta != 0 {
@@ -357,10 +357,10 @@ fn flush_routes(
 }
 
 /// Cross-zone messages, and gauges from the merged view: imbalance and load per zone.
-fn flush_clusters(out: &mut Flush<'_>, router: &Router, cross_zone: &mut HashMap<usize, u64>) {
+fn flush_clusters(out: &mut Flush<'_>, router: &Router, cross_zone: &mut HashMap<ClusterIdx, u64>) {
     for (ci, c) in router.clusters().iter().enumerate() {
         let tags = [("cluster", c.name.as_str())];
-        let cross = cross_zone.remove(&ci).unwrap_or(0);
+        let cross = cross_zone.remove(&ClusterIdx(ci)).unwrap_or(0);
         out.count("streamlb_cross_zone_messages_total", &tags, cross);
         let rates: Vec<f64> = c
             .zones
@@ -477,15 +477,14 @@ fn flush_health(out: &mut Flush<'_>, h: Health, config_loads: u64) {
     }
 }
 
-fn cluster_name(router: &Router, ci: usize) -> String {
+fn cluster_name(router: &Router, ci: ClusterIdx) -> String {
     router
-        .clusters()
-        .get(ci)
+        .cluster(ci)
         .map(|c| c.name.clone())
         .unwrap_or_default()
 }
 
-fn route_tags(router: &Router, ri: usize, ci: usize) -> (String, String) {
+fn route_tags(router: &Router, ci: ClusterIdx, ri: RouteIdx) -> (String, String) {
     (
         router.routes().name(ri).to_string(),
         cluster_name(router, ci),

@@ -24,8 +24,9 @@ use streamlb_core::orca::{self, OrcaError, OrcaReport};
 use streamlb_core::penalty;
 use streamlb_core::rate_memory::{self, Bucket};
 use streamlb_core::router::Source;
+use streamlb_core::routes::OTHER;
 use streamlb_core::streams::Direction;
-use streamlb_core::Nanos;
+use streamlb_core::{ClusterIdx, Nanos, RouteIdx};
 
 pub const ORCA_HEADER: &str = "endpoint-load-metrics";
 /// The binary form gRPC servers send (base64 `OrcaLoadReport`), usually as a trailer.
@@ -34,8 +35,8 @@ pub const ORCA_BIN_HEADER: &str = "endpoint-load-metrics-bin";
 pub struct StreamFilter {
     vm: Rc<RefCell<Vm>>,
     id: u64,
-    /// (route, cluster) indices when the stream is covered by the config.
-    tracked: Option<(usize, usize)>,
+    /// (cluster, route) when the stream is covered by the config.
+    tracked: Option<(ClusterIdx, RouteIdx)>,
     grpc: bool,
     up: FrameCounter,
     down: FrameCounter,
@@ -158,11 +159,11 @@ impl StreamFilter {
         let Some(ci) = vm.router.cluster_index(&cluster) else {
             return;
         };
-        let ri = vm.router.streams().get(self.id).map_or(0, |s| s.route);
-        self.tracked = Some((ri, ci));
+        let ri = vm.router.streams().get(self.id).map_or(OTHER, |s| s.route);
+        self.tracked = Some((ci, ri));
         self.started = now;
         self.cross_zone = is_cross_zone(vm.router.local_zone(), &decision.zone);
-        let stats = vm.stats.route(ri, ci);
+        let stats = vm.stats.route(ci, ri);
         stats.started += 1;
         stats.active_delta += 1;
         if !self.grpc {
@@ -209,7 +210,7 @@ impl StreamFilter {
                 .router
                 .streams()
                 .get(self.id)
-                .map(|s| (s.route, s.cluster));
+                .map(|s| (s.cluster, s.route));
         }
     }
 
@@ -247,7 +248,7 @@ impl StreamFilter {
             vm.host_error(host, "end stream (rebalance)", &e);
             return false;
         }
-        let Some((_, ci)) = self.tracked else {
+        let Some((ci, _)) = self.tracked else {
             return false;
         };
         let how = if self.first_byte_seen {
@@ -300,12 +301,12 @@ impl StreamFilter {
         if self.reported {
             vm.reporter.on_data(dm, db);
         }
-        let Some((ri, ci)) = self.tracked else {
+        let Some((ci, ri)) = self.tracked else {
             return;
         };
         vm.router.on_data(self.id, dir, dm, db);
         let d = dir.index();
-        let t = vm.stats.route(ri, ci);
+        let t = vm.stats.route(ci, ri);
         if let (Some(m), Some(b)) = (t.messages.get_mut(d), t.bytes.get_mut(d)) {
             *m += dm;
             *b += db;
@@ -426,7 +427,7 @@ impl StreamFilter {
                 vm.reporter.on_close();
             }
         }
-        let Some((ri, ci)) = self.tracked else {
+        let Some((ci, ri)) = self.tracked else {
             return;
         };
         if self.ended {
@@ -449,18 +450,18 @@ impl StreamFilter {
         } else {
             StatusClass::of(self.http_status, self.grpc_status)
         };
-        let stats = vm.stats.route(ri, ci);
+        let stats = vm.stats.route(ci, ri);
         stats.active_delta -= 1;
         *stats.ended.entry(class).or_default() += 1;
         let micros = now.saturating_sub(self.started) / 1000;
         let unary = !self.grpc || (self.up.messages() <= 1 && self.down.messages() <= 1);
         let mut result = vm
             .stats
-            .sample(host, &vm.router, DURATION_US, (ri, ci), micros);
+            .sample(host, &vm.router, DURATION_US, (ci, ri), micros);
         if unary && result.is_ok() {
             result = vm
                 .stats
-                .sample(host, &vm.router, REQUEST_LATENCY_US, (ri, ci), micros);
+                .sample(host, &vm.router, REQUEST_LATENCY_US, (ci, ri), micros);
         }
         if let Err(e) = result {
             vm.host_error(host, "histogram", &e);

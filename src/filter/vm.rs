@@ -51,7 +51,7 @@ use streamlb_core::rebalance::{self, Budget};
 use streamlb_core::reporter::{self, Reporter};
 use streamlb_core::router::Router;
 use streamlb_core::shared_view::{self, Slot};
-use streamlb_core::Nanos;
+use streamlb_core::{ClusterIdx, Nanos};
 
 const MS: Nanos = 1_000_000;
 
@@ -330,10 +330,10 @@ impl Vm {
         let handed = self.router.hand_over();
         let (mut kept, total) = (0, handed.len());
         for h in handed {
-            let (route, cluster) = (h.stream.route, h.stream.cluster);
-            self.stats.route(route, cluster).active_delta -= 1;
-            if let Some((ri, ci)) = new.router.adopt(now, h) {
-                new.stats.route(ri, ci).active_delta += 1;
+            let (cluster, route) = (h.stream.cluster, h.stream.route);
+            self.stats.route(cluster, route).active_delta -= 1;
+            if let Some((ci, ri)) = new.router.adopt(now, h) {
+                new.stats.route(ci, ri).active_delta += 1;
                 kept += 1;
             }
         }
@@ -689,7 +689,7 @@ impl Vm {
                 .stats
                 .rebalance
                 .skipped
-                .entry((ci, SkipReason::Expired))
+                .entry((ClusterIdx(ci), SkipReason::Expired))
                 .or_default() += n;
         }
         let streams = self.router.proxy_streams();
@@ -719,11 +719,11 @@ impl Vm {
             .zip(&plan.excess_after)
             .enumerate()
         {
-            r.excess.insert(ci, (*before, *after));
+            r.excess.insert(ClusterIdx(ci), (*before, *after));
         }
         for m in &plan.moves {
             *r.planned.entry(m.cluster).or_default() += 1;
-            let c = self.router.clusters().get(m.cluster);
+            let c = self.router.cluster(m.cluster);
             let address = |j: usize| {
                 c.and_then(|c| c.endpoint(j))
                     .map_or("-", |e| e.address.as_str())
@@ -746,8 +746,12 @@ impl Vm {
             .zip(&plan.skipped_no_room)
             .enumerate()
         {
-            *r.skipped.entry((ci, SkipReason::Budget)).or_default() += budget;
-            *r.skipped.entry((ci, SkipReason::NoRoom)).or_default() += no_room;
+            *r.skipped
+                .entry((ClusterIdx(ci), SkipReason::Budget))
+                .or_default() += budget;
+            *r.skipped
+                .entry((ClusterIdx(ci), SkipReason::NoRoom))
+                .or_default() += no_room;
         }
     }
 
