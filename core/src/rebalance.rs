@@ -24,8 +24,8 @@
 use super::config::RebalanceConfig;
 use super::endpoints::Cluster;
 use super::streams::StreamTable;
-use super::Nanos;
 use super::ClusterIdx;
+use super::Nanos;
 
 const MINUTE: Nanos = 60_000_000_000;
 
