@@ -267,12 +267,18 @@ impl Router {
             .is_some_and(|t| now.saturating_sub(t) <= stale_after);
         let choice = if fresh {
             // Tolerance and slack are for known load: the priors of streams of unknown rate carry
-            // no evidence, so a storm of them is spread in proportion to capacity.
+            // no evidence, so a storm of them is spread in proportion to capacity. With the
+            // fleet view the zones' loads are the pods' measured reports: known.
+            let known = if c.fleet.is_some() {
+                1.0
+            } else {
+                c.known_share()
+            };
             zone::choose(
                 &c.zones,
                 &self.local_zone,
                 self.cfg.zone.spill_threshold,
-                c.known_share(),
+                known,
                 e,
                 self.peers as f64 * e,
                 &mut self.rng,
