@@ -5,16 +5,16 @@
 //!
 //! ```text
 //! own_j      = local_rate_j + local_pending_j + remote_load_j + peer_guess_j
-//! load_j     = own_j, or max(F_j + Δ_j, own_j) with the fleet view
+//! load_j     = own_j, or own_j + max(0, F_j − own_j at the report) with the fleet view
 //! local_rate_j    = Σ over this VM's streams on j of their rate EWMA
 //! local_pending_j = Σ prior_s · e^(−age_s/τ)   (what the EWMA has not yet learned of young streams)
 //! peer_guess_j    = (other workers) × the priors this VM placed on j since its last tick
 //! capacity_j = base_j · slow_start_j · penalty_j,  base_j = weight_j, or c_j with the fleet view
 //! ```
 //!
-//! `F_j` and `c_j` come from the pods' load reports ([`crate::fleet`]); `Δ_j` is what this VM
-//! changed on j since its report (the report cannot know it): + the expected rate of each stream
-//! placed there, − the rate of each of its streams that ended or moved away.
+//! `F_j` and `c_j` come from the pods' load reports ([`crate::fleet`]): what the report holds
+//! beyond this Envoy's own load at that moment is the other proxies' share; this Envoy's own
+//! streams (placed, ended, moved since) are counted as they are now.
 //!
 //! `local_*` is recomputed from the stream table on every tick and adjusted incrementally
 //! between ticks (placement, re-attribution, stream end), so a burst of placements between two
@@ -64,8 +64,9 @@ pub struct Endpoint {
     /// Its report was fresh at the last refresh.
     pub reported: bool,
     /// What this VM changed here since the last report: + the expected rate of each stream it
-    /// placed, − the rate of each stream of its that ended or moved away.
-    pub change_since_report: f64,
+    /// This Envoy's own load on the endpoint when its report arrived (what of the report is not
+    /// the other proxies').
+    pub own_at_report: f64,
     /// Capacity as of the last refresh (slow start and penalties change it over time).
     pub capacity: f64,
     /// `capacity` before slow start and penalties: the weight, or `c_j` with the fleet view.
@@ -93,7 +94,7 @@ impl Endpoint {
             last_probe: None,
             fleet_load: None,
             reported: false,
-            change_since_report: 0.0,
+            own_at_report: 0.0,
             capacity: 1.0,
             base_capacity: 1.0,
         }
@@ -109,7 +110,7 @@ impl Endpoint {
     pub fn load(&self) -> f64 {
         let own = self.own_load();
         self.fleet_load
-            .map_or(own, |f| (f + self.change_since_report).max(own).max(0.0))
+            .map_or(own, |f| own + (f - self.own_at_report).max(0.0))
     }
 
     pub fn active(&self) -> u32 {
@@ -288,6 +289,10 @@ impl Cluster {
                 Some(summary) => {
                     let zu = zone_utilization.get(&e.zone).copied();
                     let (load, base) = summary.estimate(e.weight, report.as_ref(), zu);
+                    if report.is_none() {
+                        // A silent pod's assumed load includes what this Envoy has there now.
+                        e.own_at_report = e.own_load();
+                    }
                     e.fleet_load = Some(load);
                     e.base_capacity = base;
                 }
@@ -362,7 +367,6 @@ impl Cluster {
         e.local_rate = (e.local_rate - rate).max(0.0);
         e.local_pending = (e.local_pending - pending).max(0.0);
         e.local_active = e.local_active.saturating_sub(1);
-        e.change_since_report -= rate + pending;
         self.add_zone_load(i, -(rate + pending));
     }
 
@@ -374,7 +378,6 @@ impl Cluster {
         e.local_rate += rate;
         e.local_pending += pending;
         e.local_active += 1;
-        e.change_since_report += rate + pending;
         self.add_zone_load(i, rate + pending);
     }
 

@@ -22,10 +22,10 @@
 //! draws its `pick.choices` candidates among the zone's pods with a fresh report (Prequal's pool
 //! of probed replicas), when there are at least two.
 //!
-//! The load a placement sees is `max(F_j + Δ_j, own_j)`: `Δ_j` is what this VM changed on j since
-//! j's report (+ the expected rate of each stream it placed there, − the rate of each of its
-//! streams that ended there, so a reconnect storm does not see the old streams twice), `own_j` this
-//! Envoy's own load on j. A reporter counts its young streams at their fading prior
+//! The load a placement sees is `own_j + max(0, F_j − own_j(report))`: the report's part beyond
+//! what this Envoy had on j when it arrived is the other proxies' share, and this Envoy's own
+//! streams count as they are now (a reconnect storm does not see its old streams twice; with a
+//! single Envoy the view is exact). A reporter counts its young streams at their fading prior
 //! (`prior · e^(−age/τ)`, as the filter does), so the streams that other proxies just placed are
 //! in `F_j`. Capacities are then multiplied by slow start and penalties as before. With no fresh
 //! report in a cluster, the cluster uses the local view (this Envoy's own streams only).

@@ -636,7 +636,7 @@ impl Router {
             };
             if e.report.is_none_or(|old| old.at <= r.at) {
                 e.report = Some(*r);
-                e.change_since_report = 0.0;
+                e.own_at_report = e.own_load();
             }
         }
         c.refresh(&self.cfg, now);
