@@ -247,132 +247,15 @@ impl Router {
     ) -> Option<Decision> {
         let ci = self.cluster_index(cluster)?;
         let ri = self.routes.intern(route);
-        let mean = self.expected_rate(ci, ri);
-        let e = source
-            .and_then(|s| s.rate)
-            .filter(|r| r.is_finite() && *r > 0.0)
-            .map_or(mean, |r| r.min(self.rate_cap(ci, ri)));
-        let stale_after = self.cfg.discovery.stale_after_ms.saturating_mul(1_000_000);
-        let orca_weight = self.cfg.load.orca_weight;
-        let orca_age = self.cfg.load.orca_max_age_ms.saturating_mul(1_000_000);
         let remembered = source.and_then(|s| s.rate).is_some();
-        let choices = match (remembered, self.cfg.pick.remembered_choices) {
-            (true, 0) => pick::MAX_CHOICES,
-            (true, d) => d,
-            (false, _) => self.cfg.pick.choices,
-        };
+        let e = self.expected_from(ci, ri, source);
+        let choice = self.choose_zone(ci, now, e)?;
+        let mut decision = self.pick_endpoints(ci, now, e, choice, remembered)?;
+        let placed_on = decision
+            .primary
+            .as_ref()
+            .and_then(|a| self.cluster(ci)?.index_of(a));
         let c = self.clusters.get_mut(ci.0)?;
-        let fresh = c
-            .snapshot_at
-            .is_some_and(|t| now.saturating_sub(t) <= stale_after);
-        let choice = if fresh {
-            // Tolerance and slack are for known load: the priors of streams of unknown rate carry
-            // no evidence, so a storm of them is spread in proportion to capacity. With the
-            // fleet view the zones' loads are the pods' measured reports: known.
-            let known = if c.fleet.is_some() {
-                1.0
-            } else {
-                c.known_share()
-            };
-            zone::choose(
-                &c.zones,
-                &self.local_zone,
-                self.cfg.zone.spill_threshold,
-                known,
-                e,
-                self.peers as f64 * e,
-                &mut self.rng,
-            )
-        } else {
-            ZoneChoice::Any(Reason::Fallback)
-        };
-        let reason = match choice {
-            ZoneChoice::Zone(_, r) | ZoneChoice::Any(r) => r,
-        };
-        let mut decision = Decision {
-            reason,
-            zone: String::new(),
-            primary: None,
-            secondary: None,
-            projected: 0.0,
-            expected_rate: e,
-            view: if c.fleet.is_some() {
-                View::Fleet
-            } else {
-                View::Local
-            },
-        };
-        let mut placed_on = None;
-        if reason != Reason::Fallback {
-            let mut candidates: Vec<usize> = match choice {
-                ZoneChoice::Zone(zi, _) => c
-                    .zones
-                    .get(zi)
-                    .map(|z| z.healthy.clone())
-                    .unwrap_or_default(),
-                ZoneChoice::Any(_) => c
-                    .zones
-                    .iter()
-                    .flat_map(|z| z.healthy.iter().copied())
-                    .collect(),
-            };
-            // Fleet view: choose among the pods whose load was just reported, when there are
-            // at least two (the others' load is only assumed).
-            let probed: Vec<usize> = (candidates.iter().copied())
-                .filter(|&j| c.endpoint(j).is_some_and(|e| e.reported))
-                .collect();
-            if probed.len() >= 2 {
-                candidates = probed;
-            }
-            let (load, capacity) = c.totals();
-            let mean = if capacity > 0.0 {
-                (load + e) / capacity
-            } else {
-                0.0
-            };
-            let orca_mean = if orca_weight > 0.0 {
-                mean_orca(c, now, orca_age)
-            } else {
-                None
-            };
-            let score = |j: usize| -> f64 {
-                let Some(ep) = c.endpoint(j) else {
-                    return f64::INFINITY;
-                };
-                let own = if ep.capacity > 0.0 {
-                    (ep.load() + e) / ep.capacity
-                } else {
-                    f64::INFINITY
-                };
-                let relative = if mean > 0.0 { own / mean } else { own };
-                match (orca_mean, ep.orca_utilization(now, orca_age)) {
-                    (Some(m), Some(u)) if m > 0.0 => {
-                        (1.0 - orca_weight) * relative + orca_weight * (u / m)
-                    }
-                    _ => relative,
-                }
-            };
-            let (a, b) = pick(candidates.len(), choices, &mut self.rng, |k| {
-                candidates.get(k).map_or(f64::INFINITY, |&j| score(j))
-            });
-            let a = a.and_then(|k| candidates.get(k).copied());
-            let mut b = b.and_then(|k| candidates.get(k).copied());
-            if b.is_none() && a.is_some() {
-                // The zone has one endpoint: retry anywhere else that is healthy.
-                b = c
-                    .zones
-                    .iter()
-                    .flat_map(|z| z.healthy.iter().copied())
-                    .find(|&j| Some(j) != a);
-            }
-            if let Some((j, ep)) = a.and_then(|j| Some((j, c.endpoint(j)?))) {
-                decision.projected = score(j);
-                decision.zone.clone_from(&ep.zone);
-                decision.primary = Some(ep.address.clone());
-            }
-            decision.secondary = b.and_then(|j| c.endpoint(j)).map(|ep| ep.address.clone());
-            placed_on = a;
-        }
         if let Some(j) = placed_on {
             c.add_stream_load(j, 0.0, e);
             c.add_peer_guess(j, self.peers as f64 * e);
@@ -389,6 +272,114 @@ impl Router {
         if let Some(old) = self.streams.insert(id, stream) {
             self.forget(&old);
         }
+        self.count_decision(ci, &decision);
+        Some(decision)
+    }
+
+    /// The expected rate of a new stream: its source's remembered rate (capped), else the
+    /// learned mean of its route.
+    fn expected_from(&self, ci: ClusterIdx, ri: RouteIdx, source: Option<Source>) -> f64 {
+        let mean = self.expected_rate(ci, ri);
+        source
+            .and_then(|s| s.rate)
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .map_or(mean, |r| r.min(self.rate_cap(ci, ri)))
+    }
+
+    /// The zone rule ([`zone::choose`]), or fallback without a fresh discovery snapshot.
+    fn choose_zone(&mut self, ci: ClusterIdx, now: Nanos, e: f64) -> Option<ZoneChoice> {
+        let stale_after = self.cfg.discovery.stale_after_ms.saturating_mul(1_000_000);
+        let c = self.clusters.get(ci.0)?;
+        let fresh = c
+            .snapshot_at
+            .is_some_and(|t| now.saturating_sub(t) <= stale_after);
+        if !fresh {
+            return Some(ZoneChoice::Any(Reason::Fallback));
+        }
+        // Tolerance and slack are for known load: the priors of streams of unknown rate carry
+        // no evidence, so a storm of them is spread in proportion to capacity. With the fleet
+        // view the zones' loads are the pods' measured reports: known.
+        let known = if c.fleet.is_some() {
+            1.0
+        } else {
+            c.known_share()
+        };
+        Some(zone::choose(
+            &c.zones,
+            &self.local_zone,
+            self.cfg.zone.spill_threshold,
+            known,
+            e,
+            self.peers as f64 * e,
+            &mut self.rng,
+        ))
+    }
+
+    /// Power of d choices among the zone's candidates: the decision, with primary and retry.
+    fn pick_endpoints(
+        &mut self,
+        ci: ClusterIdx,
+        now: Nanos,
+        e: f64,
+        choice: ZoneChoice,
+        remembered: bool,
+    ) -> Option<Decision> {
+        let choices = match (remembered, self.cfg.pick.remembered_choices) {
+            (true, 0) => pick::MAX_CHOICES,
+            (true, d) => d,
+            (false, _) => self.cfg.pick.choices,
+        };
+        let orca = OrcaBlend {
+            weight: self.cfg.load.orca_weight,
+            max_age: self.cfg.load.orca_max_age_ms.saturating_mul(1_000_000),
+        };
+        let c = self.clusters.get(ci.0)?;
+        let reason = match choice {
+            ZoneChoice::Zone(_, r) | ZoneChoice::Any(r) => r,
+        };
+        let mut decision = Decision {
+            reason,
+            zone: String::new(),
+            primary: None,
+            secondary: None,
+            projected: 0.0,
+            expected_rate: e,
+            view: if c.fleet.is_some() {
+                View::Fleet
+            } else {
+                View::Local
+            },
+        };
+        if reason == Reason::Fallback {
+            return Some(decision);
+        }
+        let candidates = candidates(c, choice);
+        let scorer = Scorer::new(c, now, e, &orca);
+        let (a, b) = pick(candidates.len(), choices, &mut self.rng, |k| {
+            candidates
+                .get(k)
+                .map_or(f64::INFINITY, |&j| scorer.score(c, j))
+        });
+        let a = a.and_then(|k| candidates.get(k).copied());
+        let mut b = b.and_then(|k| candidates.get(k).copied());
+        if b.is_none() && a.is_some() {
+            // The zone has one endpoint: retry anywhere else that is healthy.
+            b = c
+                .zones
+                .iter()
+                .flat_map(|z| z.healthy.iter().copied())
+                .find(|&j| Some(j) != a);
+        }
+        if let Some((j, ep)) = a.and_then(|j| Some((j, c.endpoint(j)?))) {
+            decision.projected = scorer.score(c, j);
+            decision.zone.clone_from(&ep.zone);
+            decision.primary = Some(ep.address.clone());
+        }
+        decision.secondary = b.and_then(|j| c.endpoint(j)).map(|ep| ep.address.clone());
+        Some(decision)
+    }
+
+    fn count_decision(&mut self, ci: ClusterIdx, decision: &Decision) {
         *self
             .counters
             .decisions
@@ -402,7 +393,6 @@ impl Router {
                 .entry((ci, decision.zone.clone()))
                 .or_default() += 1;
         }
-        Some(decision)
     }
 
     /// The real upstream of stream `id` became known (`upstream.address`, `upstream.locality.zone`).
@@ -838,6 +828,96 @@ impl Router {
             self.forget(&old);
         }
         Some((ci, ri))
+    }
+}
+
+/// The endpoints a placement chooses among: the chosen zone's healthy ones (every zone's for
+/// `Any`); with the fleet view, those whose load was just reported, when there are at least two
+/// (the others' load is only assumed).
+fn candidates(c: &Cluster, choice: ZoneChoice) -> Vec<usize> {
+    let healthy: Vec<usize> = match choice {
+        ZoneChoice::Zone(zi, _) => c
+            .zones
+            .get(zi)
+            .map(|z| z.healthy.clone())
+            .unwrap_or_default(),
+        ZoneChoice::Any(_) => c
+            .zones
+            .iter()
+            .flat_map(|z| z.healthy.iter().copied())
+            .collect(),
+    };
+    let probed: Vec<usize> = (healthy.iter().copied())
+        .filter(|&j| c.endpoint(j).is_some_and(|e| e.reported))
+        .collect();
+    if probed.len() >= 2 {
+        probed
+    } else {
+        healthy
+    }
+}
+
+/// How backend ORCA utilisation enters the score (`load.orca_weight`, `load.orca_max_age_ms`).
+struct OrcaBlend {
+    weight: f64,
+    max_age: Nanos,
+}
+
+/// The score of an endpoint for a new stream of expected rate `e`:
+/// `((load_j + e)/capacity_j) / ((ΣL + e)/ΣC)`, blended with ORCA as
+/// `(1−β)·score + β·u_j/ū_orca` when β > 0 and both are known.
+struct Scorer {
+    now: Nanos,
+    e: f64,
+    mean: f64,
+    orca_weight: f64,
+    orca_age: Nanos,
+    orca_mean: Option<f64>,
+}
+
+impl Scorer {
+    fn new(c: &Cluster, now: Nanos, e: f64, orca: &OrcaBlend) -> Self {
+        let (load, capacity) = c.totals();
+        let mean = if capacity > 0.0 {
+            (load + e) / capacity
+        } else {
+            0.0
+        };
+        let orca_mean = if orca.weight > 0.0 {
+            mean_orca(c, now, orca.max_age)
+        } else {
+            None
+        };
+        Scorer {
+            now,
+            e,
+            mean,
+            orca_weight: orca.weight,
+            orca_age: orca.max_age,
+            orca_mean,
+        }
+    }
+
+    fn score(&self, c: &Cluster, j: usize) -> f64 {
+        let Some(ep) = c.endpoint(j) else {
+            return f64::INFINITY;
+        };
+        let own = if ep.capacity > 0.0 {
+            (ep.load() + self.e) / ep.capacity
+        } else {
+            f64::INFINITY
+        };
+        let relative = if self.mean > 0.0 {
+            own / self.mean
+        } else {
+            own
+        };
+        match (self.orca_mean, ep.orca_utilization(self.now, self.orca_age)) {
+            (Some(m), Some(u)) if m > 0.0 => {
+                (1.0 - self.orca_weight) * relative + self.orca_weight * (u / m)
+            }
+            _ => relative,
+        }
     }
 }
 

@@ -682,13 +682,9 @@ enum Event {
 }
 
 /// Runs the scenario (with its `sim` overrides applied) and returns the JSON report.
-pub fn run(
-    sc: &Scenario,
-    policies: &[String],
-    workers: usize,
-    progress: bool,
-) -> anyhow::Result<serde_json::Value> {
-    let started = std::time::Instant::now();
+/// Zones, pods, proxies and devices of a scenario: per client zone, the rates `lab devices`
+/// draws, handed to that zone's proxies in turn (to every proxy if the zone has none).
+fn build_world(sc: &Scenario) -> anyhow::Result<World> {
     let zones: Vec<String> = sc.zones.iter().map(|z| z.name.clone()).collect();
     let zone_idx = |name: &str| zones.iter().position(|z| z == name);
     let pods = sc.pod_names();
@@ -697,7 +693,6 @@ pub fn run(
         let zi = zone_idx(z).context("proxy zone")?;
         proxy_zone.extend(std::iter::repeat_n(zi, *n));
     }
-    // Devices: per client zone, rates as `lab devices` draws them; proxies of that zone in turn.
     let mut dev_rate = Vec::new();
     let mut dev_proxy = Vec::new();
     for (z, rates) in sc.device_rates()? {
@@ -712,9 +707,7 @@ pub fn run(
             dev_proxy.push(mine[i % mine.len()]);
         }
     }
-    let n = dev_rate.len();
-    let base_rate = dev_rate.clone();
-    let mut w = World {
+    Ok(World {
         zones: zones.clone(),
         pod_name: pods.iter().map(|(n, _)| n.clone()).collect(),
         pod_zone: pods.iter().map(|(_, z)| *z).collect(),
@@ -723,17 +716,24 @@ pub fn run(
         proxy_zone,
         dev_rate,
         dev_proxy,
-    };
-    let base_capacity = w.pod_capacity.clone();
+    })
+}
+
+/// The filter configuration of the streamlb policies: the scenario's `streamlb` section merged
+/// over `{"clusters": ["pods"]}`.
+fn filter_config(sc: &Scenario) -> anyhow::Result<Config> {
     let mut cfg_json = json!({"clusters": ["pods"]});
     if !sc.streamlb.is_null() {
         crate::scenario::merge(&mut cfg_json, &sc.streamlb);
     }
-    let cfg = Config::from_json(cfg_json.to_string().as_bytes())
-        .map_err(|e| anyhow::anyhow!("streamlb config: {e}"))?;
+    Config::from_json(cfg_json.to_string().as_bytes())
+        .map_err(|e| anyhow::anyhow!("streamlb config: {e}"))
+}
 
-    // Events: arrival at ramp·i/n (interleaved over zones by a seeded shuffle), then reconnects.
-    let mut rng = Rng::new(sc.seed ^ 0x51);
+/// Arrivals at ramp·i/n (interleaved over zones by a seeded shuffle), then, with stream
+/// lifetimes, each device's reconnects (exponential lifetimes, reconnecting at once), in time
+/// order.
+fn device_events(sc: &Scenario, n: usize, rng: &mut Rng) -> Vec<(f64, usize, Event)> {
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         order.swap(i, rng.below(i + 1));
@@ -746,7 +746,6 @@ pub fn run(
         .collect();
     let life = sc.streams.mean_lifetime_s;
     if life > 0.0 {
-        // Each device: exponential lifetimes, reconnecting at once, until the end.
         for e in events.clone() {
             let mut t = e.0;
             loop {
@@ -759,6 +758,23 @@ pub fn run(
         }
     }
     events.sort_by(|a, b| a.0.total_cmp(&b.0));
+    events
+}
+
+pub fn run(
+    sc: &Scenario,
+    policies: &[String],
+    workers: usize,
+    progress: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let started = std::time::Instant::now();
+    let mut w = build_world(sc)?;
+    let n = w.dev_rate.len();
+    let base_rate = w.dev_rate.clone();
+    let base_capacity = w.pod_capacity.clone();
+    let cfg = filter_config(sc)?;
+    let mut rng = Rng::new(sc.seed ^ 0x51);
+    let events = device_events(sc, n, &mut rng);
     // Burst membership (seeded).
     let burst_members: Vec<Vec<bool>> = sc
         .bursts
