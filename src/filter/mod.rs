@@ -21,9 +21,3 @@ pub mod mock;
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod input_tests;
-
-#[cfg(test)]
-mod fleet_tests;

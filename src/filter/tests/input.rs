@@ -5,12 +5,12 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::host::HeaderMap;
-use super::mock::SharedStore;
-use super::shared::SNAPSHOT_KEY;
-use super::stream::StreamFilter;
-use super::tests::{discover, grpc_frames, host, open_on, send, vm, ADMIN, HEADER, SEC};
-use super::vm::Vm;
+use super::{discover, grpc_frames, host, open_on, send, vm, ADMIN, HEADER, SEC};
+use crate::filter::host::HeaderMap;
+use crate::filter::mock::SharedStore;
+use crate::filter::shared::SNAPSHOT_KEY;
+use crate::filter::stream::StreamFilter;
+use crate::filter::vm::Vm;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -84,7 +84,7 @@ fn invalid_orca_reports_are_counted_logged_once_and_ignored() {
     let v = vm(&h, r#"{"clusters":["pods"]}"#);
     discover(&h, &v);
     let mut s = open_on(&h, &v, 1, "10.0.0.1:8080", None);
-    let orca = super::stream::ORCA_HEADER;
+    let orca = crate::filter::stream::ORCA_HEADER;
     h.set_header_bytes(HeaderMap::Response, ":status", b"2\xff0");
     h.set_header_bytes(HeaderMap::Response, orca, b"TEXT cpu_utilization=1\xff");
     s.on_response_headers(&h);
@@ -153,7 +153,7 @@ fn failed_or_partial_admin_responses_are_failed_polls() {
 }
 
 /// Open a stream through `v` at `h`'s time; the endpoint it was steered to, if any.
-fn steered(h: &super::mock::MockHost, v: &Rc<RefCell<Vm>>, id: u64) -> Option<String> {
+fn steered(h: &crate::filter::mock::MockHost, v: &Rc<RefCell<Vm>>, id: u64) -> Option<String> {
     h.headers.borrow_mut().clear();
     StreamFilter::new(v.clone(), id).on_request_headers(h);
     h.get(HeaderMap::Request, HEADER)

@@ -2,12 +2,12 @@
 //! placed cluster, reports reach every VM, bad answers are counted, and the reporter role answers
 //! only marked GET probes, with every stream it saw.
 
-use super::fleet::PROBE_HEADER;
-use super::host::HeaderMap;
-use super::mock::{MockHost, SharedStore};
-use super::shared::reports_key;
-use super::stream::{HeadersAction, StreamFilter};
-use super::tests::{discover, grpc_frames, host, send, vm, HEADER, SEC};
+use super::{discover, grpc_frames, host, send, vm, HEADER, SEC};
+use crate::filter::fleet::PROBE_HEADER;
+use crate::filter::host::HeaderMap;
+use crate::filter::mock::{MockHost, SharedStore};
+use crate::filter::shared::reports_key;
+use crate::filter::stream::{HeadersAction, StreamFilter};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -29,7 +29,7 @@ fn probes(h: &MockHost) -> Vec<(u32, String)> {
 /// Answer a probe: `:status` and the ORCA header (None: no header).
 fn answer(
     h: &MockHost,
-    v: &std::rc::Rc<std::cell::RefCell<super::vm::Vm>>,
+    v: &std::rc::Rc<std::cell::RefCell<crate::filter::vm::Vm>>,
     token: u32,
     status: &str,
     orca: Option<&[u8]>,

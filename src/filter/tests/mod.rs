@@ -1,22 +1,25 @@
 //! The glue under a mock host: configuration, discovery lease and snapshot, steering, counting,
-//! host failures.
+//! host failures. Hostile input in [`input`], the fleet view in [`fleet`].
+
+mod fleet;
+mod input;
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::host::{Body, HeaderMap, LogLevel};
-use super::mock::{MockHost, SharedStore};
-use super::shared::{LEASE_KEY, LOAD_KEY, SNAPSHOT_KEY};
-use super::stream::{BodyAction, StreamFilter, REBALANCE_MESSAGE};
-use super::vm::Vm;
+use crate::filter::host::{Body, HeaderMap, LogLevel};
+use crate::filter::mock::{MockHost, SharedStore};
+use crate::filter::shared::{LEASE_KEY, LOAD_KEY, SNAPSHOT_KEY};
+use crate::filter::stream::{BodyAction, StreamFilter, REBALANCE_MESSAGE};
+use crate::filter::vm::Vm;
 use streamlb_core::streams::Direction;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
-pub(super) const SEC: u64 = 1_000_000_000;
-pub(super) const HEADER: &str = "x-gateway-destination-endpoint";
+pub(crate) const SEC: u64 = 1_000_000_000;
+pub(crate) const HEADER: &str = "x-gateway-destination-endpoint";
 
-pub(super) const ADMIN: &str = r#"{"cluster_statuses":[
+pub(crate) const ADMIN: &str = r#"{"cluster_statuses":[
  {"name":"unrelated","host_statuses":[{"address":{"socket_address":{"address":"10.9.9.9","port_value":1}}}]},
  {"name":"pods","added_via_api":false,"host_statuses":[
   {"address":{"socket_address":{"address":"10.0.0.1","port_value":8080}},"locality":{"zone":"a"},
@@ -26,7 +29,7 @@ pub(super) const ADMIN: &str = r#"{"cluster_statuses":[
   {"address":{"socket_address":{"address":"10.0.0.3","port_value":8080}},"locality":{"zone":"b"},
    "health_status":{"eds_health_status":"HEALTHY"},"weight":1}]}]}"#;
 
-pub(super) fn host(store: &SharedStore) -> MockHost {
+pub(crate) fn host(store: &SharedStore) -> MockHost {
     let h = MockHost::with_store(store.clone());
     h.set_property("xds.node.locality.zone", "a");
     h.set_property("xds.route_name", "telemetry");
@@ -35,12 +38,12 @@ pub(super) fn host(store: &SharedStore) -> MockHost {
     h
 }
 
-pub(super) fn vm(h: &MockHost, config: &str) -> Rc<RefCell<Vm>> {
+pub(crate) fn vm(h: &MockHost, config: &str) -> Rc<RefCell<Vm>> {
     Rc::new(RefCell::new(Vm::configure(h, config.as_bytes()).unwrap()))
 }
 
 /// Tick until this VM's discovery call is answered with `ADMIN`.
-pub(super) fn discover(h: &MockHost, vm: &Rc<RefCell<Vm>>) {
+pub(crate) fn discover(h: &MockHost, vm: &Rc<RefCell<Vm>>) {
     vm.borrow_mut().on_tick(h);
     let (token, cluster, headers) = h.calls.borrow().last().cloned().expect("a discovery call");
     assert_eq!(cluster, "streamlb_admin");
@@ -190,7 +193,7 @@ fn uncovered_traffic_passes_untouched_and_shadow_never_sets_the_header() {
     );
 }
 
-pub(super) fn grpc_frames(sizes: &[usize]) -> Vec<u8> {
+pub(crate) fn grpc_frames(sizes: &[usize]) -> Vec<u8> {
     let mut out = Vec::new();
     for &n in sizes {
         out.push(0);
@@ -379,7 +382,7 @@ fn stream_end_records_status_class_latency_and_cross_zone_messages() {
 }
 
 /// Open a gRPC stream `id` that lands on `upstream`, optionally with a device id.
-pub(super) fn open_on(
+pub(crate) fn open_on(
     h: &MockHost,
     v: &Rc<RefCell<Vm>>,
     id: u64,
@@ -401,7 +404,7 @@ pub(super) fn open_on(
     s
 }
 
-pub(super) fn send(h: &MockHost, s: &mut StreamFilter, frames: &[u8]) -> BodyAction {
+pub(crate) fn send(h: &MockHost, s: &mut StreamFilter, frames: &[u8]) -> BodyAction {
     h.bodies.borrow_mut().insert(Body::Request, frames.to_vec());
     s.on_request_body(h, frames.len())
 }
