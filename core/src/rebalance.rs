@@ -314,6 +314,18 @@ mod tests {
         (c, t)
     }
 
+    /// [`plan_cluster`] on the cluster of index 0.
+    fn plan_first(
+        cfg: &RebalanceConfig,
+        c: &Cluster,
+        t: &StreamTable,
+        now: Nanos,
+        allowance: &mut usize,
+        plan: &mut Plan,
+    ) {
+        plan_cluster(cfg, ClusterIdx(0), c, t, now, allowance, plan);
+    }
+
     #[test]
     fn sheds_excess_with_few_moves_to_endpoints_with_room() {
         let cfg = RebalanceConfig::default();
@@ -326,15 +338,7 @@ mod tests {
         ]);
         let mut allowance = 10;
         let mut plan = Plan::default();
-        plan_cluster(
-            &cfg,
-            ClusterIdx(0),
-            &c,
-            &t,
-            100 * S,
-            &mut allowance,
-            &mut plan,
-        );
+        plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
         let moved: Vec<f64> = plan.moves.iter().map(|m| m.rate).collect();
         assert_eq!(moved, vec![10.0, 6.0]); // 20 does not fit 19; 10 + 6 = 16 ≤ 19, 4 > 3 left
         assert!(plan.moves.iter().all(|m| m.from == 0 && m.to_room_on != 0));
@@ -348,18 +352,10 @@ mod tests {
         let (c, t) = setup(&[&[10.0, 10.5], &[10.0, 10.0]]);
         let mut allowance = 10;
         let mut plan = Plan::default();
-        plan_cluster(
-            &cfg,
-            ClusterIdx(0),
-            &c,
-            &t,
-            100 * S,
-            &mut allowance,
-            &mut plan,
-        );
+        plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
         assert!(plan.moves.is_empty());
         let (c, t) = setup(&[&[20.0, 10.0, 6.0, 4.0], &[10.0]]);
-        plan_cluster(&cfg, ClusterIdx(0), &c, &t, S, &mut allowance, &mut plan); // 1 s old
+        plan_first(&cfg, &c, &t, S, &mut allowance, &mut plan); // 1 s old
         assert!(plan.moves.is_empty());
     }
 
@@ -398,15 +394,7 @@ mod tests {
         ]);
         let mut allowance = 1;
         let mut plan = Plan::default();
-        plan_cluster(
-            &cfg,
-            ClusterIdx(0),
-            &c,
-            &t,
-            100 * S,
-            &mut allowance,
-            &mut plan,
-        );
+        plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
         assert_eq!((plan.moves.len(), plan.skipped_budget[0]), (1, 1));
     }
 
@@ -418,15 +406,7 @@ mod tests {
         let (c, t) = setup(&[&[100.0, 40.0], &[95.0], &[90.0], &[75.0]]);
         let mut allowance = 10;
         let mut plan = Plan::default();
-        plan_cluster(
-            &cfg,
-            ClusterIdx(0),
-            &c,
-            &t,
-            100 * S,
-            &mut allowance,
-            &mut plan,
-        );
+        plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
         assert_eq!(plan.moves.len(), 1, "{plan:?}");
         assert_eq!((plan.moves[0].rate, plan.moves[0].to_room_on), (40.0, 3));
         assert!(plan.excess_after[0] < plan.excess_before[0]);
