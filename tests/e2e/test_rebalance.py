@@ -28,7 +28,7 @@ def config(mode: str) -> dict:
         "pick": {"choices": 1},
         "rebalance": {"mode": mode, "allow_reset": True, "min_age_ms": 8000, "tolerance": 0.05,
                       "hysteresis": 0.02, "max_moves_per_tick": 2, "max_moves_per_minute": 60,
-                      "max_share_per_minute": 0.5},
+                      "max_share_per_minute": 1.0},
     }
 
 
@@ -125,7 +125,8 @@ def test_rebalancing_brings_skewed_pods_to_the_mean_and_remembered_rates_survive
     # A storm settles within 10 % of LPT in 20 s: the cold start (windows ending 7.5, 9.5, … s
     # after the devices started; from 19.5 s on) ...
     assert max(ts[6:]) <= 1.10 * r["lpt"], (ts, r["lpt"])
-    # Budget: at most 60 moves per minute; the measured part lasted 43 s.
+    # Budget: at most 60 moves per minute (max_share_per_minute 1.0 × 60 streams allows as many:
+    # the storm's moves come within the same minute); the measured part lasted 43 s.
     assert 0 < r["moves"].get("reset", 0) <= 60, r["moves"]
     assert "streamlb: rebalance: stream" in r["log"]
     # ... and the reconnect storm (windows ending 8, 10, … s after it; from 20 s on). Arrivals in a
