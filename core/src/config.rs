@@ -234,6 +234,9 @@ pub struct RebalanceConfig {
     /// Allow ending streams whose response has started: the client sees a reset (`INTERNAL`).
     /// Off: only streams still awaiting response headers are moved (clean `UNAVAILABLE`).
     pub allow_reset: bool,
+    /// Bring streams placed in another zone back once the local zone has room for them (when
+    /// no endpoint is hot).
+    pub return_spilled: bool,
 }
 
 impl Default for RateMemoryConfig {
@@ -259,6 +262,7 @@ impl Default for RebalanceConfig {
             max_moves_per_minute: 30,
             max_share_per_minute: 0.1,
             allow_reset: false,
+            return_spilled: true,
         }
     }
 }

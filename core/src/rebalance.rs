@@ -16,6 +16,16 @@
 //! - within the churn budget of the whole proxy ([`Budget`]): per tick, per minute and a share
 //!   of streams per minute.
 //!
+//! **Spilled streams come home** (`return_spilled`, when no endpoint of the cluster is hot):
+//! with θ = `zone.spill_threshold`, the local zone's room is
+//! `R = (1 + θ − η) · m · C_local − L_local − P` (P: this proxy's planned moves not ended yet
+//! that left other zones), of which this proxy takes its share
+//! `s = O / (L_local + O_remote)` (O: its own load on the cluster, O_remote: on other zones; with
+//! one proxy in the zone s ≈ 1, with k alike proxies ≈ 1/k, so they do not all fill the same
+//! room). Its streams on other zones' endpoints are chosen, largest that fits `s·R` first. The
+//! reconnecting client is placed by the zone rule, which keeps it local: the zone stays η·m
+//! per unit capacity below the spill line, so nothing spills back.
+//!
 //! A moved stream is ended by the filter at a request message boundary; its client reconnects
 //! and the new stream is placed with its remembered rate. A planned move that is not carried
 //! out within [`move_deadline`] (the stream sent nothing at a boundary, or its response started
@@ -35,6 +45,24 @@ pub fn move_deadline(tick: Nanos) -> Nanos {
     tick.saturating_mul(3).max(5_000_000_000)
 }
 
+/// Why a stream moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MoveWhy {
+    /// Its endpoint is hot.
+    Hot,
+    /// It was placed in another zone, and the local zone has room for it now.
+    Home,
+}
+
+impl MoveWhy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveWhy::Hot => "hot",
+            MoveWhy::Home => "home",
+        }
+    }
+}
+
 /// One planned move.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Move {
@@ -43,6 +71,7 @@ pub struct Move {
     pub from: usize,
     pub to_room_on: usize,
     pub rate: f64,
+    pub why: MoveWhy,
 }
 
 /// What one planning round did, for stats.
@@ -267,10 +296,104 @@ pub fn plan_cluster(
                 from: j,
                 to_room_on: eligible.get(d).copied().unwrap_or(j),
                 rate,
+                why: MoveWhy::Hot,
             });
         }
     }
     plan.excess_after.push(excess_share(&loads, &caps, hot));
+}
+
+/// Plan moves that bring this proxy's spilled streams of one cluster back to `local_zone`
+/// (module doc: "Spilled streams come home"). `allowance` is decremented for each move.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_home(
+    cfg: &RebalanceConfig,
+    spill_threshold: f64,
+    ci: ClusterIdx,
+    cluster: &Cluster,
+    local_zone: &str,
+    streams: &StreamTable,
+    now: Nanos,
+    allowance: &mut usize,
+    plan: &mut Plan,
+) {
+    let zones = &cluster.zones;
+    let Some(local) = zones.iter().find(|z| z.name == local_zone) else {
+        return;
+    };
+    let (total_load, total_cap) = zones
+        .iter()
+        .fold((0.0, 0.0), |(l, c), z| (l + z.load, c + z.capacity));
+    if zones.len() < 2 || local_zone.is_empty() || total_load <= 0.0 || total_cap <= 0.0 {
+        return;
+    }
+    let elsewhere = |j: usize| {
+        cluster
+            .endpoint(j)
+            .is_some_and(|e| e.zone != local_zone && e.eligible())
+    };
+    // Planned moves not ended yet, off other zones: their clients come back here.
+    let coming: f64 = streams
+        .iter()
+        .filter(|(_, s)| s.move_planned && s.cluster == ci && s.endpoint.is_some_and(elsewhere))
+        .map(|(_, s)| s.estimate())
+        .sum();
+    let mean = total_load / total_cap;
+    let room =
+        (1.0 + spill_threshold - cfg.hysteresis) * mean * local.capacity - local.load - coming;
+    if room <= 0.0 {
+        return;
+    }
+    let (mut own, mut own_remote) = (0.0, 0.0);
+    for (j, e) in cluster.endpoints.iter().enumerate() {
+        if !e.eligible() {
+            continue;
+        }
+        own += e.own_load();
+        if elsewhere(j) {
+            own_remote += e.own_load();
+        }
+    }
+    if own_remote <= 0.0 {
+        return;
+    }
+    let share = (own / (local.load + own_remote)).clamp(0.0, 1.0);
+    let spilled = |s: &crate::streams::Stream| s.cluster == ci && s.endpoint.is_some_and(elsewhere);
+    let min_age = cfg.min_age_ms.saturating_mul(1_000_000);
+    let candidates = streams.movable(spilled, now, min_age);
+    let wanted = crate::streams::fitting(&candidates, share * room, usize::MAX);
+    // Where the room is: the local endpoint least loaded per unit capacity (for the log).
+    let level = |j: &usize| {
+        cluster
+            .endpoint(*j)
+            .filter(|e| e.capacity > 0.0)
+            .map_or(f64::INFINITY, |e| e.load() / e.capacity)
+    };
+    let room_on = local
+        .healthy
+        .iter()
+        .copied()
+        .min_by(|a, b| level(a).total_cmp(&level(b)));
+    for (id, rate) in wanted {
+        let (Some(to), Some(from)) = (room_on, streams.get(id).and_then(|s| s.endpoint)) else {
+            continue;
+        };
+        if *allowance == 0 {
+            if let Some(n) = plan.skipped_budget.last_mut() {
+                *n += 1;
+            }
+            continue;
+        }
+        *allowance -= 1;
+        plan.moves.push(Move {
+            stream: id,
+            cluster: ci,
+            from,
+            to_room_on: to,
+            rate,
+            why: MoveWhy::Home,
+        });
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +435,60 @@ mod tests {
             }
         }
         (c, t)
+    }
+
+    /// Endpoints `<zone>-<i>` with the given streams per endpoint, all placed by this proxy.
+    fn setup_zoned(zones: &[(&str, &[&[f64]])]) -> (Cluster, StreamTable) {
+        let cfg = Config::default();
+        let mut c = Cluster::new("pods");
+        let endpoints = zones
+            .iter()
+            .flat_map(|(z, eps)| (0..eps.len()).map(move |i| (z, i)))
+            .map(|(z, i)| DiscoveredEndpoint {
+                address: format!("{z}-{i}:1"),
+                zone: z.to_string(),
+                healthy: true,
+                weight: 1,
+            })
+            .collect();
+        let snap = ClusterSnapshot {
+            name: "pods".into(),
+            endpoints,
+        };
+        c.apply_snapshot(&cfg, 0, &snap);
+        let mut t = StreamTable::default();
+        let rates = zones.iter().flat_map(|(_, eps)| eps.iter());
+        for (j, rates) in rates.enumerate() {
+            for &r in *rates {
+                let mut s = Stream::new(ClusterIdx(0), RouteIdx(0), Some(j), 0, r);
+                s.pending = r;
+                c.add_stream_load(j, 0.0, r);
+                t.insert(t.len() as u64, s);
+            }
+        }
+        (c, t)
+    }
+
+    fn plan_home_first(c: &Cluster, t: &StreamTable, now: Nanos) -> Vec<Move> {
+        let (cfg, theta) = (
+            RebalanceConfig::default(),
+            Config::default().zone.spill_threshold,
+        );
+        let mut allowance = 10;
+        let mut plan = Plan::default();
+        plan_home(
+            &cfg,
+            theta,
+            ClusterIdx(0),
+            c,
+            "a",
+            t,
+            now,
+            &mut allowance,
+            &mut plan,
+        );
+        assert_eq!(allowance, 10 - plan.moves.len());
+        plan.moves
     }
 
     /// [`plan_cluster`] on the cluster of index 0.
@@ -410,5 +587,53 @@ mod tests {
         assert_eq!(plan.moves.len(), 1, "{plan:?}");
         assert_eq!((plan.moves[0].rate, plan.moves[0].to_room_on), (40.0, 3));
         assert!(plan.excess_after[0] < plan.excess_before[0]);
+    }
+
+    #[test]
+    fn spilled_streams_come_home_when_the_local_zone_has_room() {
+        // Mean 52/4 = 13 per pod; zone a's line with hysteresis: 1.05 · 13 · 2 = 27.3, load 20:
+        // room 7.3. Of the streams on zone b (10, 8, 10, 4) only the 4 fits.
+        let (c, t) = setup_zoned(&[
+            ("a", &[&[10.0], &[10.0]]),
+            ("b", &[&[10.0, 8.0], &[10.0, 4.0]]),
+        ]);
+        let moves = plan_home_first(&c, &t, 100 * S);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        let m = moves[0];
+        assert_eq!((m.rate, m.why, m.from), (4.0, MoveWhy::Home, 3));
+        assert!(c.endpoint(m.to_room_on).is_some_and(|e| e.zone == "a"));
+        // Young streams stay; so does everything when the local zone is at its line.
+        assert!(plan_home_first(&c, &t, S).is_empty());
+        let (c, t) = setup_zoned(&[
+            ("a", &[&[14.0], &[14.0]]),
+            ("b", &[&[10.0, 8.0], &[10.0, 4.0]]),
+        ]);
+        assert!(plan_home_first(&c, &t, 100 * S).is_empty()); // line 1.05 · 15 · 2 = 31.5 < 28 + 4
+    }
+
+    #[test]
+    fn a_proxy_takes_only_its_share_of_the_room_and_counts_moves_under_way() {
+        // Zone a: 3 pods at 10; zone b: 2 pods with 10 + 8 and 10 + 2.5. Mean 60.5/5 = 12.1,
+        // line 1.05 · 12.1 · 3 = 38.1: room 8.1. All of it placed by this proxy: the 8 comes home.
+        let b: &[&[f64]] = &[&[10.0, 8.0], &[10.0, 2.5]];
+        let (c, t) = setup_zoned(&[("a", &[&[10.0], &[10.0], &[10.0]]), ("b", b)]);
+        let rates = |m: Vec<Move>| m.iter().map(|m| m.rate).collect::<Vec<_>>();
+        assert_eq!(rates(plan_home_first(&c, &t, 100 * S)), vec![8.0]);
+        // The same loads, but a-2's 10 is another proxy's: this one's share is
+        // 50.5 / (30 + 30.5) = 0.83 of the room, 6.8: only the 2.5 fits.
+        let (mut c, t) = setup_zoned(&[("a", &[&[10.0], &[10.0], &[]]), ("b", b)]);
+        if let Some(z) = c.zones.iter_mut().find(|z| z.name == "a") {
+            z.load += 10.0;
+        }
+        assert_eq!(rates(plan_home_first(&c, &t, 100 * S)), vec![2.5]);
+        let (c, mut t) = setup_zoned(&[
+            ("a", &[&[10.0], &[10.0]]),
+            ("b", &[&[10.0, 8.0], &[10.0, 4.0]]),
+        ]);
+        // The 4 is already on its way home: nothing else fits in what is left (3.3).
+        for (_, s) in t.iter_mut().filter(|(_, s)| s.prior == 4.0) {
+            s.move_planned = true;
+        }
+        assert!(plan_home_first(&c, &t, 100 * S).is_empty());
     }
 }

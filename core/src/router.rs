@@ -706,6 +706,7 @@ impl Router {
         let mut allowance = allowance;
         let mut plan = Plan::default();
         for (ci, c) in self.clusters.iter().enumerate() {
+            let before = plan.moves.len();
             rebalance::plan_cluster(
                 cfg,
                 ClusterIdx(ci),
@@ -715,6 +716,20 @@ impl Router {
                 &mut allowance,
                 &mut plan,
             );
+            // Zone moves only in a round with no move off a hot endpoint: balance first.
+            if cfg.return_spilled && plan.moves.len() == before {
+                rebalance::plan_home(
+                    cfg,
+                    self.cfg.zone.spill_threshold,
+                    ClusterIdx(ci),
+                    c,
+                    &self.local_zone,
+                    &self.streams,
+                    now,
+                    &mut allowance,
+                    &mut plan,
+                );
+            }
         }
         plan
     }

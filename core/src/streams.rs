@@ -151,39 +151,58 @@ impl StreamTable {
         min_age: Nanos,
         max_moves: usize,
     ) -> Vec<(u64, f64)> {
+        let on_endpoint = |s: &Stream| s.cluster == cluster && s.endpoint == Some(endpoint);
+        let eligible = self.movable(on_endpoint, now, min_age);
+        let chosen = fitting(&eligible, excess, max_moves);
+        if chosen.is_empty() && excess > 0.0 && max_moves > 0 {
+            // Nothing fits: the smallest stream still sheds the excess (the caller checks that
+            // its destination stays cool).
+            if let Some(&smallest) = eligible.iter().rev().find(|(_, est)| *est > 0.0) {
+                return vec![smallest];
+            }
+        }
+        chosen
+    }
+
+    /// Streams matching `which`, at least `min_age` old, not planned to move nor unmovable, as
+    /// (id, estimate), largest estimate first (ties by id).
+    pub fn movable(
+        &self,
+        which: impl Fn(&Stream) -> bool,
+        now: Nanos,
+        min_age: Nanos,
+    ) -> Vec<(u64, f64)> {
         let mut eligible: Vec<(u64, f64)> = self
             .map
             .iter()
             .filter(|(_, s)| {
                 !s.move_planned
                     && !s.unmovable
-                    && s.cluster == cluster
-                    && s.endpoint == Some(endpoint)
                     && now.saturating_sub(s.started) >= min_age
+                    && which(s)
             })
             .map(|(&id, s)| (id, s.estimate()))
             .collect();
         eligible.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let mut left = excess;
-        let mut chosen = Vec::new();
-        for &(id, est) in &eligible {
-            if chosen.len() >= max_moves || left <= 0.0 {
-                break;
-            }
-            if est > 0.0 && est <= left {
-                chosen.push((id, est));
-                left -= est;
-            }
-        }
-        if chosen.is_empty() && excess > 0.0 && max_moves > 0 {
-            // Nothing fits: the smallest stream still sheds the excess (the caller checks that
-            // its destination stays cool).
-            if let Some(&smallest) = eligible.iter().rev().find(|(_, est)| *est > 0.0) {
-                chosen.push(smallest);
-            }
-        }
-        chosen
+        eligible
     }
+}
+
+/// From `candidates` (largest first), the ones that fit in `room` taken greedily: largest
+/// estimate that still fits the room left first, at most `max` of them.
+pub fn fitting(candidates: &[(u64, f64)], room: f64, max: usize) -> Vec<(u64, f64)> {
+    let mut left = room;
+    let mut chosen = Vec::new();
+    for &(id, est) in candidates {
+        if chosen.len() >= max || left <= 0.0 {
+            break;
+        }
+        if est > 0.0 && est <= left {
+            chosen.push((id, est));
+            left -= est;
+        }
+    }
+    chosen
 }
 
 #[cfg(test)]

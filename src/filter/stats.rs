@@ -154,6 +154,8 @@ impl SkipReason {
 pub struct RebalanceStats {
     /// Moves planned (in `shadow` mode: moves it would make).
     pub planned: HashMap<ClusterIdx, u64>,
+    /// Of those, moves that bring a spilled stream back to the local zone.
+    pub home: HashMap<ClusterIdx, u64>,
     /// Streams really ended, by how.
     pub moved: HashMap<(ClusterIdx, MoveHow), u64>,
     /// Wanted moves not made, by why.
@@ -397,6 +399,14 @@ fn flush_rebalance(out: &mut Flush<'_>, router: &Router, r: RebalanceStats) {
         let c = cluster_name(router, ci);
         let tags = [("cluster", c.as_str()), ("reason", "planned")];
         out.count("streamlb_rebalance_moves_total", &tags, n);
+    }
+    for (ci, n) in r.home {
+        let c = cluster_name(router, ci);
+        out.count(
+            "streamlb_rebalance_home_total",
+            &[("cluster", c.as_str())],
+            n,
+        );
     }
     for ((ci, how), n) in r.moved {
         let c = cluster_name(router, ci);

@@ -47,7 +47,7 @@ use streamlb_core::config::{Config, RebalanceMode};
 use streamlb_core::discovery;
 use streamlb_core::fleet::MeasuredLoad;
 use streamlb_core::rate_memory::{self, Bucket, Secret};
-use streamlb_core::rebalance::{self, Budget};
+use streamlb_core::rebalance::{self, Budget, MoveWhy};
 use streamlb_core::reporter::{self, Reporter};
 use streamlb_core::router::Router;
 use streamlb_core::shared_view::{self, Slot};
@@ -723,6 +723,9 @@ impl Vm {
         }
         for m in &plan.moves {
             *r.planned.entry(m.cluster).or_default() += 1;
+            if m.why == MoveWhy::Home {
+                *r.home.entry(m.cluster).or_default() += 1;
+            }
             let c = self.router.cluster(m.cluster);
             let address = |j: usize| {
                 c.and_then(|c| c.endpoint(j))
@@ -731,11 +734,12 @@ impl Vm {
             host.log(
                 LogLevel::Info,
                 &format!(
-                    "streamlb: rebalance{}: stream {} at {:.1}/s off {} (room on {})",
+                    "streamlb: rebalance{}: stream {} at {:.1}/s off {} ({}; room on {})",
                     if shadow { " (shadow)" } else { "" },
                     m.stream,
                     m.rate,
                     address(m.from),
+                    m.why.as_str(),
                     address(m.to_room_on)
                 ),
             );

@@ -165,3 +165,46 @@ def test_garbage_reports_are_counted_and_placement_falls_back_to_the_local_view(
     assert all(decision(st).get("endpoint") for st in summary["streams"]), "still steered"
     assert summary["totals"]["acked"] == summary["totals"]["sent"]
     assert not WASM_FAILURE.search(gateway.log_text()), gateway.log_text()[-3000:]
+
+
+def crossing_share(summary: dict, pods: harness.Pods, zone: str, which: int) -> float:
+    """Share of a gateway's devices whose pod (first: `which` 0, last: -1) is outside `zone`."""
+    streams = summary["streams"]
+    return sum(pods.by_name(s["pods"][which])["zone"] != zone for s in streams) / len(streams)
+
+
+def storm_then_settle(make_pods, make_envoy, start_devices, return_spilled: bool) -> dict[str, tuple[float, float]]:
+    """Two gateways (zones a and b, two equal pods each), 40 devices each at 5 msgs/s opening
+    at once; rebalancing on. Returns per gateway zone: (crossing share at landing, at the end)."""
+    pods = make_pods(zones={"a": 2, "b": 2})
+    rebalance = {"mode": "on", "allow_reset": True, "min_age_ms": 3000, "max_moves_per_tick": 2,
+                 "max_moves_per_minute": 120, "max_share_per_minute": 1.0, "return_spilled": return_spilled}
+    gateways = {z: make_envoy(pods, filter_config=gateway_config(rebalance=rebalance), node_zone=z) for z in "ab"}
+    for g in gateways.values():
+        wait_for(lambda g=g: counter(g, "streamlb_discovery_polls_ok_total") > 0, 15, "discovery")
+    running = {z: start_devices(g.listen_addr, streams=40, mean_rate=5, dist="constant", duration=30,
+                                reconnect=True, seed=ord(z)) for z, g in gateways.items()}
+    summaries = {z: r.wait(90) for z, r in running.items()}
+    for z, s in summaries.items():
+        t = s["totals"]
+        assert t["lost"] == 0 and t["unacked"] == 0 and t["failed"] == t["resent"], (z, t)
+    home = {z: counter(g, "streamlb_rebalance_home_total") for z, g in gateways.items()}
+    out = {z: (crossing_share(s, pods, z, 0), crossing_share(s, pods, z, -1)) for z, s in summaries.items()}
+    print(f"\nreturn_spilled={return_spilled}: crossing share (landing, end) per gateway {out}; home moves {home}")
+    assert all(n > 0 for n in home.values()) == return_spilled, home
+    return out
+
+
+def test_streams_spilled_in_a_storm_come_home_when_their_zone_has_room(make_pods, make_envoy, start_devices):
+    # Rates are unknown in a storm, so each gateway spreads its devices by capacity: about half
+    # of each cross zones, though each zone can carry its own demand (the minimum is 0). No pod
+    # is hot, so only bringing spilled streams home helps: each gateway moves its streams back
+    # as its zone has room, which the other gateway frees by doing the same (fleet view).
+    shares = storm_then_settle(make_pods, make_envoy, start_devices, return_spilled=True)
+    assert all(landing >= 0.25 for landing, _ in shares.values()), shares
+    assert all(end <= 0.10 for _, end in shares.values()), shares
+
+
+def test_without_return_spilled_the_storms_crossing_stays(make_pods, make_envoy, start_devices):
+    shares = storm_then_settle(make_pods, make_envoy, start_devices, return_spilled=False)
+    assert sum(end for _, end in shares.values()) / 2 >= 0.25, shares
