@@ -26,6 +26,13 @@
 //! reconnecting client is placed by the zone rule, which keeps it local: the zone stays η·m
 //! per unit capacity below the spill line, so nothing spills back.
 //!
+//! **Spill spreads evenly** (same switch, same rounds): a proxy's stream on another zone z
+//! moves when a third zone y can take it and stay below that target and a hysteresis margin
+//! (η·m) below z's level; the proxy moves its share (its load on z over `L_z`) of what evens the
+//! two, `x = (L_z·C_y − L_y·C_z) / (C_y + C_z)`. The zone rule re-places each by headroom. Each
+//! move lowers the pair's maximum by a margin, so moves cannot cycle, and the spill of a full
+//! zone ends where the other zones' own demand leaves room, so their streams can come home.
+//!
 //! A moved stream is ended by the filter at a request message boundary; its client reconnects
 //! and the new stream is placed with its remembered rate. A planned move that is not carried
 //! out within [`move_deadline`] (the stream sent nothing at a boundary, or its response started
@@ -52,6 +59,8 @@ pub enum MoveWhy {
     Hot,
     /// It was placed in another zone, and the local zone has room for it now.
     Home,
+    /// It was placed in another zone, and a third zone has more room.
+    Spread,
 }
 
 impl MoveWhy {
@@ -59,6 +68,7 @@ impl MoveWhy {
         match self {
             MoveWhy::Hot => "hot",
             MoveWhy::Home => "home",
+            MoveWhy::Spread => "spread",
         }
     }
 }
@@ -303,10 +313,11 @@ pub fn plan_cluster(
     plan.excess_after.push(excess_share(&loads, &caps, hot));
 }
 
-/// Plan moves that bring this proxy's spilled streams of one cluster back to `local_zone`
-/// (module doc: "Spilled streams come home"). `allowance` is decremented for each move.
+/// Plan moves of this proxy's streams on other zones of one cluster (module doc: "Spilled
+/// streams come home", "Spill goes where there is room"). `allowance` is decremented for each
+/// move.
 #[allow(clippy::too_many_arguments)]
-pub fn plan_home(
+pub fn plan_zones(
     cfg: &RebalanceConfig,
     spill_threshold: f64,
     ci: ClusterIdx,
@@ -318,7 +329,7 @@ pub fn plan_home(
     plan: &mut Plan,
 ) {
     let zones = &cluster.zones;
-    let Some(local) = zones.iter().find(|z| z.name == local_zone) else {
+    let Some(li) = zones.iter().position(|z| z.name == local_zone) else {
         return;
     };
     let (total_load, total_cap) = zones
@@ -327,73 +338,173 @@ pub fn plan_home(
     if zones.len() < 2 || local_zone.is_empty() || total_load <= 0.0 || total_cap <= 0.0 {
         return;
     }
-    let elsewhere = |j: usize| {
-        cluster
-            .endpoint(j)
-            .is_some_and(|e| e.zone != local_zone && e.eligible())
+    let zone_of = |j: usize| {
+        let e = cluster.endpoint(j).filter(|e| e.eligible())?;
+        zones.iter().position(|z| z.name == e.zone)
     };
+    let remote_zone = |s: &crate::streams::Stream| {
+        (s.cluster == ci)
+            .then_some(s.endpoint)
+            .flatten()
+            .and_then(zone_of)
+            .filter(|&z| z != li)
+    };
+    let mut loads: Vec<f64> = zones.iter().map(|z| z.load).collect();
+    let caps: Vec<f64> = zones.iter().map(|z| z.capacity).collect();
     // Planned moves not ended yet, off other zones: their clients come back here.
-    let coming: f64 = streams
-        .iter()
-        .filter(|(_, s)| s.move_planned && s.cluster == ci && s.endpoint.is_some_and(elsewhere))
-        .map(|(_, s)| s.estimate())
-        .sum();
-    let mean = total_load / total_cap;
-    let room =
-        (1.0 + spill_threshold - cfg.hysteresis) * mean * local.capacity - local.load - coming;
-    if room <= 0.0 {
-        return;
+    for (_, s) in streams.iter().filter(|(_, s)| s.move_planned) {
+        if let Some(z) = remote_zone(s) {
+            if let Some(l) = loads.get_mut(z) {
+                *l -= s.estimate();
+            }
+            if let Some(l) = loads.get_mut(li) {
+                *l += s.estimate();
+            }
+        }
     }
-    let (mut own, mut own_remote) = (0.0, 0.0);
+    // What this proxy has on each zone.
+    let mut own = vec![0.0; zones.len()];
     for (j, e) in cluster.endpoints.iter().enumerate() {
-        if !e.eligible() {
+        if let Some(o) = zone_of(j).and_then(|z| own.get_mut(z)) {
+            *o += e.own_load();
+        }
+    }
+    let target = (1.0 + spill_threshold - cfg.hysteresis) * total_load / total_cap;
+    let room = |loads: &[f64], z: usize| {
+        caps.get(z).copied().unwrap_or(0.0) * target - loads.get(z).copied().unwrap_or(0.0)
+    };
+    let min_age = cfg.min_age_ms.saturating_mul(1_000_000);
+    let mut candidates = streams.movable(|s| remote_zone(s).is_some(), now, min_age);
+    let mut push = |plan: &mut Plan, loads: &mut [f64], id: u64, rate: f64, to: usize, why| {
+        let stream = streams.get(id);
+        let (Some(from), Some(z)) = (
+            stream.and_then(|s| s.endpoint),
+            stream.and_then(remote_zone),
+        ) else {
+            return false;
+        };
+        let Some(room_on) = least_loaded(cluster, zones.get(to)) else {
+            return false;
+        };
+        if *allowance == 0 {
+            if let Some(n) = plan.skipped_budget.last_mut() {
+                *n += 1;
+            }
+            return false;
+        }
+        *allowance -= 1;
+        if let Some(l) = loads.get_mut(z) {
+            *l -= rate;
+        }
+        if let Some(l) = loads.get_mut(to) {
+            *l += rate;
+        }
+        plan.moves.push(Move {
+            stream: id,
+            cluster: ci,
+            from,
+            to_room_on: room_on,
+            rate,
+            why,
+        });
+        true
+    };
+    // Home: this proxy's share of the local zone's room.
+    let own_total: f64 = own.iter().sum();
+    let own_remote = own_total - own.get(li).copied().unwrap_or(0.0);
+    let local_load = loads.get(li).copied().unwrap_or(0.0);
+    if own_remote > 0.0 && room(&loads, li) > 0.0 {
+        let share = (own_total / (local_load + own_remote)).clamp(0.0, 1.0);
+        let home = crate::streams::fitting(&candidates, share * room(&loads, li), usize::MAX);
+        for (id, rate) in home {
+            if push(plan, &mut loads, id, rate, li, MoveWhy::Home) {
+                candidates.retain(|c| c.0 != id);
+            }
+        }
+    }
+    // Spread: between two other zones z and y, this proxy's share of what evens their levels,
+    // while y, after taking the stream, stays below the target and a hysteresis margin below z.
+    let mean = total_load / total_cap;
+    let level = |loads: &[f64], z: usize| {
+        let c = caps.get(z).copied().unwrap_or(0.0);
+        if c > 0.0 {
+            loads.get(z).copied().unwrap_or(0.0) / c
+        } else {
+            f64::INFINITY
+        }
+    };
+    let mut remote: Vec<usize> = (0..zones.len()).filter(|&z| z != li).collect();
+    remote.sort_by(|&a, &b| level(&loads, b).total_cmp(&level(&loads, a)));
+    for &z in &remote {
+        let (l, o) = (
+            loads.get(z).copied().unwrap_or(0.0),
+            own.get(z).copied().unwrap_or(0.0),
+        );
+        if l <= 0.0 || o <= 0.0 {
             continue;
         }
-        own += e.own_load();
-        if elsewhere(j) {
-            own_remote += e.own_load();
+        let on_z: Vec<(u64, f64)> = candidates
+            .iter()
+            .copied()
+            .filter(|(id, _)| streams.get(*id).and_then(remote_zone) == Some(z))
+            .collect();
+        let fits = |y: usize, rate: f64, loads: &[f64]| {
+            let cy = caps.get(y).copied().unwrap_or(0.0);
+            let after = (loads.get(y).copied().unwrap_or(0.0) + rate) / cy;
+            cy > 0.0 && after <= target && after <= level(loads, z) - cfg.hysteresis * mean
+        };
+        let best = |rate: f64, loads: &[f64]| {
+            (remote.iter().copied())
+                .filter(|&y| y != z && fits(y, rate, loads))
+                .min_by(|&a, &b| level(loads, a).total_cmp(&level(loads, b)))
+        };
+        // This proxy's share (its load on z over L_z) of what evens z and its best partner y:
+        // (L_z − x)/C_z = (L_y + x)/C_y.
+        let smallest = on_z.last().map_or(0.0, |c| c.1);
+        let Some(y) = best(smallest, &loads) else {
+            continue;
+        };
+        let (cz, cy) = (
+            caps.get(z).copied().unwrap_or(0.0),
+            caps.get(y).copied().unwrap_or(0.0),
+        );
+        let even = (l * cy - loads.get(y).copied().unwrap_or(0.0) * cz) / (cy + cz);
+        let mut left = even * (o / l).min(1.0);
+        let mut moved = false;
+        for &(id, rate) in &on_z {
+            if rate > left {
+                continue;
+            }
+            let Some(y) = best(rate, &loads) else {
+                continue;
+            };
+            if push(plan, &mut loads, id, rate, y, MoveWhy::Spread) {
+                left -= rate;
+                moved = true;
+            }
+        }
+        // Nothing fits the share: the smallest stream still moves if the pair rule allows.
+        if let (false, Some(&(id, rate))) = (moved, on_z.last()) {
+            if let Some(y) = best(rate, &loads) {
+                push(plan, &mut loads, id, rate, y, MoveWhy::Spread);
+            }
         }
     }
-    if own_remote <= 0.0 {
-        return;
-    }
-    let share = (own / (local.load + own_remote)).clamp(0.0, 1.0);
-    let spilled = |s: &crate::streams::Stream| s.cluster == ci && s.endpoint.is_some_and(elsewhere);
-    let min_age = cfg.min_age_ms.saturating_mul(1_000_000);
-    let candidates = streams.movable(spilled, now, min_age);
-    let wanted = crate::streams::fitting(&candidates, share * room, usize::MAX);
-    // Where the room is: the local endpoint least loaded per unit capacity (for the log).
+}
+
+/// The endpoint of `zone` with the least load per unit capacity.
+fn least_loaded(cluster: &Cluster, zone: Option<&crate::endpoints::Zone>) -> Option<usize> {
     let level = |j: &usize| {
         cluster
             .endpoint(*j)
             .filter(|e| e.capacity > 0.0)
             .map_or(f64::INFINITY, |e| e.load() / e.capacity)
     };
-    let room_on = local
+    zone?
         .healthy
         .iter()
         .copied()
-        .min_by(|a, b| level(a).total_cmp(&level(b)));
-    for (id, rate) in wanted {
-        let (Some(to), Some(from)) = (room_on, streams.get(id).and_then(|s| s.endpoint)) else {
-            continue;
-        };
-        if *allowance == 0 {
-            if let Some(n) = plan.skipped_budget.last_mut() {
-                *n += 1;
-            }
-            continue;
-        }
-        *allowance -= 1;
-        plan.moves.push(Move {
-            stream: id,
-            cluster: ci,
-            from,
-            to_room_on: to,
-            rate,
-            why: MoveWhy::Home,
-        });
-    }
+        .min_by(|a, b| level(a).total_cmp(&level(b)))
 }
 
 #[cfg(test)]
@@ -476,7 +587,7 @@ mod tests {
         );
         let mut allowance = 10;
         let mut plan = Plan::default();
-        plan_home(
+        plan_zones(
             &cfg,
             theta,
             ClusterIdx(0),
@@ -635,5 +746,35 @@ mod tests {
             s.move_planned = true;
         }
         assert!(plan_home_first(&c, &t, 100 * S).is_empty());
+    }
+
+    #[test]
+    fn spill_moves_from_a_fuller_zone_to_one_with_more_room() {
+        // Zone a (local) is full; this proxy's 10 + 4 sit on zone b, which other proxies fill to
+        // 40; zone c holds 20 of theirs. Mean 100/6, target 1.05 · 16.7 · 2 = 35 per zone.
+        let spread = |b_others: f64, c_others: f64| {
+            let b: &[&[f64]] = &[&[10.0], &[4.0]];
+            let (mut c, t) =
+                setup_zoned(&[("a", &[&[20.0], &[20.0]]), ("b", b), ("c", &[&[], &[]])]);
+            for (z, extra) in [("b", b_others), ("c", c_others)] {
+                if let Some(z) = c.zones.iter_mut().find(|x| x.name == z) {
+                    z.load += extra;
+                }
+            }
+            let moves = plan_home_first(&c, &t, 100 * S);
+            let zone_of = |j: usize| c.endpoint(j).map(|e| e.zone.clone()).unwrap_or_default();
+            moves
+                .iter()
+                .map(|m| (m.rate, m.why, zone_of(m.to_room_on)))
+                .collect::<Vec<_>>()
+        };
+        // Evening b and c takes 10; this proxy's share (14 of b's 40) is 3.5, which no stream
+        // fits: the smallest still goes, as c stays below the target and a margin below b.
+        assert_eq!(
+            spread(26.0, 20.0),
+            vec![(4.0, MoveWhy::Spread, "c".to_string())]
+        );
+        // b and c level: nothing moves.
+        assert!(spread(16.0, 30.0).is_empty());
     }
 }

@@ -718,7 +718,7 @@ impl Router {
             );
             // Zone moves only in a round with no move off a hot endpoint: balance first.
             if cfg.return_spilled && plan.moves.len() == before {
-                rebalance::plan_home(
+                rebalance::plan_zones(
                     cfg,
                     self.cfg.zone.spill_threshold,
                     ClusterIdx(ci),

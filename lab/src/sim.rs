@@ -9,6 +9,10 @@
 //! fading priors of its young streams, and utilisation = load / capacity when the zone has one),
 //! and every worker of the proxy gets the reports. `streamlb_local` is the same without probes (each proxy sees only its own streams);
 //! `streamlb_global_view` shares every proxy's own load with all, an ideal no Envoy has.
+//! `streamlb_rebalance` is `streamlb` with `rebalance.mode: on`: each second every worker plans
+//! moves (`Router::plan_moves`) within its proxy's churn budget, and each moved device
+//! reconnects at once. Every streamlb policy remembers each device's rate per proxy (the
+//! filter's rate memory by device id), so a reconnecting device is placed by its own rate.
 //! The peers are re-implemented:
 //! round robin, P2C on this proxy's stream counts (Envoy `least_request`), Envoy zone-aware
 //! routing (host-count split + least_request), `load_aware_locality`'s rule (ORCA utilisation per
@@ -27,12 +31,13 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::json;
 use std::collections::{BinaryHeap, HashMap};
-use streamlb_core::config::Config;
+use streamlb_core::config::{Config, RebalanceMode};
 use streamlb_core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
 use streamlb_core::fleet::LoadReport;
 use streamlb_core::penalty::Outcome;
+use streamlb_core::rebalance::Budget;
 use streamlb_core::rng::Rng;
-use streamlb_core::router::Router;
+use streamlb_core::router::{Router, Source};
 use streamlb_core::streams::Direction;
 use streamlb_core::Nanos;
 
@@ -45,6 +50,7 @@ pub const POLICIES: &[&str] = &[
     "zone_aware",
     "load_aware_locality",
     "streamlb_global_view",
+    "streamlb_rebalance",
 ];
 
 /// The world every policy shares, as it is at the current second.
@@ -90,6 +96,11 @@ trait Policy {
     /// (sent, unanswered) load probes.
     fn probes(&self) -> (u64, u64) {
         (0, 0)
+    }
+    /// Devices whose streams the policy ends now to place them again (rebalancing), after
+    /// [`Policy::second`].
+    fn moves(&mut self, _w: &World, _now: Nanos) -> Vec<usize> {
+        Vec::new()
     }
 }
 
@@ -299,6 +310,10 @@ struct Streamlb {
     rng: Rng,
     /// Probes sent and lost, over the run.
     probes: (u64, u64),
+    /// Per proxy: device → remembered rate (the filter's rate memory), and the churn budget.
+    memory: Vec<HashMap<u64, f64>>,
+    budgets: Vec<Budget>,
+    tick: Nanos,
 }
 
 /// Share of probes that get no answer (timeouts, resets).
@@ -344,6 +359,9 @@ impl Streamlb {
             tau_s: cfg.load.tau_ms as f64 / 1000.0,
             rng: Rng::new(seed ^ 0x9b0b),
             probes: (0, 0),
+            memory: vec![HashMap::new(); w.proxy_zone.len()],
+            budgets: vec![Budget::default(); w.proxy_zone.len()],
+            tick: cfg.tick_ms.max(1) * 1_000_000,
         };
         s.discover(w, 0);
         s
@@ -378,8 +396,13 @@ impl Policy for Streamlb {
         self.stream_id[dev] = id;
         self.carry[dev] = 0.0;
         self.placed_at[dev] = now;
+        let key = dev as u64;
+        let source = Source {
+            key,
+            rate: self.memory[w.dev_proxy[dev]].get(&key).copied(),
+        };
         let router = &mut self.routers[r];
-        let decision = router.place(now, id, "telemetry", "pods");
+        let decision = router.place_from(now, id, "telemetry", "pods", Some(source));
         let pod = decision
             .and_then(|d| d.primary)
             .and_then(|a| self.addr_to_pod.get(&a).copied())
@@ -423,8 +446,10 @@ impl Policy for Streamlb {
         {
             self.discover(w, now);
         }
-        for r in &mut self.routers {
+        for (i, r) in self.routers.iter_mut().enumerate() {
             r.tick(now);
+            let memory = &mut self.memory[i / self.workers];
+            memory.extend(r.take_rate_updates());
         }
         self.probe(w, now, loads);
         let group = if self.global_view {
@@ -461,6 +486,36 @@ impl Policy for Streamlb {
     }
     fn probes(&self) -> (u64, u64) {
         self.probes
+    }
+    fn moves(&mut self, _w: &World, now: Nanos) -> Vec<usize> {
+        let cfg = self.routers.first().map(|r| r.config().rebalance.clone());
+        let Some(cfg) = cfg.filter(|c| c.mode == RebalanceMode::On) else {
+            return Vec::new();
+        };
+        let mut moved_ids = Vec::new();
+        for p in 0..self.routers.len() / self.workers {
+            let workers = p * self.workers..(p + 1) * self.workers;
+            let streams: usize = self.routers[workers.clone()]
+                .iter()
+                .map(|r| r.streams().len())
+                .sum();
+            for i in workers {
+                let allowance = self.budgets[p].allowance(&cfg, now, self.tick, streams);
+                let plan = self.routers[i].plan_moves(now, allowance);
+                self.budgets[p].spend(now, plan.moves.len());
+                self.routers[i].commit_moves(now, &plan);
+                self.memory[p].extend(self.routers[i].take_rate_updates());
+                moved_ids.extend(plan.moves.iter().map(|m| m.stream));
+            }
+        }
+        let by_id: HashMap<u64, usize> = (self.stream_id.iter().enumerate())
+            .filter(|(_, id)| **id > 0)
+            .map(|(dev, id)| (*id, dev))
+            .collect();
+        moved_ids
+            .iter()
+            .filter_map(|id| by_id.get(id).copied())
+            .collect()
     }
 }
 
@@ -522,6 +577,12 @@ fn make_policy(
         "streamlb_local" => Box::new(Streamlb::new(w, without_probes(cfg), workers, seed, false)),
         "streamlb_global_view" => {
             Box::new(Streamlb::new(w, without_probes(cfg), workers, seed, true))
+        }
+        "streamlb_rebalance" => {
+            let mut cfg = cfg.clone();
+            cfg.rebalance.mode = RebalanceMode::On;
+            cfg.rebalance.allow_reset = true;
+            Box::new(Streamlb::new(w, cfg, workers, seed, false))
         }
         "round_robin" => Box::new(RoundRobin {
             next: (0..np).map(|_| rng.below(npods)).collect(),
@@ -878,6 +939,13 @@ pub fn run(
                 pod_series[pi].push(loads.clone());
             }
             pol.second(&w, now(t_end), &assign[pi], &loads);
+            // Moved streams end and their devices reconnect at once.
+            for d in pol.moves(&w, now(t_end)) {
+                if let Some(j) = assign[pi][d] {
+                    pol.end(&w, now(t_end), d, j, false);
+                }
+                assign[pi][d] = pol.place(&w, now(t_end + 0.05), d);
+            }
         }
         if progress && (step % 10 == 9 || step + 1 == steps) {
             let line: Vec<String> = policies

@@ -16,6 +16,7 @@ use hashbrown::HashMap;
 use super::host::{Host, HostError};
 use super::metrics::{tagged, Metrics};
 use streamlb_core::grpc_status;
+use streamlb_core::rebalance::MoveWhy;
 use streamlb_core::router::Router;
 use streamlb_core::{ClusterIdx, Nanos, RouteIdx};
 
@@ -154,8 +155,8 @@ impl SkipReason {
 pub struct RebalanceStats {
     /// Moves planned (in `shadow` mode: moves it would make).
     pub planned: HashMap<ClusterIdx, u64>,
-    /// Of those, moves that bring a spilled stream back to the local zone.
-    pub home: HashMap<ClusterIdx, u64>,
+    /// Of those, moves of streams placed in another zone: home, or to a zone with more room.
+    pub zone_moves: HashMap<(ClusterIdx, MoveWhy), u64>,
     /// Streams really ended, by how.
     pub moved: HashMap<(ClusterIdx, MoveHow), u64>,
     /// Wanted moves not made, by why.
@@ -400,13 +401,10 @@ fn flush_rebalance(out: &mut Flush<'_>, router: &Router, r: RebalanceStats) {
         let tags = [("cluster", c.as_str()), ("reason", "planned")];
         out.count("streamlb_rebalance_moves_total", &tags, n);
     }
-    for (ci, n) in r.home {
+    for ((ci, why), n) in r.zone_moves {
         let c = cluster_name(router, ci);
-        out.count(
-            "streamlb_rebalance_home_total",
-            &[("cluster", c.as_str())],
-            n,
-        );
+        let tags = [("cluster", c.as_str()), ("reason", why.as_str())];
+        out.count("streamlb_rebalance_zone_moves_total", &tags, n);
     }
     for ((ci, how), n) in r.moved {
         let c = cluster_name(router, ci);

@@ -723,8 +723,8 @@ impl Vm {
         }
         for m in &plan.moves {
             *r.planned.entry(m.cluster).or_default() += 1;
-            if m.why == MoveWhy::Home {
-                *r.home.entry(m.cluster).or_default() += 1;
+            if m.why != MoveWhy::Hot {
+                *r.zone_moves.entry((m.cluster, m.why)).or_default() += 1;
             }
             let c = self.router.cluster(m.cluster);
             let address = |j: usize| {

@@ -188,7 +188,8 @@ def storm_then_settle(make_pods, make_envoy, start_devices, return_spilled: bool
     for z, s in summaries.items():
         t = s["totals"]
         assert t["lost"] == 0 and t["unacked"] == 0 and t["failed"] == t["resent"], (z, t)
-    home = {z: counter(g, "streamlb_rebalance_home_total") for z, g in gateways.items()}
+    home = {z: sum(v for k, v in g.stats("streamlb_rebalance_zone_moves_total").items() if "reason=.=home" in k)
+            for z, g in gateways.items()}
     out = {z: (crossing_share(s, pods, z, 0), crossing_share(s, pods, z, -1)) for z, s in summaries.items()}
     print(f"\nreturn_spilled={return_spilled}: crossing share (landing, end) per gateway {out}; home moves {home}")
     assert all(n > 0 for n in home.values()) == return_spilled, home
