@@ -209,3 +209,41 @@ def test_streams_spilled_in_a_storm_come_home_when_their_zone_has_room(make_pods
 def test_without_return_spilled_the_storms_crossing_stays(make_pods, make_envoy, start_devices):
     shares = storm_then_settle(make_pods, make_envoy, start_devices, return_spilled=False)
     assert sum(end for _, end in shares.values()) / 2 >= 0.25, shares
+
+
+def test_with_rebalancing_a_pod_cut_to_a_quarter_sheds_streams_to_its_capacity_share(make_pods, make_envoy, start_devices):
+    # Three equal pods, two gateways, 15 devices each at 4 msgs/s: a-0 carries about a third.
+    # Its capacity is then cut to a quarter of the others'; its utilisation reports rise, it is
+    # hot by them, and each gateway sheds its share of a-0's excess. Capacity share of a-0:
+    # 100 / 900 = 0.11.
+    pods = make_pods(zones={"a": 3}, capacity=400)
+    rebalance = {"mode": "on", "allow_reset": True, "min_age_ms": 2000, "max_moves_per_tick": 2,
+                 "max_moves_per_minute": 60, "max_share_per_minute": 1.0}
+    gateways = [make_envoy(pods, filter_config=gateway_config(local_zone="", rebalance=rebalance)) for _ in range(2)]
+    for g in gateways:
+        wait_for(lambda g=g: counter(g, "streamlb_discovery_polls_ok_total") > 0, 15, "discovery")
+    running = [start_devices(g.listen_addr, streams=15, mean_rate=4, dist="constant", duration=36, reconnect=True,
+                             seed=i + 1) for i, g in enumerate(gateways)]
+    time.sleep(8)
+    before = share_of(pods, "a-0", 3)
+    pods.set_capacity("a-0", 100)
+    time.sleep(15)  # probes see the utilisation, moves (2 per tick at most), reconnects
+    after = share_of(pods, "a-0", 6)
+    summaries = [r.wait(90) for r in running]
+    moved = sum(counter(g, "streamlb_rebalance_moves_total") for g in gateways)
+    print(f"\na-0's share of messages: {before:.3f} before the cut, {after:.3f} 15-21 s after (capacity share 0.111); "
+          f"moves {moved}")
+    assert before >= 0.25, before
+    # Within the tolerance (0.1) of its capacity share, plus one stream of 60 in granularity.
+    assert after <= 1.1 * 100 / 900 + 1 / 30, after
+    for s in summaries:
+        t = s["totals"]
+        assert t["lost"] == 0 and t["unacked"] == 0 and t["failed"] == t["resent"], t
+
+
+def share_of(pods: harness.Pods, name: str, seconds: float) -> float:
+    before = pods.pod_stats()
+    time.sleep(seconds)
+    after = pods.pod_stats()
+    delta = {n: after[n]["messages"] - before[n]["messages"] for n in after}
+    return delta[name] / max(1, sum(delta.values()))
