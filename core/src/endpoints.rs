@@ -63,14 +63,10 @@ pub struct Endpoint {
     pub fleet_load: Option<f64>,
     /// Its report was fresh at the last refresh.
     pub reported: bool,
+    /// What this VM changed here since the last report: + the expected rate of each stream it
     /// This Envoy's own load on the endpoint when its report arrived (what of the report is not
     /// the other proxies').
     pub own_at_report: f64,
-    /// Load this VM moved off the endpoint, as of `shed_at` (older moves faded by `e^(−Δt/τ)`):
-    /// a report taken Δt after a move still holds `e^(−Δt/τ)` of it (the reporter's EWMA), which
-    /// would otherwise count as the other proxies' load.
-    pub shed: f64,
-    pub shed_at: Nanos,
     /// Capacity as of the last refresh (slow start and penalties change it over time).
     pub capacity: f64,
     /// `capacity` before slow start and penalties: the weight, or `c_j` with the fleet view.
@@ -99,8 +95,6 @@ impl Endpoint {
             fleet_load: None,
             reported: false,
             own_at_report: 0.0,
-            shed: 0.0,
-            shed_at: 0,
             capacity: 1.0,
             base_capacity: 1.0,
         }
@@ -168,14 +162,6 @@ pub struct Cluster {
     /// priors of streams of unknown rate (kept by the router).
     pub own_load: f64,
     pub own_unknown: f64,
-}
-
-/// `e^(−Δt/τ)`.
-fn fade(dt: Nanos, tau: Nanos) -> f64 {
-    if tau == 0 {
-        return 0.0;
-    }
-    (-(dt as f64) / tau as f64).exp()
 }
 
 impl Cluster {
@@ -273,7 +259,6 @@ impl Cluster {
     /// Recompute the fleet view, capacities and zone aggregates from the endpoints.
     pub fn refresh(&mut self, cfg: &Config, now: Nanos) {
         let max_age = cfg.probe.max_age_ms.saturating_mul(1_000_000);
-        let tau = cfg.load.tau_ms.saturating_mul(1_000_000);
         let fresh = |e: &Endpoint| e.report.as_ref().filter(|r| r.fresh(now, max_age)).copied();
         self.fleet = FleetSummary::of(self.endpoints.iter().filter(|e| e.eligible()).map(|e| {
             (
@@ -303,10 +288,7 @@ impl Cluster {
             match self.fleet {
                 Some(summary) => {
                     let zu = zone_utilization.get(&e.zone).copied();
-                    let (mut load, base) = summary.estimate(e.weight, report.as_ref(), zu);
-                    if let Some(r) = report.filter(|r| r.at > e.shed_at) {
-                        load = (load - e.shed * fade(r.at - e.shed_at, tau)).max(0.0);
-                    }
+                    let (load, base) = summary.estimate(e.weight, report.as_ref(), zu);
                     if report.is_none() {
                         // A silent pod's assumed load includes what this Envoy has there now.
                         e.own_at_report = e.own_load();
@@ -347,14 +329,6 @@ impl Cluster {
             }
         }
         self.zones.retain(|z| !z.healthy.is_empty());
-    }
-
-    /// This VM moved `rate` off endpoint `i` at `now` (its reports fade it out over τ).
-    pub fn note_shed(&mut self, i: usize, rate: f64, now: Nanos, tau: Nanos) {
-        if let Some(e) = self.endpoints.get_mut(i) {
-            e.shed = e.shed * fade(now.saturating_sub(e.shed_at), tau) + rate.max(0.0);
-            e.shed_at = now;
-        }
     }
 
     /// Add `delta` to endpoint `i`'s local pending load (and to its zone's sum).

@@ -739,11 +739,7 @@ impl Router {
     /// the streams' ends are flushed.
     pub fn commit_moves(&mut self, now: Nanos, plan: &Plan) {
         let tau = self.tau_secs();
-        let tau_ns = self.cfg.load.tau_ms.saturating_mul(1_000_000);
         for m in &plan.moves {
-            if let Some(c) = self.clusters.get_mut(m.cluster.0) {
-                c.note_shed(m.from, m.rate, now, tau_ns);
-            }
             if let Some(s) = self.streams.get_mut(m.stream) {
                 s.move_planned = true;
                 s.planned_at = now;
