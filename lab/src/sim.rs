@@ -1127,4 +1127,32 @@ mod tests {
         assert!(m("streamlb_local") > 2.5, "{}", m("streamlb_local"));
         assert!(m("streamlb") < 1.3, "{}", m("streamlb"));
     }
+
+    #[test]
+    fn zone_moves_bring_three_proxies_to_the_minimum_cross_zone_share() {
+        // Three proxies, one per zone, demand 50/30/20 on equal zones, Zipf rates starting
+        // within 10 s: rates are unknown while they arrive, so placement alone leaves streams
+        // across zones that the zone rule would keep home. Rebalancing moves them (within the
+        // default budget) until only zone a's excess crosses.
+        let sc = scenario(json!({
+            "name": "settle", "seed": 8, "duration_s": 240, "warmup_s": 200, "epsilon": 0.1,
+            "zones": [{"name": "a", "pods": 2, "capacity": 600, "orca": true},
+                      {"name": "b", "pods": 2, "capacity": 600, "orca": true},
+                      {"name": "c", "pods": 2, "capacity": 600, "orca": true}],
+            "proxies": {"a": 1, "b": 1, "c": 1},
+            "streams": {"count": 120, "mean_rate": 20, "rate_dist": "zipf:0.8",
+                        "client_zones": {"a": 0.5, "b": 0.3, "c": 0.2}, "ramp_s": 10}
+        }));
+        let policies: Vec<String> = ["streamlb", "streamlb_rebalance"].map(String::from).to_vec();
+        let r = run(&sc, &policies, 1, false).unwrap();
+        let cross = |p: &str| r["policies"][p]["median_cross_zone"].as_f64().unwrap();
+        let minimum = r["oracle"]["median_min_cross_zone"].as_f64().unwrap();
+        println!(
+            "cross-zone: streamlb {:.3}, streamlb_rebalance {:.3}, minimum {minimum:.3}",
+            cross("streamlb"),
+            cross("streamlb_rebalance")
+        );
+        assert!(cross("streamlb") > minimum + 0.1, "{}", cross("streamlb"));
+        assert!(cross("streamlb_rebalance") <= minimum + 0.03, "{}", cross("streamlb_rebalance"));
+    }
 }
