@@ -63,10 +63,11 @@ pub struct Endpoint {
     pub fleet_load: Option<f64>,
     /// Its report was fresh at the last refresh.
     pub reported: bool,
-    /// What this VM changed here since the last report: + the expected rate of each stream it
     /// This Envoy's own load on the endpoint when its report arrived (what of the report is not
     /// the other proxies').
     pub own_at_report: f64,
+    /// When this VM last planned moves off it for being hot.
+    pub shed_at: Option<Nanos>,
     /// Capacity as of the last refresh (slow start and penalties change it over time).
     pub capacity: f64,
     /// `capacity` before slow start and penalties: the weight, or `c_j` with the fleet view.
@@ -95,6 +96,7 @@ impl Endpoint {
             fleet_load: None,
             reported: false,
             own_at_report: 0.0,
+            shed_at: None,
             capacity: 1.0,
             base_capacity: 1.0,
         }

@@ -9,6 +9,9 @@
 //! - this proxy worker sheds its share of the excess (its own load on j over `L_j`, since the
 //!   other workers shed theirs), choosing streams at least `min_age` old, largest estimate that
 //!   still fits the remaining excess first (fewest moves for the most excess);
+//! - with the fleet view, an endpoint it shed waits two probe intervals before being shed
+//!   again: until then its reports do not show the moves (this proxy's or the others'), and
+//!   shedding on them would shed too much;
 //! - a stream is moved only if some other endpoint k can take it and stay at or below
 //!   `(1 + τ − η) · m · C_k`, or at least end `η · m` below the source's current level (per
 //!   unit capacity) — each move then lowers the pair's maximum by a margin, so moves cannot
@@ -195,9 +198,13 @@ fn excess_share(loads: &[f64], caps: &[f64], line: f64) -> f64 {
     over / total
 }
 
-/// Plan moves for one cluster. `allowance` is decremented for each move planned.
+/// Plan moves for one cluster. `allowance` is decremented for each move planned. A reported
+/// endpoint shed less than `settle` ago is left alone: its reports lag the moves (the other
+/// proxies' moves too), and shedding again on them would shed too much.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_cluster(
     cfg: &RebalanceConfig,
+    settle: Nanos,
     ci: ClusterIdx,
     cluster: &Cluster,
     streams: &StreamTable,
@@ -263,6 +270,9 @@ pub fn plan_cluster(
         let Some(ep) = cluster.endpoint(j) else {
             continue;
         };
+        if ep.reported && ep.shed_at.is_some_and(|t| now.saturating_sub(t) < settle) {
+            continue;
+        }
         let mine = ep.local_rate + ep.local_pending;
         let my_excess = (load - target * cap) * (mine / load).min(1.0);
         let candidates = streams.select_moves(ci, j, my_excess, now, min_age, usize::MAX);
@@ -611,7 +621,7 @@ mod tests {
         allowance: &mut usize,
         plan: &mut Plan,
     ) {
-        plan_cluster(cfg, ClusterIdx(0), c, t, now, allowance, plan);
+        plan_cluster(cfg, 0, ClusterIdx(0), c, t, now, allowance, plan);
     }
 
     #[test]
@@ -776,5 +786,36 @@ mod tests {
         );
         // b and c level: nothing moves.
         assert!(spread(16.0, 30.0).is_empty());
+    }
+
+    #[test]
+    fn a_reported_endpoint_just_shed_waits_for_reports_that_show_it() {
+        let cfg = RebalanceConfig::default();
+        let (mut c, t) = setup(&[&[20.0, 10.0, 6.0, 4.0], &[10.0, 10.0], &[5.0, 5.0], &[10.5]]);
+        if let Some(e) = c.endpoint_mut(0) {
+            e.reported = true;
+            e.shed_at = Some(99 * S);
+        }
+        let plan_at = |c: &Cluster, now: Nanos| {
+            let (mut allowance, mut plan) = (10, Plan::default());
+            plan_cluster(
+                &cfg,
+                2 * S,
+                ClusterIdx(0),
+                c,
+                &t,
+                now,
+                &mut allowance,
+                &mut plan,
+            );
+            plan.moves.len()
+        };
+        assert_eq!(plan_at(&c, 100 * S), 0); // shed 1 s ago, settle 2 s
+        assert_eq!(plan_at(&c, 101 * S), 2);
+        // The local view is exact: no wait.
+        if let Some(e) = c.endpoint_mut(0) {
+            e.reported = false;
+        }
+        assert_eq!(plan_at(&c, 100 * S), 2);
     }
 }

@@ -22,7 +22,7 @@ use super::fleet::{self, LoadReport, View};
 use super::orca::OrcaReport;
 use super::penalty::Outcome;
 use super::pick::{self, pick};
-use super::rebalance::{self, Plan};
+use super::rebalance::{self, MoveWhy, Plan};
 use super::rng::Rng;
 use super::routes::RouteNames;
 use super::streams::{Direction, Stream, StreamTable};
@@ -705,10 +705,13 @@ impl Router {
         let cfg = &self.cfg.rebalance;
         let mut allowance = allowance;
         let mut plan = Plan::default();
+        // Two probe intervals: a report taken after the moves has come in.
+        let settle = self.cfg.probe.interval_ms.saturating_mul(2_000_000);
         for (ci, c) in self.clusters.iter().enumerate() {
             let before = plan.moves.len();
             rebalance::plan_cluster(
                 cfg,
+                settle,
                 ClusterIdx(ci),
                 c,
                 &self.streams,
@@ -740,6 +743,12 @@ impl Router {
     pub fn commit_moves(&mut self, now: Nanos, plan: &Plan) {
         let tau = self.tau_secs();
         for m in &plan.moves {
+            let shed = (m.why == MoveWhy::Hot)
+                .then(|| self.clusters.get_mut(m.cluster.0)?.endpoint_mut(m.from))
+                .flatten();
+            if let Some(e) = shed {
+                e.shed_at = Some(now);
+            }
             if let Some(s) = self.streams.get_mut(m.stream) {
                 s.move_planned = true;
                 s.planned_at = now;

@@ -1143,7 +1143,9 @@ mod tests {
             "streams": {"count": 120, "mean_rate": 20, "rate_dist": "zipf:0.8",
                         "client_zones": {"a": 0.5, "b": 0.3, "c": 0.2}, "ramp_s": 10}
         }));
-        let policies: Vec<String> = ["streamlb", "streamlb_rebalance"].map(String::from).to_vec();
+        let policies: Vec<String> = ["streamlb", "streamlb_rebalance"]
+            .map(String::from)
+            .to_vec();
         let r = run(&sc, &policies, 1, false).unwrap();
         let cross = |p: &str| r["policies"][p]["median_cross_zone"].as_f64().unwrap();
         let minimum = r["oracle"]["median_min_cross_zone"].as_f64().unwrap();
@@ -1153,6 +1155,10 @@ mod tests {
             cross("streamlb_rebalance")
         );
         assert!(cross("streamlb") > minimum + 0.1, "{}", cross("streamlb"));
-        assert!(cross("streamlb_rebalance") <= minimum + 0.03, "{}", cross("streamlb_rebalance"));
+        assert!(
+            cross("streamlb_rebalance") <= minimum + 0.03,
+            "{}",
+            cross("streamlb_rebalance")
+        );
     }
 }
