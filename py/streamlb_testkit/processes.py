@@ -33,12 +33,24 @@ def die_with_parent() -> None:
         pass
 
 
+_HANDED_OUT: set[int] = set()
+_PORT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (listeners use enable_reuse_port:
-    false, so a clash fails loudly instead of sharing connections)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago and that this process has not handed
+    out before (the kernel may offer a just-closed port again, e.g. for two listeners of one
+    Envoy). Listeners use enable_reuse_port: false, so a clash fails loudly instead of sharing
+    connections."""
+    with _PORT_LOCK:
+        for _ in range(1000):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    raise RuntimeError("no fresh free port on 127.0.0.1 after 1000 tries")
 
 
 _LIVE: set["Proc"] = set()
