@@ -224,6 +224,21 @@ def measure(policy: str, sc: dict, pods: kit.Pods, envoys: list[tuple[str, kit.E
     return samples, cpu_at
 
 
+def probe_rates(envoys: list[tuple[str, kit.Envoy]], pods: int, duration: float) -> dict | None:
+    """The filter's load probes over the run: per result, and sent per second per proxy and per
+    pod (None without the filter or with probes off)."""
+    by_result: dict[str, float] = {}
+    for _, e in envoys:
+        for key, v in e.stats("streamlb_probes_total").items():
+            result = key.split("result=.=")[1].split(";")[0] if "result=.=" in key else "?"
+            by_result[result] = by_result.get(result, 0) + v
+    total = sum(by_result.values())
+    if not total:
+        return None
+    return {"by_result": by_result, "per_proxy_per_s": total / len(envoys) / duration,
+            "per_pod_per_s": total / pods / duration}
+
+
 def run_policy(policy: str, sc: dict, scenario_file: Path, workdir: Path, pin_cpus: bool) -> dict:
     """One policy on the scenario: fresh pods (each zone's capacity), its Envoys and devices.
     Every process started here is stopped when it returns or raises."""
@@ -240,6 +255,7 @@ def run_policy(policy: str, sc: dict, scenario_file: Path, workdir: Path, pin_cp
         devs = start_device_groups(stack, policy, sc, streams_per_zone, pods, envoys, pw)
         samples, cpu_at = measure(policy, sc, pods, envoys)
         rss = {f"{z}-{i}": rss_kb(e.proc.pid) for i, (z, e) in enumerate(envoys)}
+        probes = probe_rates(envoys, len(pods.pods), duration)
         reports = []
         for zone, devices in devs:
             rep = devices.wait(timeout=duration + 60)
@@ -247,6 +263,8 @@ def run_policy(policy: str, sc: dict, scenario_file: Path, workdir: Path, pin_cp
             reports.append(rep)
     result: dict = {"policy": policy}
     result.update(summarise(sc, samples, cpu_at, rss, reports, pods_meta=pods.pods))
+    if probes:
+        result["probes"] = probes
     if result.get("envoy_cpu") and idle_cores is not None:
         cpu = result["envoy_cpu"]
         cpu["idle_cores"] = idle_cores
@@ -418,7 +436,9 @@ def main() -> int:
                     c = r.get("envoy_cpu") or {}
                     log(f"  {p}: max/mean {fmt(r['median_max_over_mean'])}, p99/mean {fmt(r['median_p99_over_mean'])}, "
                         f"cross-zone {fmt(r['cross_zone'])}, p99 {fmt(r['latency_ms']['p99'])} ms, "
-                        f"CPU {fmt(c.get('us_per_message'))} µs/msg, errors {r['totals']['failed']}")
+                        f"CPU {fmt(c.get('us_per_message'))} µs/msg, errors {r['totals']['failed']}"
+                        + (f", probes/s per proxy {r['probes']['per_proxy_per_s']:.1f}, per pod "
+                           f"{r['probes']['per_pod_per_s']:.1f}" if r.get("probes") else ""))
                 except Exception as e:  # one policy failing must not lose the others
                     log(f"  {p}: FAILED: {e}")
                     runs[p].append({"policy": p, "error": str(e)[-2000:], "seed": sck["seed"]})
