@@ -163,6 +163,12 @@ SOAK_MINUTES ?= 30
 soak: venv build
 	$(PY) tools/soak.py --minutes $(SOAK_MINUTES)
 
+## scale: one Envoy, 10,000 lab pods, 100,000 device ids, 10,000 route names, with and without the
+## filter: discovery size and parse time, RSS, metric series, rate memory and label bounds
+## (tools/scale.py; build/scale/report.html).
+scale: venv build
+	$(PY) tools/scale.py
+
 ## sim: fleet-scale simulation of SCENARIO over the real routing core and the peers.
 sim: venv build-lab
 	@mkdir -p build
