@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import random
 import re
 import sys
@@ -48,7 +47,7 @@ import time
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import streamlb_testkit as kit
 
@@ -104,6 +103,7 @@ class SoakEnvoy(kit.Envoy):
         self.epoch = 0
         self.old_procs: list[kit.Proc] = []
         self.access_log: Path | None = None
+        self.lds_lock = threading.Lock()
         super().__init__(*args, lds=True, **kwargs)
         self.access_log = self.workdir / "access.log"
         self.write_config()
@@ -152,11 +152,16 @@ class SoakEnvoy(kit.Envoy):
 
     def set_admin_gate(self, open_: bool, timeout: float = 15.0) -> None:
         name = "listener_manager.lds.update_success"
-        before = self.stats(f"^{re.escape(name)}$").get(name, 0)
-        self.gate_open = open_
-        self._write_lds(self.config()["static_resources"]["listeners"])
-        if not self.wait_for_counter(name, before + 1, timeout):
-            raise RuntimeError("Envoy did not accept the admin gate update")
+        with self.lds_lock:
+            before = self.stats(f"^{re.escape(name)}$").get(name, 0)
+            self.gate_open = open_
+            self._write_lds(self.config()["static_resources"]["listeners"])
+            if not self.wait_for_counter(name, before + 1, timeout):
+                raise RuntimeError("Envoy did not accept the admin gate update")
+
+    def update_filter_config(self, filter_config: Any, timeout: float = 15.0) -> None:
+        with self.lds_lock:  # faults run in parallel: one listener update at a time
+            super().update_filter_config(filter_config, timeout)
 
     def hot_restart(self, timeout: float = 60.0) -> None:
         """Starts epoch N+1 beside the running Envoy; the old one drains and exits by itself
@@ -418,11 +423,12 @@ class Soak:
             fault.detail["epoch"] = envoy.epoch
         fault.end_wall = time.time()
 
-    def run_faults(self, faults: list[Fault]) -> None:
-        for fault in faults:
-            wait = self.t0 + fault.at - time.time()
-            if wait > 0 and self.stop_event.wait(wait):
-                return
+    def run_fault(self, fault: Fault) -> None:
+        """One fault at its time, in its own thread (faults may overlap). Processes die with the
+        thread that started them (PR_SET_PDEATHSIG): the thread stays until the run is torn
+        down, so a hot-restarted Envoy lives on."""
+        wait = self.t0 + fault.at - time.time()
+        if not (wait > 0 and self.stop_event.wait(wait)):
             self.log(f"fault {fault.kind} {fault.target} ({fault.duration:g} s)")
             try:
                 self.apply(fault)
@@ -430,14 +436,14 @@ class Soak:
                 fault.error = str(err)[:2000]
                 fault.end_wall = fault.end_wall or time.time()
                 self.log(f"fault {fault.kind} failed: {err}")
-            fault.done = True
-
-    def run_faults_and_hold(self, faults: list[Fault]) -> None:
-        # Processes die with the thread that started them (PR_SET_PDEATHSIG): a hot-restarted
-        # Envoy lives as long as this thread, so it stays until the run is torn down.
-        self.run_faults(faults)
-        self.faults_finished.set()
+        fault.done = True
         self.release.wait()
+
+    def start_faults(self, faults: list[Fault]) -> list[threading.Thread]:
+        threads = [threading.Thread(target=self.run_fault, args=(f,), daemon=True) for f in faults]
+        for t in threads:
+            t.start()
+        return threads
 
     # sampling
     def sample(self) -> None:
@@ -476,7 +482,6 @@ class Soak:
         args = self.args
         self.stop_event = threading.Event()
         self.release = threading.Event()
-        self.faults_finished = threading.Event()
         with kit.Pods(zones={z: args.pods_per_zone for z in ZONES}) as pods:
             self.pods = pods
             envoys = []
@@ -513,8 +518,7 @@ class Soak:
                                 seed=args.seed * 100 + ZONES.index(zone) * 10 + j, storm_prob=args.storm_prob)
                 self.cohorts.append(cohort)
                 cohort.start()
-        fault_thread = threading.Thread(target=self.run_faults_and_hold, args=(faults,), daemon=True)
-        fault_thread.start()
+        self.start_faults(faults)
         next_print = 0.0
         while any(c.is_alive() for c in self.cohorts) or time.time() < until:
             self.sample()
@@ -528,9 +532,19 @@ class Soak:
                 self.failures.append("devices did not finish in time")
                 break
         self.stop_event.set()
-        self.faults_finished.wait(timeout=180)
-        time.sleep(2.5 * TICK_MS / 1000)  # the last tick flushes the counters
+        deadline = time.time() + 180
+        while not all(f.done for f in faults) and time.time() < deadline:
+            time.sleep(0.5)
+        # The last ticks flush the counters; a hot-restarted Envoy merges its old epoch's counts
+        # on its next stats flush. Read until two reads agree (at most 15 s).
+        time.sleep(2.5 * TICK_MS / 1000)
         self.sample()
+        for _ in range(15):
+            time.sleep(1)
+            before = self.samples[-1]["counters"]
+            self.sample()
+            if self.samples[-1]["counters"] == before:
+                break
         return self.evaluate(faults)
 
     # evaluation
@@ -611,7 +625,7 @@ class Soak:
         filt["per_envoy"] = per_envoy
 
         placement = self.placements(faults)
-        rss = self.rss_slopes()
+        rss = self.rss_slopes(faults)
         c = totals
         invariants = [
             ("no-wasm-failure", not self.failures, f"{len(self.failures)} failure lines"
@@ -633,7 +647,10 @@ class Soak:
             ("rss-flat", bool(rss["segments"]) and all(s["slope_mb_per_10min"] < RSS_GOAL_MB_PER_10MIN
                                                        for s in rss["segments"] if s["span_s"] >= RSS_MIN_SPAN_S)
              and any(s["span_s"] >= RSS_MIN_SPAN_S for s in rss["segments"]),
-             "; ".join(f"{s['name']}: {s['slope_mb_per_10min']:+.2f} MB/10 min over {s['span_s']:.0f} s"
+             "; ".join(f"{s['name']}: {s['slope_mb_per_10min']:+.2f} MB/10 min over {s['span_s']:.0f} s "
+                       f"(steps at reloads/hot restart {s['steps_at_reloads_mb']} MB; largest slope between them "
+                       + ("-" if s["max_slope_between_reloads_mb_per_10min"] is None
+                          else f"{s['max_slope_between_reloads_mb_per_10min']:+.2f}") + " MB/10 min)"
                        for s in rss["segments"]) or "no segment"),
         ]
         if args.smoke:
@@ -751,8 +768,13 @@ class Soak:
             })
         return rows
 
-    def rss_slopes(self) -> dict[str, Any]:
+    def rss_slopes(self, faults: list[Fault]) -> dict[str, Any]:
+        """Per Envoy process, after warm-up: the least-squares slope over the whole run, the
+        RSS steps at reloads and hot restarts, and the largest slope between them (windows of at
+        least 2 minutes)."""
         warm = RSS_WARMUP_FRACTION * self.total_s
+        cuts = sorted(f.start_wall - self.t0 for f in faults
+                      if f.kind in ("reload", "hot-restart") and f.start_wall is not None)
         series: dict[str, list[tuple[float, float]]] = {}
         for s in self.samples:
             for name, mb in s["rss"].items():
@@ -762,15 +784,33 @@ class Soak:
             pts = [(t, mb) for t, mb in points if t >= warm]
             if len(pts) < 3:
                 continue
-            n = len(pts)
-            mt = sum(t for t, _ in pts) / n
-            mm = sum(mb for _, mb in pts) / n
-            var = sum((t - mt) ** 2 for t, _ in pts)
-            slope = sum((t - mt) * (mb - mm) for t, mb in pts) / var if var else 0.0
-            segments.append({"name": name, "span_s": pts[-1][0] - pts[0][0], "points": n,
-                             "slope_mb_per_10min": slope * 600, "rss_mb_first": pts[0][1], "rss_mb_last": pts[-1][1],
-                             "rss_mb_max": max(mb for _, mb in pts)})
+            steps = []
+            for cut in cuts:
+                before = [mb for t, mb in pts if t < cut]
+                after = [mb for t, mb in pts if cut + 20 <= t]
+                if before and after:
+                    steps.append(round(after[0] - before[-1], 2))
+            bounds = [pts[0][0]] + [c for c in cuts if pts[0][0] < c < pts[-1][0]] + [pts[-1][0] + 1]
+            between = [slope([(t, mb) for t, mb in pts if lo + (20 if k else 0) <= t < hi])
+                       for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi - lo >= 120]
+            segments.append({"name": name, "span_s": pts[-1][0] - pts[0][0], "points": len(pts),
+                             "slope_mb_per_10min": slope(pts) * 600, "rss_mb_first": pts[0][1],
+                             "rss_mb_last": pts[-1][1], "rss_mb_max": max(mb for _, mb in pts),
+                             "steps_at_reloads_mb": steps,
+                             "max_slope_between_reloads_mb_per_10min":
+                                 max((b * 600 for b in between), default=None)})
         return {"warmup_s": warm, "segments": segments, "series": series}
+
+
+def slope(pts: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (t, y) points, per second (0 with fewer than 2 distinct t)."""
+    if len(pts) < 2:
+        return 0.0
+    n = len(pts)
+    mt = sum(t for t, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    var = sum((t - mt) ** 2 for t, _ in pts)
+    return sum((t - mt) * (y - my) for t, y in pts) / var if var else 0.0
 
 
 # --- report
@@ -804,10 +844,14 @@ def write_report(result: dict[str, Any], out_dir: Path) -> Path:
           f"{f.get('polls_failed', 0):.0f}", f"{f.get('fallback_decisions', 0):.0f}",
           f.get("streams_ended_not_ok_access_log", ""),
           f.get("error") or json.dumps(f.get("detail", {}))) for f in result["faults"]])
-    rss = plots.html_table(["Envoy process", "span after warm-up (s)", "slope (MB / 10 min)", "first", "last", "max"],
-                           [(s["name"], f"{s['span_s']:.0f}", f"{s['slope_mb_per_10min']:+.2f}",
-                             f"{s['rss_mb_first']:.1f}", f"{s['rss_mb_last']:.1f}", f"{s['rss_mb_max']:.1f}")
-                            for s in result["rss"]["segments"]])
+    rss = plots.html_table(
+        ["Envoy process", "span after warm-up (s)", "slope (MB / 10 min)", "first", "last", "max",
+         "steps at reloads / hot restart (MB)", "largest slope between them (MB / 10 min)"],
+        [(s["name"], f"{s['span_s']:.0f}", f"{s['slope_mb_per_10min']:+.2f}", f"{s['rss_mb_first']:.1f}",
+          f"{s['rss_mb_last']:.1f}", f"{s['rss_mb_max']:.1f}", ", ".join(f"{x:+.2f}" for x in s["steps_at_reloads_mb"]),
+          "" if s["max_slope_between_reloads_mb_per_10min"] is None
+          else f"{s['max_slope_between_reloads_mb_per_10min']:+.2f}")
+         for s in result["rss"]["segments"]])
     d = result["devices"]
     setup = plots.esc(json.dumps(result["setup"]))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>streamlb soak</title>
