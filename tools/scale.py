@@ -48,6 +48,10 @@ class ScaleEnvoy(kit.Envoy):
     def __init__(self, *args: Any, routes: int, **kwargs: Any):
         self.route_count = routes
         super().__init__(*args, health_checks=False, **kwargs)
+        # With 10,000 pods bound, free_port() can hand out the same port twice in a row.
+        while len({self.admin_port, self.admin_gate_port, self.listen_port}) < 3:
+            self.admin_gate_port, self.listen_port = kit.free_port(), kit.free_port()
+        self.write_config()
 
     def config(self) -> dict[str, Any]:
         config = super().config()
