@@ -4,7 +4,7 @@
 One Envoy (`--concurrency 2`) in front of 10,000 real lab pods (zones a, b, c; one cluster
 `pods`, STATIC, health checks off, upstream connections closed after 1 s idle) with 10,000
 routes (`r0` … `r9999`, chosen by the request header `x-route`). A Python gRPC client opens
-100,000 short streams, each with its own `x-device-id`, route `r(i mod 10000)`: one reading,
+100,000 short streams, each with its own `x-device-id`, route `r(i/2 mod 10000)`: one reading,
 a pause of 2.1 s (the rate memory keeps streams that ran 2 s), a second reading, close.
 Every other device sends 1 KB readings, the rest 16 B (`load.signal: bytes`), so a device's
 remembered rate differs from its route's mean.
@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
+import socket
 import statistics
 import sys
 import time
@@ -48,10 +50,57 @@ class ScaleEnvoy(kit.Envoy):
     def __init__(self, *args: Any, routes: int, **kwargs: Any):
         self.route_count = routes
         super().__init__(*args, health_checks=False, **kwargs)
-        # With 10,000 pods bound, free_port() can hand out the same port twice in a row.
-        while len({self.admin_port, self.admin_gate_port, self.listen_port}) < 3:
-            self.admin_gate_port, self.listen_port = kit.free_port(), kit.free_port()
+        self.pick_ports()
+
+    def pick_ports(self) -> None:
+        # Below the ephemeral range: with 10,000 pods, Envoy's own upstream connections (probes
+        # start before the wasm listener is bound) would otherwise take a port chosen by free_port().
+        self.admin_port, self.admin_gate_port, self.listen_port = low_ports(3)
         self.write_config()
+
+    def start_process(self) -> "ScaleEnvoy":
+        # Ports are chosen free but bound a moment later; with 10,000 pods and their connections
+        # the ephemeral range is crowded, so another socket can take one meanwhile: new ports.
+        for attempt in range(3):
+            try:
+                super().start_process()
+                self.wait_listening()
+                return self
+            except RuntimeError as err:
+                if self.proc:
+                    self.proc.stop()
+                if attempt == 2 or not re.search(r"cannot bind|duplicate address", str(err)):
+                    raise
+                self.pick_ports()
+        raise AssertionError("unreachable")
+
+    def wait_listening(self, timeout: float = 120) -> None:
+        """/ready says LIVE before a listener with a wasm filter is bound: wait for the device port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or not self.proc.running():
+                raise RuntimeError(f"envoy exited:\n{self.log_text()[-3000:]}")
+            with socket.socket() as sock:
+                sock.settimeout(1)
+                if sock.connect_ex(("127.0.0.1", self.listen_port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"device listener not bound:\n{self.log_text()[-3000:]}")
+
+
+def low_ports(n: int) -> list[int]:
+    """n distinct free ports in [20000, 32768), below Linux's default ephemeral range."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
     def config(self) -> dict[str, Any]:
         config = super().config()
@@ -88,13 +137,15 @@ async def streams(target: str, first: int, count: int, routes: int, hold: float,
     chans = [grpc.aio.insecure_channel(target) for _ in range(channels)]
     stubs = [pb2_grpc.TelemetryStub(c) for c in chans]
     sem = asyncio.Semaphore(concurrency)
-    outcome = {"ok": 0, "failed": 0}
+    outcome: dict[str, Any] = {"ok": 0, "failed": 0, "errors": {}}
 
     async def one(i: int) -> None:
         big = i % 2 == 0
         payload = b"x" * (1024 if big else 16)
-        md = (("x-device-id", f"scale-{i}"), ("x-route", f"r{i % routes}"))
+        # Devices i and i+1 share a route: every route carries small and big readings.
+        md = (("x-device-id", f"scale-{i}"), ("x-route", f"r{(i // 2) % routes}"))
         async with sem:
+            call = None
             try:
                 call = stubs[i % channels].Stream(metadata=md, timeout=30)
                 await call.write(pb2.Reading(device_id=f"scale-{i}", seq=0, payload=payload))
@@ -109,8 +160,12 @@ async def streams(target: str, first: int, count: int, routes: int, hold: float,
                         if key == DEBUG_HEADER:
                             record[i] = value
                 outcome["ok"] += 1
-            except grpc.RpcError:
+            except (grpc.RpcError, asyncio.InvalidStateError):
                 outcome["failed"] += 1
+                why = "no call"
+                if call is not None:
+                    why = f"{await call.code()}: {await call.details()}"[:200]
+                outcome["errors"][why] = outcome["errors"].get(why, 0) + 1
 
     await asyncio.gather(*(one(i) for i in range(first, first + count)))
     for c in chans:
@@ -159,63 +214,80 @@ def run_pass(args: argparse.Namespace, pods: kit.Pods, with_filter: bool) -> dic
                     log_level="warn", start_timeout=180) as envoy:
         assert envoy.proc is not None
         pid = envoy.proc.pid
-        started = time.monotonic()
-        t = time.monotonic()
-        status, body = kit.http_request("GET", f"http://{envoy.admin_addr}/clusters?format=json&filter=%5E%28pods%29%24",
-                                        timeout=60)
-        out["admin_clusters"] = {"status": status, "bytes": len(body.encode()), "seconds": time.monotonic() - t}
-        if with_filter:
-            if not envoy.wait_for_counter("wasmcustom.streamlb_discovery_polls_ok_total", 1, 120):
-                raise RuntimeError(f"no discovery at scale:\n{envoy.log_text()[-3000:]}")
-        time.sleep(3)
-        out["checkpoints"].append({"streams": 0, "rss_mb": rss_mb(pid), "s": time.monotonic() - started})
-        print(f"  {'filter' if with_filter else 'no filter'}: idle RSS {out['checkpoints'][-1]['rss_mb']:.0f} MB",
-              flush=True)
-        done = 0
-        outcomes = {"ok": 0, "failed": 0}
-        while done < args.devices:
-            n = min(args.checkpoint, args.devices - done)
-            got = asyncio.run(streams(envoy.listen_addr, done, n, args.routes, args.hold, args.parallel,
-                                      args.channels))
-            for k in outcomes:
-                outcomes[k] += got[k]
-            done += n
-            time.sleep(2)
-            point = {"streams": done, "rss_mb": rss_mb(pid), "s": time.monotonic() - started, **got}
-            out["checkpoints"].append(point)
-            print(f"  {done} streams: RSS {point['rss_mb']:.0f} MB, ok {got['ok']}, failed {got['failed']}, "
-                  f"{point['s']:.0f} s", flush=True)
-        out["outcomes"] = outcomes
-        if with_filter:
-            out["discovery"] = {
-                "body_bytes": gauge(envoy, "streamlb_discovery_body_bytes"),
-                "parse_us": gauge(envoy, "streamlb_discovery_parse_us"),
-                "polls_ok": gauge(envoy, "streamlb_discovery_polls_ok_total"),
-                "polls_failed": gauge(envoy, "streamlb_discovery_polls_failed_total"),
-            }
-            # The rate memory: devices seen first vs last (small readings: their own rate is far
-            # below the route mean, so remembered and forgotten are told apart).
-            probe = args.probe_devices
-            first_ids = [i for i in range(0, args.devices) if i % 2 == 1][:probe]
-            last_ids = [i for i in range(0, args.devices) if i % 2 == 1][-probe:]
-            record: dict[int, str] = {}
-            for ids in (first_ids, last_ids):
-                for i in ids:
-                    asyncio.run(streams(envoy.listen_addr, i, 1, args.routes, 0, 1, 1, record))
-            first_exp = [e for i in first_ids if (e := expected_of(record.get(i, ""))) is not None]
-            last_exp = [e for i in last_ids if (e := expected_of(record.get(i, ""))) is not None]
-            out["rate_memory"] = {
-                "first_devices_expected_median": statistics.median(first_exp) if first_exp else None,
-                "last_devices_expected_median": statistics.median(last_exp) if last_exp else None,
-                "answers": [len(first_exp), len(last_exp)],
-                "example": record.get(last_ids[-1]) if last_ids else None,
-            }
-            time.sleep(2.5)  # a tick flushes the counters of the last streams
-            out["prometheus"] = prometheus_figures(envoy)
-            out["log_failures"] = [line for line in envoy.log_text().splitlines()
-                                   if re.search(r"Function: proxy_on_\w+ failed|panicked at|RuntimeError", line)][:5]
-        else:
-            out["prometheus"] = prometheus_figures(envoy)
+        try:
+            return measure(args, envoy, pid, out, with_filter)
+        except Exception:
+            print(f"Envoy log (tail):\n{envoy.log_text()[-4000:]}", flush=True)
+            raise
+
+
+def measure(args: argparse.Namespace, envoy: ScaleEnvoy, pid: int, out: dict[str, Any],
+            with_filter: bool) -> dict[str, Any]:
+    envoy.wait_listening()
+    started = time.monotonic()
+    t = time.monotonic()
+    status, body = kit.http_request("GET", f"http://{envoy.admin_addr}/clusters?format=json&filter=%5E%28pods%29%24",
+                                    timeout=60)
+    out["admin_clusters"] = {"status": status, "bytes": len(body.encode()), "seconds": time.monotonic() - t}
+    if with_filter:
+        if not envoy.wait_for_counter("wasmcustom.streamlb_discovery_polls_ok_total", 1, 120):
+            raise RuntimeError(f"no discovery at scale:\n{envoy.log_text()[-3000:]}")
+    time.sleep(3)
+    out["checkpoints"].append({"streams": 0, "rss_mb": rss_mb(pid), "s": time.monotonic() - started})
+    print(f"  {'filter' if with_filter else 'no filter'}: idle RSS {out['checkpoints'][-1]['rss_mb']:.0f} MB",
+          flush=True)
+    done = 0
+    outcomes = {"ok": 0, "failed": 0}
+    errors: dict[str, int] = {}
+    while done < args.devices:
+        n = min(args.checkpoint, args.devices - done)
+        got = asyncio.run(streams(envoy.listen_addr, done, n, args.routes, args.hold, args.parallel,
+                                  args.channels))
+        for k in ("ok", "failed"):
+            outcomes[k] += got[k]
+        for why, n in got["errors"].items():
+            errors[why] = errors.get(why, 0) + n
+        done += n
+        time.sleep(2)
+        point = {"streams": done, "rss_mb": rss_mb(pid), "s": time.monotonic() - started, **got}
+        out["checkpoints"].append(point)
+        print(f"  {done} streams: RSS {point['rss_mb']:.0f} MB, ok {got['ok']}, failed {got['failed']}, "
+              f"{point['s']:.0f} s {got['errors'] or ''}", flush=True)
+    out["outcomes"] = {**outcomes, "errors": errors}
+    if with_filter:
+        out["discovery"] = {
+            "body_bytes": gauge(envoy, "streamlb_discovery_body_bytes"),
+            "parse_us": gauge(envoy, "streamlb_discovery_parse_us"),
+            "polls_ok": gauge(envoy, "streamlb_discovery_polls_ok_total"),
+            "polls_failed": gauge(envoy, "streamlb_discovery_polls_failed_total"),
+            "host_errors": gauge(envoy, "streamlb_host_errors_total"),
+            "cas_retries": gauge(envoy, "streamlb_cas_retries_total"),
+            "cas_lost": gauge(envoy, "streamlb_cas_lost_total"),
+        }
+        # The rate memory: devices seen first vs last (small readings: their own rate is far
+        # below the route mean, so remembered and forgotten are told apart).
+        probe = args.probe_devices
+        first_ids = [i for i in range(0, args.devices) if i % 2 == 1][:probe]
+        last_ids = [i for i in range(0, args.devices) if i % 2 == 1][-probe:]
+        record: dict[int, str] = {}
+        for ids in (first_ids, last_ids):
+            for i in ids:
+                asyncio.run(streams(envoy.listen_addr, i, 1, args.routes, 0, 1, 1, record))
+        first_exp = [e for i in first_ids if (e := expected_of(record.get(i, ""))) is not None]
+        last_exp = [e for i in last_ids if (e := expected_of(record.get(i, ""))) is not None]
+        out["rate_memory"] = {
+            "first_devices_expected_median": statistics.median(first_exp) if first_exp else None,
+            "last_devices_expected_median": statistics.median(last_exp) if last_exp else None,
+            "answers": [len(first_exp), len(last_exp)],
+            "examples_first": [record.get(i) for i in first_ids[:3]],
+            "examples_last": [record.get(i) for i in last_ids[-3:]],
+        }
+        time.sleep(2.5)  # a tick flushes the counters of the last streams
+        out["prometheus"] = prometheus_figures(envoy)
+        out["log_failures"] = [line for line in envoy.log_text().splitlines()
+                               if re.search(r"Function: proxy_on_\w+ failed|panicked at|RuntimeError", line)][:5]
+    else:
+        out["prometheus"] = prometheus_figures(envoy)
     return out
 
 
