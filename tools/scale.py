@@ -88,20 +88,6 @@ class ScaleEnvoy(kit.Envoy):
         raise RuntimeError(f"device listener not bound:\n{self.log_text()[-3000:]}")
 
 
-def low_ports(n: int) -> list[int]:
-    """n distinct free ports in [20000, 32768), below Linux's default ephemeral range."""
-    ports: list[int] = []
-    while len(ports) < n:
-        port = random.randrange(20000, 32768)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    return ports
-
     def config(self) -> dict[str, Any]:
         config = super().config()
         listener = config["static_resources"]["listeners"][0]
@@ -118,6 +104,21 @@ def low_ports(n: int) -> list[int]:
         options = pods["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
         options["common_http_protocol_options"] = {"idle_timeout": "1s"}
         return config
+
+
+def low_ports(n: int) -> list[int]:
+    """n distinct free ports in [20000, 32768), below Linux's default ephemeral range."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def rss_mb(pid: int) -> float:
@@ -147,7 +148,7 @@ async def streams(target: str, first: int, count: int, routes: int, hold: float,
         async with sem:
             call = None
             try:
-                call = stubs[i % channels].Stream(metadata=md, timeout=30)
+                call = stubs[i % channels].Stream(metadata=md, timeout=60)
                 await call.write(pb2.Reading(device_id=f"scale-{i}", seq=0, payload=payload))
                 if hold:
                     await asyncio.sleep(hold)
@@ -245,8 +246,8 @@ def measure(args: argparse.Namespace, envoy: ScaleEnvoy, pid: int, out: dict[str
                                   args.channels))
         for k in ("ok", "failed"):
             outcomes[k] += got[k]
-        for why, n in got["errors"].items():
-            errors[why] = errors.get(why, 0) + n
+        for why, count in got["errors"].items():
+            errors[why] = errors.get(why, 0) + count
         done += n
         time.sleep(2)
         point = {"streams": done, "rss_mb": rss_mb(pid), "s": time.monotonic() - started, **got}
@@ -326,8 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--discovery-timeout-ms", type=int, default=10000)
     p.add_argument("--concurrency", type=int, default=2, help="Envoy workers")
     p.add_argument("--hold", type=float, default=2.1, help="seconds between a stream's two readings")
-    p.add_argument("--parallel", type=int, default=1500, help="streams open at once")
-    p.add_argument("--channels", type=int, default=16, help="HTTP/2 connections of the client")
+    p.add_argument("--parallel", type=int, default=1000, help="streams open at once")
+    p.add_argument("--channels", type=int, default=64, help="HTTP/2 connections of the client")
     p.add_argument("--checkpoint", type=int, default=25_000, help="RSS every this many streams")
     p.add_argument("--probe-devices", type=int, default=200)
     p.add_argument("--out-dir", default=str(kit.REPO / "build" / "scale"))
