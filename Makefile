@@ -41,7 +41,7 @@ RATE ?= 20
 DIST ?= zipf:0.8
 ENVOYS ?= 1
 
-.PHONY: bench sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
+.PHONY: soak scale bench sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
 	test-unit-native test-unit-wasm test-e2e test-compat fuzz-smoke fuzz fuzz-long test run clean distclean
 
 ## deps: everything the other targets use.
@@ -156,6 +156,18 @@ SCENARIO ?= bench/scenarios/zipf08-3zones.json
 POLICIES ?=
 bench: venv build
 	$(PY) bench/run.py --scenario $(SCENARIO) $(if $(POLICIES),--policies $(POLICIES))
+
+## soak: three Envoys, devices with churn and a fault schedule for SOAK_MINUTES; invariants and
+## build/soak/report.html (tools/soak.py). Not part of `make test`.
+SOAK_MINUTES ?= 30
+soak: venv build
+	$(PY) tools/soak.py --minutes $(SOAK_MINUTES)
+
+## scale: one Envoy, 10,000 lab pods, 100,000 device ids, 10,000 route names, with and without the
+## filter: discovery size and parse time, RSS, metric series, rate memory and label bounds
+## (tools/scale.py; build/scale/report.html).
+scale: venv build
+	$(PY) tools/scale.py
 
 ## sim: fleet-scale simulation of SCENARIO over the real routing core and the peers.
 sim: venv build-lab

@@ -106,6 +106,9 @@ pub struct Health {
     pub probes_answered: u64,
     /// Shared-data updates given up after losing every compare-and-swap attempt.
     pub cas_lost: u64,
+    /// Size of the last admin answer and how long its parse took (µs), on the polling VM.
+    pub discovery_body_bytes: Option<u64>,
+    pub discovery_parse_us: Option<u64>,
 }
 
 /// How a moved stream was ended.
@@ -482,6 +485,13 @@ fn flush_health(out: &mut Flush<'_>, h: Health, config_loads: u64) {
         ("streamlb_reporter_probes_answered_total", h.probes_answered),
     ] {
         out.count(name, &[], n);
+    }
+    // Only the VM that polled sets these; the others leave them as they are.
+    if let Some(bytes) = h.discovery_body_bytes {
+        out.gauge("streamlb_discovery_body_bytes", &[], bytes);
+    }
+    if let Some(us) = h.discovery_parse_us {
+        out.gauge("streamlb_discovery_parse_us", &[], us);
     }
 }
 

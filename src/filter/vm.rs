@@ -454,8 +454,14 @@ impl Vm {
         let parsed = match (status, body) {
             (Some(b"200"), Some(body)) => {
                 let cfg = self.router.config();
-                discovery::parse_admin_clusters(body, |name| cfg.clusters.iter().any(|c| c == name))
-                    .map_err(|e| e.to_string())
+                let parsed = discovery::parse_admin_clusters(body, |name| {
+                    cfg.clusters.iter().any(|c| c == name)
+                })
+                .map_err(|e| e.to_string());
+                let parse_ns = host.now().unwrap_or(now).saturating_sub(now);
+                self.stats.health.discovery_body_bytes = Some(body.len() as u64);
+                self.stats.health.discovery_parse_us = Some(parse_ns / 1_000);
+                parsed
             }
             (Some(b"200"), None) => Err("admin answered 200 with no body".to_string()),
             (Some(status), _) => Err(format!(

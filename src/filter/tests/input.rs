@@ -150,6 +150,17 @@ fn failed_or_partial_admin_responses_are_failed_polls() {
     discover(&h, &v);
     v.borrow_mut().flush(&h);
     assert_eq!(h.metric("streamlb_discovery_polls_ok_total"), 1);
+    // The last answer's size and parse time (the mock's clock stands still).
+    assert_eq!(
+        h.metric("streamlb_discovery_body_bytes"),
+        ADMIN.len() as i64
+    );
+    assert_eq!(h.metric("streamlb_discovery_parse_us"), 0);
+    assert!(h
+        .metric_names
+        .borrow()
+        .values()
+        .any(|(_, name)| name == "streamlb_discovery_parse_us"));
 }
 
 /// Open a stream through `v` at `h`'s time; the endpoint it was steered to, if any.
