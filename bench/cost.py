@@ -6,7 +6,8 @@
 
 Policies: `none` (no wasm filter), `floor` (bench/floor: a Rust proxy-wasm filter that receives
 every callback and returns), `floor_bodies` (the same, reading every body chunk), `streamlb`
-(the filter, default configuration: placement, rebalance in shadow, probes), `streamlb_shadow`.
+(the filter, default configuration: placement, rebalance in shadow, probes), `streamlb_shadow`
+(`mode: shadow`: no header set), `streamlb_baseline` (another build, `--baseline-wasm`: before/after).
 Every Envoy has the same bootstrap (envoy/envoy.yaml.tmpl) but for the wasm filter.
 
 Parts:
@@ -47,9 +48,13 @@ import run as bench  # noqa: E402  (bench/run.py: cpu_seconds, rss_kb, pin, floo
 import streamlb_testkit as kit  # noqa: E402
 
 REPO = kit.REPO
-POLICIES = ["none", "floor", "floor_bodies", "streamlb", "streamlb_shadow"]
+POLICIES = ["none", "floor", "floor_bodies", "streamlb", "streamlb_shadow", "streamlb_baseline"]
 DEFAULT_POLICIES = ["none", "floor", "floor_bodies", "streamlb"]
 STREAMLB_CONFIG = {"clusters": ["pods"], "tick_ms": 1000}
+# --baseline-wasm: another build of streamlb (e.g. before a change), run as `streamlb_baseline`.
+BASELINE_WASM: list[Path] = []
+# --streamlb-extra: merged into the streamlb policies' configuration (to find where a cost is).
+STREAMLB_EXTRA: dict = {}
 UNARY_PATH = "/streamlb.lab.v1.Telemetry/Send"
 
 
@@ -66,10 +71,14 @@ def envoy_kwargs(policy: str, filter_extra: dict | None = None) -> dict:
         return {"filter_config": None}
     if policy in bench.FLOOR_CONFIG:
         return {"filter_config": bench.FLOOR_CONFIG[policy], "wasm": bench.floor_wasm()}
-    if policy in ("streamlb", "streamlb_shadow"):
-        config = dict(STREAMLB_CONFIG, **(filter_extra or {}))
+    if policy in ("streamlb", "streamlb_shadow", "streamlb_baseline"):
+        config = dict(STREAMLB_CONFIG, **(filter_extra or {}), **STREAMLB_EXTRA)
         if policy == "streamlb_shadow":
             config["mode"] = "shadow"
+        if policy == "streamlb_baseline":
+            if not BASELINE_WASM:
+                raise ValueError("streamlb_baseline needs --baseline-wasm")
+            return {"filter_config": config, "wasm": BASELINE_WASM[0]}
         return {"filter_config": config}
     raise ValueError(f"unknown policy {policy}")
 
@@ -86,6 +95,10 @@ def envoy_for(policy: str, pods, workdir: Path, pin_cpu: bool, filter_extra: dic
         if policy.startswith("streamlb") and wait_discovery:
             bench.wait_for_discovery(envoy)
         yield envoy
+
+
+def unary_calls(pods) -> int:
+    return sum(p["kinds"]["unary"]["messages"] for p in pods.stats()["pods"])
 
 
 def pod_messages(pods) -> int:
@@ -224,15 +237,15 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
         url = f"http://{envoy.listen_addr}{UNARY_PATH}"
         log_file = workdir / "h2load.log"
         argv = [h2load, url, "-d", str(body), "-c", str(clients), "-m", "1", "--rps", f"{per_client:g}",
-                "-D", str(args.unary_window), "--warm-up-time", str(args.unary_warmup),
+                "-D", f"{args.unary_window:g}", "--warm-up-time", f"{args.unary_warmup:g}",
                 "-H", "content-type: application/grpc", "-H", "te: trailers",
                 "-H", "x-device-id: h2load", "--log-file", str(log_file)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=kit.die_with_parent if hasattr(kit, "die_with_parent") else None)
         time.sleep(args.unary_warmup + 0.5)
-        c0, w0 = bench.cpu_seconds(pid), time.monotonic()
+        c0, m0, w0 = bench.cpu_seconds(pid), unary_calls(pods), time.monotonic()
         time.sleep(args.unary_window - 1.0)
-        c1, w1 = bench.cpu_seconds(pid), time.monotonic()
+        c1, m1, w1 = bench.cpu_seconds(pid), unary_calls(pods), time.monotonic()
         try:
             text, _ = proc.communicate(timeout=args.unary_window + 60)
         except subprocess.TimeoutExpired:
@@ -242,9 +255,8 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"h2load exited {proc.returncode}:\n{text[-2000:]}")
     lat = h2load_latencies(log_file)
-    # Calls completed in the CPU window: from the log, the requests that started in it.
-    calls_per_s = len(lat) / args.unary_window if lat else 0.0
-    calls = calls_per_s * (w1 - w0)
+    calls = m1 - m0  # calls the pods answered in the CPU window
+    calls_per_s = calls / (w1 - w0)
     failed = sum(1 for line in log_file.read_text().splitlines() if len(line.split()) >= 2
                  and not line.split()[1].startswith("2"))
     return {
@@ -453,6 +465,8 @@ def main() -> int:
     ap.add_argument("--memory-settle", type=float, default=3.0)
     ap.add_argument("--fill-devices", type=int, default=100_000)
     ap.add_argument("--fill-wave", type=int, default=5_000)
+    ap.add_argument("--baseline-wasm", help="another streamlb .wasm, run as policy streamlb_baseline")
+    ap.add_argument("--streamlb-extra", default="{}", help="JSON merged into the streamlb configuration")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--out-dir", default=str(REPO / "build" / "bench-cost"))
     args = ap.parse_args()
@@ -461,6 +475,9 @@ def main() -> int:
     for p in policies:
         if p not in POLICIES:
             ap.error(f"unknown policy {p!r}; known: {', '.join(POLICIES)}")
+    STREAMLB_EXTRA.update(json.loads(args.streamlb_extra))
+    if args.baseline_wasm:
+        BASELINE_WASM.append(Path(args.baseline_wasm).resolve())
     args.memory_endpoints = [int(x) for x in args.memory_endpoints.split(",") if x.strip()]
     if any(p.startswith("floor") for p in policies) and not bench.floor_wasm().exists():
         ap.error(f"{bench.floor_wasm()} missing: run `make build-floor`")

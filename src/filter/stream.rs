@@ -2,9 +2,9 @@
 //!
 //! - Request headers: strip any client-supplied endpoint header, resolve route and cluster, ask
 //!   the router, and (in `steer` mode) name `primary,secondary` in the endpoint header.
-//! - Bodies: count gRPC messages and bytes per direction. Pure payload chunks are skipped
-//!   without copying; otherwise the chunk is read once from the first prefix on — at most one
-//!   host call per DATA frame, none per message.
+//! - Bodies: count gRPC messages and bytes per direction. Payload is skipped without copying:
+//!   only the 5-byte prefix at a message boundary is read, and the rest of the frame only when
+//!   another message starts in it — at most two host calls per DATA frame, none for pure payload.
 //! - Response headers/trailers: the real upstream, ORCA reports, statuses.
 //! - Done: the outcome updates load and penalties.
 
@@ -277,20 +277,9 @@ impl StreamFilter {
             Direction::Downstream => (&mut self.down, Body::Response),
         };
         let (m0, b0) = (counter.messages(), counter.bytes());
-        let size64 = size as u64;
-        let skip = counter.skippable().min(size64);
-        counter.skip(skip);
-        let mut read_error = None;
-        if skip < size64 {
-            let start = skip as usize;
-            match host.body(which, start, size - start) {
-                Ok(Some(bytes)) => {
-                    counter.feed(&bytes);
-                }
-                Ok(None) => {}
-                Err(e) => read_error = Some(e),
-            }
-        }
+        let read_error = counter
+            .count_chunk(size, |start, len| host.body(which, start, len))
+            .err();
         let (dm, db) = (counter.messages() - m0, counter.bytes() - b0);
         let Ok(mut vm) = self.vm.try_borrow_mut() else {
             return;
