@@ -338,7 +338,7 @@ impl StreamFilter {
             Ok(None) => {}
             Err(e) => vm.host_error(host, "get_property (upstream)", &e),
         }
-        on_orca_report(host, vm, HeaderMap::Response, now, self.id);
+        on_orca_report(host, vm, HeaderMap::Response, Some(now), self.id);
         if !vm.config().rebalance.allow_reset {
             // From now on only a reset could end it: never move it, and drop a planned move.
             if let Some(ci) = vm.router.set_unmovable(self.id) {
@@ -403,8 +403,7 @@ impl StreamFilter {
             self.grpc_status = parse_number(&s);
         }
         if let Ok(mut vm) = self.vm.try_borrow_mut() {
-            let now = host.now().unwrap_or(0);
-            on_orca_report(host, &mut vm, HeaderMap::ResponseTrailers, now, self.id);
+            on_orca_report(host, &mut vm, HeaderMap::ResponseTrailers, None, self.id);
         }
     }
 
@@ -495,10 +494,13 @@ fn read_orca(
 }
 
 /// An upstream's ORCA report: applied when valid, else counted and logged once (a backend can
-/// send any bytes).
-fn on_orca_report(host: &dyn Host, vm: &mut Vm, map: HeaderMap, now: Nanos, id: u64) {
+/// send any bytes). `now` is read from the host only when there is a report (`None`).
+fn on_orca_report(host: &dyn Host, vm: &mut Vm, map: HeaderMap, now: Option<Nanos>, id: u64) {
     match read_orca(host, map) {
-        Ok(Some(report)) => vm.router.on_orca(now, id, &report),
+        Ok(Some(report)) => {
+            let now = now.unwrap_or_else(|| host.now().unwrap_or(0));
+            vm.router.on_orca(now, id, &report);
+        }
         Ok(None) => {}
         Err((name, e)) => {
             vm.stats.health.orca_invalid += 1;
