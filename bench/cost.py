@@ -17,7 +17,8 @@ Parts:
 - unary: per call. `h2load` sends unary gRPC calls (Telemetry/Send) at a fixed rate; Envoy CPU
   per call, and latency p50/p99 from h2load's per-request log.
 - memory: Envoy VmRSS with 1,000 and 10,000 endpoints (a STATIC cluster of 127.0.0.1 ports,
-  no health checks, nothing listening) and streamlb's rate memory filled to 100,000 devices.
+  no health checks, nothing listening), and after 100,000 distinct devices streamed through
+  streamlb with and without rate memory (capacity 100,000).
 
 Rounds: every round runs every policy once, the order rotated by one each round, so a
 disturbance (other work on the machine) hits the policies alike. Per policy: median and min–max
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: cpu_seconds, rss_kb, pin, floor_wasm)
 
 import streamlb_testkit as kit  # noqa: E402
+import yaml  # noqa: E402
 
 REPO = kit.REPO
 POLICIES = ["none", "floor", "floor_bodies", "streamlb", "streamlb_shadow", "streamlb_baseline"]
@@ -85,10 +87,19 @@ def envoy_kwargs(policy: str, filter_extra: dict | None = None) -> dict:
 
 @contextlib.contextmanager
 def envoy_for(policy: str, pods, workdir: Path, pin_cpu: bool, filter_extra: dict | None = None,
-              health_checks: bool = True, wait_discovery: bool = True):
+              health_checks: bool = True, wait_discovery: bool = True, many_streams: bool = False):
+    """One Envoy for `policy`. many_streams: the pods cluster's circuit breakers raised (Envoy's
+    default of 1,024 concurrent requests would fail the memory part's waves of streams)."""
     kwargs = envoy_kwargs(policy, filter_extra)
     envoy = kit.Envoy(pods, node_zone="a", concurrency=1, workdir=bench.mkdir(workdir), log_level="warn",
                       lb="override_host", health_checks=health_checks, **kwargs)
+    if many_streams:
+        config = yaml.safe_load(envoy.config_path.read_text())
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] == "pods":
+                cluster["circuit_breakers"] = {"thresholds": [
+                    {"max_connections": 1_000_000, "max_pending_requests": 1_000_000, "max_requests": 1_000_000}]}
+        envoy.config_path.write_text(yaml.safe_dump(config, sort_keys=False, width=120))
     with envoy:
         if pin_cpu:
             bench.pin(envoy.proc.pid, 1)
@@ -305,13 +316,13 @@ def healthy_endpoints_seen(envoy) -> float:
     return sum(v for k, v in stats.items() if "endpoints" in k)
 
 
-def memory_case(policy: str, endpoints: int, workdir: Path, args, fill_devices: int = 0, pods=None) -> dict:
+def memory_case(policy: str, endpoints: int, workdir: Path, args, fill_devices: int = 0, pods=None,
+                extra: dict | None = None) -> dict:
+    """RSS of one Envoy: with `endpoints` fake endpoints, or (pods given) after `fill_devices`
+    distinct devices streamed through it."""
     pod_list = fake_endpoints(endpoints) if pods is None else pods
-    extra = {}
-    if fill_devices:
-        extra = {"rate_memory": {"capacity": fill_devices}}
     with envoy_for(policy, pod_list, workdir, False, filter_extra=extra, health_checks=False,
-                   wait_discovery=False) as envoy:
+                   wait_discovery=False, many_streams=pods is not None) as envoy:
         seen = None
         if policy.startswith("streamlb"):
             try:
@@ -325,7 +336,7 @@ def memory_case(policy: str, endpoints: int, workdir: Path, args, fill_devices: 
             filled = fill_rate_memory(envoy, fill_devices, workdir, args)
             time.sleep(args.memory_settle)
         rss = bench.rss_kb(envoy.proc.pid)
-        discovery = {k: v for k, v in envoy.stats("streamlb_(discovery|health)").items()}
+        discovery = dict(envoy.stats("streamlb_(discovery|host_errors|cas)"))
     return {"rss_kb": rss, "discovery": seen, "stats": discovery, "filled": filled}
 
 
@@ -338,11 +349,26 @@ def fill_rate_memory(envoy, devices: int, workdir: Path, args) -> dict:
         n = min(args.fill_wave, devices - w * args.fill_wave)
         report = kit.run_devices(envoy.listen_addr, n, 1.0, "constant", 2.6, workdir=bench.mkdir(workdir / f"fill-{w}"),
                                  seed=1, record_headers=(),
-                                 extra_args=["--workers", "1", "--ramp", "0.5", "--payload", "8",
+                                 extra_args=["--workers", "2", "--ramp", "0.5", "--payload", "8",
                                              "--device-prefix", f"fill{w}-"], timeout=120)
-        written += sum(1 for s in report["streams"] if s.get("acked", 0) > 0)
-        log(f"    fill wave {w + 1}/{waves}: {n} devices")
-    return {"devices_with_acks": written, "waves": waves}
+        ok = sum(1 for s in report["streams"] if s.get("statuses", {}).get("OK") and s.get("acked", 0) > 0)
+        written += ok
+        log(f"    fill wave {w + 1}/{waves}: {n} devices, {ok} streams ended OK")
+    return {"devices_ok": written, "waves": waves}
+
+
+def expected_occupancy(keys: int, capacity: int | None = None, ways: int = 32) -> float:
+    """Expected share of the rate memory's slots in use after `keys` distinct random keys:
+    buckets of `ways` (a full bucket evicts), so Σ min(X, ways) with X ~ Poisson(keys/buckets)."""
+    capacity = capacity or keys
+    buckets = max(1, -(-capacity // ways))
+    lam = keys / buckets
+    p, used = math.exp(-lam), 0.0
+    for k in range(0, 20 * ways + int(4 * lam) + 10):
+        if k > 0:
+            p *= lam / k
+        used += min(k, ways) * p
+    return used / ways
 
 
 def part_memory(args, policies: list[str], workdir: Path) -> dict:
@@ -357,21 +383,26 @@ def part_memory(args, policies: list[str], workdir: Path) -> dict:
             r.update(policy=p, endpoints=n)
             log(f"  {n} endpoints, {p}: RSS {fmt((r.get('rss_kb') or 0) / 1024)} MB {r.get('discovery') or ''}")
             out["cases"].append(r)
-    if args.fill_devices and "streamlb" in policies:
+    if args.fill_devices:
+        # The same traffic through each: streamlb without rate memory, streamlb remembering
+        # every device (capacity = the devices).
+        cases = [("streamlb", {"rate_memory": {"header": ""}}, 0),
+                 ("streamlb", {"rate_memory": {"capacity": args.fill_devices}}, args.fill_devices)]
         with kit.Pods(zones={"a": 2}, workdir=bench.mkdir(workdir / "pods-mem")) as pods:
-            for p in ("floor", "streamlb"):
+            for i, (p, extra, capacity) in enumerate(cases):
                 if p not in policies:
                     continue
                 try:
-                    r = memory_case(p, 0, bench.mkdir(workdir / f"mem-fill-{p}"), args,
-                                    fill_devices=args.fill_devices if p == "streamlb" else 0, pods=pods)
-                    if p != "streamlb":
-                        r["filled"] = None
+                    r = memory_case(p, 0, bench.mkdir(workdir / f"mem-fill-{i}"), args,
+                                    fill_devices=args.fill_devices, pods=pods, extra=extra)
                 except Exception as e:
                     r = {"error": str(e)[-2000:]}
-                r.update(policy=p, endpoints=len(pods.pods), rate_memory=args.fill_devices if p == "streamlb" else 0)
-                log(f"  rate memory {r['rate_memory']}, {p}: RSS {fmt((r.get('rss_kb') or 0) / 1024)} MB {r.get('filled')}")
+                r.update(policy=p, endpoints=len(pods.pods), rate_memory=capacity,
+                         config=extra, devices=args.fill_devices)
+                log(f"  {args.fill_devices} devices, rate memory {capacity}, {p}: "
+                    f"RSS {fmt((r.get('rss_kb') or 0) / 1024)} MB {r.get('filled')}")
                 out["cases"].append(r)
+        out["rate_memory_occupancy"] = expected_occupancy(args.fill_devices)
     out["load_end"] = loadavg()
     return out
 
@@ -436,6 +467,9 @@ def markdown(out: dict) -> str:
                 note += f" filled: {c['filled']}"
             lines.append(f"| {c['endpoints']} | {c.get('rate_memory', '')} | {c['policy']} | "
                          f"{fmt((c.get('rss_kb') or 0) / 1024, 1)} | {note} |")
+        if mem.get("rate_memory_occupancy"):
+            lines += ["", f"Rate memory: {100 * mem['rate_memory_occupancy']:.1f} % of its slots expected in use "
+                          f"after {mem['cases'][-1].get('devices', '?')} random device ids (buckets of 32 evict)."]
         lines.append("")
     return "\n".join(lines)
 
@@ -464,12 +498,28 @@ def main() -> int:
     ap.add_argument("--memory-endpoints", default="1000,10000")
     ap.add_argument("--memory-settle", type=float, default=3.0)
     ap.add_argument("--fill-devices", type=int, default=100_000)
-    ap.add_argument("--fill-wave", type=int, default=5_000)
+    # Below Envoy's and the pods' limits on concurrent streams (waves of 3,000 lost streams).
+    ap.add_argument("--fill-wave", type=int, default=1_000)
     ap.add_argument("--baseline-wasm", help="another streamlb .wasm, run as policy streamlb_baseline")
     ap.add_argument("--streamlb-extra", default="{}", help="JSON merged into the streamlb configuration")
+    ap.add_argument("--render", nargs="+", metavar="JSON",
+                    help="only print the markdown of earlier runs' JSON files (their parts merged)")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--out-dir", default=str(REPO / "build" / "bench-cost"))
     args = ap.parse_args()
+    if args.render:
+        merged: dict = {}
+        for f in args.render:
+            run_ = json.loads(Path(f).read_text())
+            for key in ("cpu", "unary", "memory"):
+                if key in run_:
+                    merged[key] = run_[key]
+                    merged.setdefault("args", {}).update(run_["args"] if key != "memory" else {})
+            for key in ("started", "machine", "rounds"):
+                merged.setdefault(key, run_[key])
+            merged.setdefault("args", run_["args"])
+        print(markdown(merged))
+        return 0
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for p in policies:
