@@ -138,6 +138,19 @@ def rounds_needed(sd: float | None, precision: float) -> int | None:
     return max(5, math.ceil((1.96 * sd / precision) ** 2))
 
 
+def attempt(what: str, run_once, tries: int = 2) -> dict:
+    """run_once() → its result, tried again once on failure (e.g. a port picked free that was
+    taken by the time Envoy bound it); {"error": …} when every try failed."""
+    error = ""
+    for t in range(tries):
+        try:
+            return run_once(t)
+        except Exception as e:  # one failure must not lose the other rounds
+            error = str(e)[-2000:]
+            log(f"  {what}: FAILED (try {t + 1}/{tries}): {error.splitlines()[-1] if error else e!r}")
+    return {"error": error}
+
+
 def rotated(policies: list[str], k: int) -> list[str]:
     k %= len(policies)
     return policies[k:] + policies[:k]
@@ -177,13 +190,11 @@ def part_cpu(args, policies: list[str], workdir: Path, pin_cpu: bool) -> dict:
         for k in range(args.rounds):
             row = {"round": k + 1, "load": loadavg(), "policies": {}}
             for p in rotated(policies, k):
-                try:
-                    r = cpu_round(p, pods, args, bench.mkdir(workdir / f"cpu-{k}-{p}"), pin_cpu)
-                    log(f"  round {k + 1} {p}: {r['us_per_message']:.2f} µs/msg at {r['msgs_per_s']:.0f} msgs/s "
+                r = attempt(f"round {k + 1} {p}", lambda t, p=p: cpu_round(
+                    p, pods, args, bench.mkdir(workdir / f"cpu-{k}-{p}-{t}"), pin_cpu))
+                if "error" not in r:
+                    log(f"  round {k + 1} {p}: {fmt(r['us_per_message'])} µs/msg at {r['msgs_per_s']:.0f} msgs/s "
                         f"({r['envoy_cores']:.2f} cores), failed {r['failed']}")
-                except Exception as e:  # one failure must not lose the other rounds
-                    log(f"  round {k + 1} {p}: FAILED: {e}")
-                    r = {"error": str(e)[-2000:]}
                 row["policies"][p] = r
             out["rounds"].append(row)
     out["load_end"] = loadavg()
@@ -286,13 +297,11 @@ def part_unary(args, policies: list[str], workdir: Path, pin_cpu: bool) -> dict:
         for k in range(args.rounds):
             row = {"round": k + 1, "load": loadavg(), "policies": {}}
             for p in rotated(policies, k):
-                try:
-                    r = unary_round(p, pods, args, bench.mkdir(workdir / f"unary-{k}-{p}"), pin_cpu)
+                r = attempt(f"round {k + 1} {p}", lambda t, p=p: unary_round(
+                    p, pods, args, bench.mkdir(workdir / f"unary-{k}-{p}-{t}"), pin_cpu))
+                if "error" not in r:
                     log(f"  round {k + 1} {p}: {fmt(r['us_per_call'])} µs/call at {r['calls_per_s']:.0f} calls/s, "
                         f"p50 {fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms, failed {r['failed']}")
-                except Exception as e:
-                    log(f"  round {k + 1} {p}: FAILED: {e}")
-                    r = {"error": str(e)[-2000:]}
                 row["policies"][p] = r
             out["rounds"].append(row)
     out["load_end"] = loadavg()
