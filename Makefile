@@ -18,6 +18,8 @@ PY := $(VENV)/bin/python
 STAMPS := build/stamps
 WASM := $(CARGO_TARGET_DIR)/wasm32-wasip1/release/streamlb.wasm
 LAB := $(CARGO_TARGET_DIR)/release/lab
+# Bench only: the no-op proxy-wasm filter (bench/floor), the floor the cost benchmark compares with.
+FLOOR_WASM := $(CARGO_TARGET_DIR)/wasm32-wasip1/release/streamlb_floor.wasm
 
 # Debian packages, installed with apt-get only when missing. An entry is `package`
 # (checked with dpkg) or `command:package` (present when `command` is on PATH).
@@ -41,7 +43,7 @@ RATE ?= 20
 DIST ?= zipf:0.8
 ENVOYS ?= 1
 
-.PHONY: soak scale bench sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
+.PHONY: soak scale bench bench-cost bench-apt build-floor sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
 	test-unit-native test-unit-wasm test-e2e test-compat fuzz-smoke fuzz fuzz-long test run clean distclean
 
 ## deps: everything the other targets use.
@@ -87,6 +89,10 @@ build-wasm: $(STAMPS)/rust-targets | apt
 	@ls -l $(WASM)
 build-lab: | apt
 	$(CARGO) build --release -p streamlb-lab
+build-floor: $(STAMPS)/rust-targets | apt
+	CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+		$(CARGO) build --release --target wasm32-wasip1 -p streamlb-floor
+	@ls -l $(FLOOR_WASM)
 
 ## lint: rustfmt, clippy (native, all targets; and the wasm32-wasip1 filter), and every test
 ## module aliasing wasm_bindgen_test (plain #[test]s are silently skipped under wasm).
@@ -154,7 +160,7 @@ run: deps build
 ## (bench/README.md). `make bench SCENARIO=bench/scenarios/quick.json POLICIES=streamlb,least_request`
 SCENARIO ?= bench/scenarios/zipf08-3zones.json
 POLICIES ?=
-bench: venv build
+bench: venv build build-floor
 	$(PY) bench/run.py --scenario $(SCENARIO) $(if $(POLICIES),--policies $(POLICIES))
 
 ## soak: three Envoys, devices with churn and a fault schedule for SOAK_MINUTES; invariants and
@@ -168,6 +174,17 @@ soak: venv build
 ## (tools/scale.py; build/scale/report.html).
 scale: venv build
 	$(PY) tools/scale.py
+
+## bench-cost: Envoy CPU per message, per unary call and RSS of streamlb against no filter and the
+## proxy-wasm floor (bench/floor), rounds interleaved (bench/README.md, "Cost"). Not part of `make test`.
+## `make bench-cost COST_ARGS="--rounds 7 --parts cpu"`
+COST_ARGS ?=
+# h2load drives the unary calls; only this target needs it.
+BENCH_APT_PACKAGES := h2load:nghttp2-client
+bench-apt: apt
+	@tools/ensure_apt.sh $(BENCH_APT_PACKAGES)
+bench-cost: venv build build-floor bench-apt
+	$(PY) bench/cost.py $(COST_ARGS)
 
 ## sim: fleet-scale simulation of SCENARIO over the real routing core and the peers.
 sim: venv build-lab

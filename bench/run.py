@@ -39,13 +39,16 @@ ALL_POLICIES = [
     "streamlb_local",
     "streamlb_rebalance",
     "streamlb_shadow",
+    "floor",
+    "floor_bodies",
     "round_robin",
     "least_request",
     "zone_aware",
     "load_aware_locality",
     "client_side_weighted_round_robin",
 ]
-DEFAULT_POLICIES = ALL_POLICIES
+# The floor policies are for the cost benchmark (bench/cost.py); ask for them by name.
+DEFAULT_POLICIES = [p for p in ALL_POLICIES if not p.startswith("floor")]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 IDLE_S = 4.0
 
@@ -119,6 +122,14 @@ PEER_LB = {
     ),
 }
 DISCOVERY_STAT = "wasmcustom.streamlb_discovery_polls_ok_total"
+# The proxy-wasm floor (bench/floor): a no-op Rust filter, and the same reading every body chunk.
+# Envoy's placement is the cluster's fallback (least_request), as with no filter.
+FLOOR_CONFIG = {"floor": {}, "floor_bodies": {"read_bodies": True}}
+
+
+def floor_wasm() -> Path:
+    """The floor filter's .wasm (`make build-floor`)."""
+    return kit.target_dir() / "wasm32-wasip1" / "release" / "streamlb_floor.wasm"
 
 
 def envoy_setup(policy: str, scenario_file: Path) -> dict:
@@ -126,6 +137,8 @@ def envoy_setup(policy: str, scenario_file: Path) -> dict:
     if policy in STREAMLB_OVERRIDES:
         plan = lab_plan(scenario_file, FILTER_DEFAULTS, STREAMLB_OVERRIDES[policy])
         return {"filter_config": plan["filter_config"], "lb": "override_host"}
+    if policy in FLOOR_CONFIG:
+        return {"filter_config": FLOOR_CONFIG[policy], "lb": "override_host", "wasm": floor_wasm()}
     if policy in PEER_LB:
         return {"filter_config": None, "lb": PEER_LB[policy]}
     raise ValueError(f"unknown policy {policy}")
@@ -152,7 +165,7 @@ def start_envoys(stack: contextlib.ExitStack, policy: str, sc: dict, scenario_fi
             envoys.append((zone, envoy))
             if pin_cpus:
                 pin(envoy.proc.pid, 1)
-    if setup["filter_config"]:
+    if setup["filter_config"] and policy not in FLOOR_CONFIG:
         for _, envoy in envoys:
             wait_for_discovery(envoy)
     return envoys

@@ -14,6 +14,16 @@ fn main() {
     let service = tonic_build::manual::Service::builder()
         .name("Telemetry")
         .package("streamlb.lab.v1")
+        .method(
+            // Unary: one Reading, one Ack (the cost bench's calls).
+            tonic_build::manual::Method::builder()
+                .name("send")
+                .route_name("Send")
+                .input_type("crate::proto::Reading")
+                .output_type("crate::proto::Ack")
+                .codec_path("tonic_prost::ProstCodec")
+                .build(),
+        )
         .method(method("upload", "Upload", "crate::proto::UploadSummary").build())
         .method(
             method("stream", "Stream", "crate::proto::Ack")

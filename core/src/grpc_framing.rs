@@ -13,17 +13,10 @@
 //!   [`FrameCounter::skippable`] is unbounded and [`FrameCounter::at_message_boundary`] is false.
 //! - [`FrameCounter::plain`] (non-gRPC HTTP/2) counts bytes only; everything is skippable.
 //!
-//! Intended use by the glue, once per DATA frame of `chunk_len` bytes, so that there is at most
-//! one host call per frame and none for frames that are pure payload:
-//!
-//! ```text
-//! let s = min(c.skippable(), chunk_len);
-//! c.skip(s);
-//! if s < chunk_len {
-//!     let bytes = fetch body[s..chunk_len] from the host (one call);
-//!     c.feed(&bytes);
-//! }
-//! ```
+//! The glue counts each DATA frame with [`FrameCounter::count_chunk`]: at most two reads per
+//! frame (the prefix at the message boundary, then the rest of the frame only if another
+//! message starts in it), none for frames that are pure payload, so a payload is never copied
+//! into the VM just to be skipped.
 
 /// Length of the gRPC message prefix: flag byte + `u32` length.
 pub const PREFIX_LEN: usize = 5;
@@ -84,6 +77,59 @@ impl FrameCounter {
             u64::from(self.payload_remaining)
         } else {
             u64::MAX
+        }
+    }
+
+    /// Counts one chunk of `len` bytes, reading through `read(start, len)` (the chunk's bytes
+    /// `start..start + len`; `None`: the host has none) only what must be read: payload is
+    /// skipped; at a prefix, the missing prefix bytes (≤ 5) are read; if after that message
+    /// another one starts in the chunk, the rest of the chunk is read in one call. So at most
+    /// two reads. Returns the number of reads, or the first read error (what was counted before
+    /// stays counted; bytes not read are not counted).
+    pub fn count_chunk<B: AsRef<[u8]>, E>(
+        &mut self,
+        len: usize,
+        mut read: impl FnMut(usize, usize) -> Result<Option<B>, E>,
+    ) -> Result<u32, E> {
+        let mut at = 0usize;
+        let mut reads = 0u32;
+        loop {
+            let left = len.saturating_sub(at);
+            let skip = self.skippable().min(left as u64);
+            self.skip(skip);
+            // skip ≤ left, which is a usize.
+            at = at.saturating_add(skip as usize);
+            let left = len.saturating_sub(at);
+            if left == 0 || reads >= 2 {
+                return Ok(reads);
+            }
+            // Not all skippable: framing, at a prefix, so prefix_needed() ≥ 1.
+            let want = if reads == 0 {
+                self.prefix_needed().clamp(1, left)
+            } else {
+                left
+            };
+            reads += 1;
+            let Some(bytes) = read(at, want)? else {
+                return Ok(reads);
+            };
+            let bytes = bytes.as_ref();
+            let bytes = bytes.get(..want).unwrap_or(bytes);
+            if bytes.is_empty() {
+                return Ok(reads);
+            }
+            self.feed(bytes);
+            at = at.saturating_add(bytes.len());
+        }
+    }
+
+    /// Bytes still missing of the prefix being read: `PREFIX_LEN` minus those gathered when the
+    /// next byte belongs to a prefix, else 0 (inside a payload, or not framing).
+    pub fn prefix_needed(&self) -> usize {
+        if self.framing() && self.payload_remaining == 0 {
+            PREFIX_LEN.saturating_sub(usize::from(self.prefix_len))
+        } else {
+            0
         }
     }
 
@@ -213,15 +259,57 @@ mod tests {
         out
     }
 
-    /// Feeds one chunk the way the glue does: skip what is skippable, feed the rest.
+    /// Counts one chunk the way the glue does ([`FrameCounter::count_chunk`]), checking that it
+    /// reads at most twice and never more than the chunk.
     fn glue_feed(c: &mut FrameCounter, chunk: &[u8]) -> u64 {
         let before = c.messages();
-        let s = c.skippable().min(chunk.len() as u64) as usize;
-        c.skip(s as u64);
-        if s < chunk.len() {
-            c.feed(&chunk[s..]);
-        }
+        let reads = c
+            .count_chunk(chunk.len(), |start, len| {
+                assert!(start + len <= chunk.len());
+                Ok::<_, ()>(chunk.get(start..start + len))
+            })
+            .unwrap();
+        assert!(reads <= 2, "{reads} reads");
         c.messages() - before
+    }
+
+    #[test]
+    fn count_chunk_reads_prefixes_not_payload() {
+        let mut c = FrameCounter::grpc();
+        let one = frame(&[9u8; 64], false);
+        let mut asked = Vec::new();
+        let mut read = |chunk: &[u8], start: usize, len: usize| {
+            asked.push((start, len));
+            Ok::<_, ()>(Some(chunk[start..start + len].to_vec()))
+        };
+        // One message per chunk: only its prefix is read.
+        assert_eq!(c.count_chunk(one.len(), |s, l| read(&one, s, l)), Ok(1));
+        assert_eq!((c.messages(), c.bytes()), (1, one.len() as u64));
+        // Two messages: the prefix, then the rest of the chunk.
+        let two = [frame(&[1u8; 100], false), frame(b"ab", false)].concat();
+        assert_eq!(c.count_chunk(two.len(), |s, l| read(&two, s, l)), Ok(2));
+        assert_eq!(c.messages(), 3);
+        assert_eq!(asked, vec![(0, 5), (0, 5), (105, 7)]);
+        // A read error: reported, the bytes before it stay counted.
+        let mut d = FrameCounter::grpc();
+        assert_eq!(
+            d.count_chunk(10, |_, _| Err::<Option<Vec<u8>>, _>("x")),
+            Err("x")
+        );
+        assert_eq!(d.bytes(), 0);
+        // No body: nothing counted, no error.
+        assert_eq!(
+            d.count_chunk(10, |_, _| Ok::<Option<Vec<u8>>, ()>(None)),
+            Ok(1)
+        );
+        assert_eq!(d.bytes(), 0);
+        // Plain mode never reads.
+        let mut p = FrameCounter::plain();
+        assert_eq!(
+            p.count_chunk(10, |_, _| -> Result<Option<Vec<u8>>, ()> { panic!("read") }),
+            Ok(0)
+        );
+        assert_eq!(p.bytes(), 10);
     }
 
     #[test]
@@ -303,6 +391,22 @@ mod tests {
         // Only the first chunk (holding the prefix) needs reading.
         assert_eq!(host_calls, 1);
         assert_eq!(fed, 16 * 1024);
+    }
+
+    #[test]
+    fn prefix_needed_counts_the_missing_prefix_bytes() {
+        let mut c = FrameCounter::grpc();
+        assert_eq!(c.prefix_needed(), PREFIX_LEN);
+        c.feed(&[0, 0]);
+        assert_eq!(c.prefix_needed(), 3);
+        c.feed(&[0, 0, 4]);
+        assert_eq!(c.prefix_needed(), 0, "inside the payload");
+        c.skip(4);
+        assert_eq!(c.prefix_needed(), PREFIX_LEN);
+        c.feed(&[9]);
+        assert!(c.is_corrupt());
+        assert_eq!(c.prefix_needed(), 0);
+        assert_eq!(FrameCounter::plain().prefix_needed(), 0);
     }
 
     #[test]

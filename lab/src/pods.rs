@@ -107,6 +107,7 @@ pub struct PodStats {
     pub stream_errors: AtomicU64,
     pub bidi: KindStats,
     pub upload: KindStats,
+    pub unary: KindStats,
     pub window: RateWindow,
     /// Load probes answered.
     pub probes: AtomicU64,
@@ -123,6 +124,7 @@ impl PodStats {
             stream_errors: AtomicU64::new(0),
             bidi: KindStats::default(),
             upload: KindStats::default(),
+            unary: KindStats::default(),
             window: RateWindow::new(),
             probes: AtomicU64::new(0),
         }
@@ -400,6 +402,7 @@ impl Pod {
             kinds: KindsSnapshot {
                 bidi: kind(&self.stats.bidi),
                 upload: kind(&self.stats.upload),
+                unary: kind(&self.stats.unary),
             },
         }
     }
@@ -415,6 +418,7 @@ pub struct KindSnapshot {
 pub struct KindsSnapshot {
     pub bidi: KindSnapshot,
     pub upload: KindSnapshot,
+    pub unary: KindSnapshot,
 }
 
 /// `GET /stats` body.
@@ -648,6 +652,27 @@ impl AckState {
 
 #[tonic::async_trait]
 impl Telemetry for PodService {
+    async fn send(&self, request: Request<Reading>) -> Result<Response<Ack>, Status> {
+        if *self.stop.borrow() {
+            return Err(stopped_status());
+        }
+        let _active = ActiveStream::open(&self.pod, &self.pod.stats.unary);
+        let reading = request.into_inner();
+        let now = Instant::now();
+        self.pod
+            .stats
+            .record_message(&self.pod.stats.unary, &reading, now);
+        let delay = self.pod.ack_delay(now);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(Response::new(Ack {
+            seq: reading.seq,
+            pod: self.pod.name.clone(),
+            sent_unix_nanos: reading.sent_unix_nanos,
+        }))
+    }
+
     async fn upload(
         &self,
         request: Request<Streaming<Reading>>,

@@ -222,6 +222,39 @@ async fn upload_summary_counts_every_reading() {
     fleet.shutdown();
 }
 
+/// The unary `Send` the cost benchmark drives with h2load: one Ack per Reading, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_send_acks_and_counts_each_reading() {
+    use streamlb_lab::proto::{telemetry_client::TelemetryClient, Reading};
+    let fleet = Fleet::launch(&fleet_config(0.0, None))
+        .await
+        .expect("fleet");
+    let pod = fleet.pods[0].clone();
+    let mut client = TelemetryClient::connect(format!("http://{}", pod.address))
+        .await
+        .expect("connect");
+    for seq in 1..=3 {
+        let ack = client
+            .send(Reading {
+                device_id: "d".into(),
+                seq,
+                sent_unix_nanos: 7,
+                payload: Bytes::from_static(b"xyz"),
+            })
+            .await
+            .expect("send")
+            .into_inner();
+        assert_eq!((ack.seq, ack.sent_unix_nanos), (seq, 7));
+        assert_eq!(ack.pod, pod.name);
+    }
+    let snapshot = pod.snapshot();
+    assert_eq!(snapshot.kinds.unary.messages, 3);
+    assert_eq!(snapshot.kinds.unary.streams_total, 3);
+    assert_eq!(snapshot.messages, 3);
+    assert_eq!(snapshot.bytes, 9);
+    fleet.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overloaded_pod_delays_acks() {
     // 20 streams * 25/s = 500 msgs/s against capacity 250: delay = (500 - 250) / 250 = 1 s.

@@ -2,9 +2,9 @@
 //!
 //! - Request headers: strip any client-supplied endpoint header, resolve route and cluster, ask
 //!   the router, and (in `steer` mode) name `primary,secondary` in the endpoint header.
-//! - Bodies: count gRPC messages and bytes per direction. Pure payload chunks are skipped
-//!   without copying; otherwise the chunk is read once from the first prefix on — at most one
-//!   host call per DATA frame, none per message.
+//! - Bodies: count gRPC messages and bytes per direction. Payload is skipped without copying:
+//!   only the 5-byte prefix at a message boundary is read, and the rest of the frame only when
+//!   another message starts in it — at most two host calls per DATA frame, none for pure payload.
 //! - Response headers/trailers: the real upstream, ORCA reports, statuses.
 //! - Done: the outcome updates load and penalties.
 
@@ -277,20 +277,9 @@ impl StreamFilter {
             Direction::Downstream => (&mut self.down, Body::Response),
         };
         let (m0, b0) = (counter.messages(), counter.bytes());
-        let size64 = size as u64;
-        let skip = counter.skippable().min(size64);
-        counter.skip(skip);
-        let mut read_error = None;
-        if skip < size64 {
-            let start = skip as usize;
-            match host.body(which, start, size - start) {
-                Ok(Some(bytes)) => {
-                    counter.feed(&bytes);
-                }
-                Ok(None) => {}
-                Err(e) => read_error = Some(e),
-            }
-        }
+        let read_error = counter
+            .count_chunk(size, |start, len| host.body(which, start, len))
+            .err();
         let (dm, db) = (counter.messages() - m0, counter.bytes() - b0);
         let Ok(mut vm) = self.vm.try_borrow_mut() else {
             return;
@@ -349,7 +338,7 @@ impl StreamFilter {
             Ok(None) => {}
             Err(e) => vm.host_error(host, "get_property (upstream)", &e),
         }
-        on_orca_report(host, vm, HeaderMap::Response, now, self.id);
+        on_orca_report(host, vm, HeaderMap::Response, Some(now), self.id);
         if !vm.config().rebalance.allow_reset {
             // From now on only a reset could end it: never move it, and drop a planned move.
             if let Some(ci) = vm.router.set_unmovable(self.id) {
@@ -414,8 +403,7 @@ impl StreamFilter {
             self.grpc_status = parse_number(&s);
         }
         if let Ok(mut vm) = self.vm.try_borrow_mut() {
-            let now = host.now().unwrap_or(0);
-            on_orca_report(host, &mut vm, HeaderMap::ResponseTrailers, now, self.id);
+            on_orca_report(host, &mut vm, HeaderMap::ResponseTrailers, None, self.id);
         }
     }
 
@@ -506,10 +494,13 @@ fn read_orca(
 }
 
 /// An upstream's ORCA report: applied when valid, else counted and logged once (a backend can
-/// send any bytes).
-fn on_orca_report(host: &dyn Host, vm: &mut Vm, map: HeaderMap, now: Nanos, id: u64) {
+/// send any bytes). `now` is read from the host only when there is a report (`None`).
+fn on_orca_report(host: &dyn Host, vm: &mut Vm, map: HeaderMap, now: Option<Nanos>, id: u64) {
     match read_orca(host, map) {
-        Ok(Some(report)) => vm.router.on_orca(now, id, &report),
+        Ok(Some(report)) => {
+            let now = now.unwrap_or_else(|| host.now().unwrap_or(0));
+            vm.router.on_orca(now, id, &report);
+        }
         Ok(None) => {}
         Err((name, e)) => {
             vm.stats.health.orca_invalid += 1;
