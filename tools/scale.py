@@ -3,9 +3,10 @@
 
 One Envoy (`--concurrency 2`) in front of 10,000 real lab pods (zones a, b, c; one cluster
 `pods`, STATIC, health checks off, upstream connections closed after 1 s idle) with 10,000
-routes (`r0` … `r9999`, chosen by the request header `x-route`). A Python gRPC client opens
-100,000 short streams, each with its own `x-device-id`, route `r(i/2 mod 10000)`: one reading,
-a pause of 2.1 s (the rate memory keeps streams that ran 2 s), a second reading, close.
+routes (`r0` … `r9999`, chosen by the request header `x-route`), circuit breakers raised to
+100,000 (the defaults, 1,024 connections and requests, overflow with streams spread over 10,000
+pods). A Python gRPC client opens 100,000 short streams, each with its own `x-device-id`, route
+`r(i/2 mod 10000)`: one reading, a pause of 2.1 s (the rate memory keeps streams that ran 2 s), a second reading, close.
 Every other device sends 1 KB readings, the rest 16 B (`load.signal: bytes`), so a device's
 remembered rate differs from its route's mean.
 
@@ -103,6 +104,10 @@ class ScaleEnvoy(kit.Envoy):
         pods = next(c for c in config["static_resources"]["clusters"] if c["name"] == "pods")
         options = pods["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
         options["common_http_protocol_options"] = {"idle_timeout": "1s"}
+        # Envoy's default circuit breakers (1,024 connections and requests per cluster) overflow
+        # here: each stream to a different pod needs its own connection, and probes add more.
+        limit = {"max_connections": 100_000, "max_pending_requests": 100_000, "max_requests": 100_000}
+        pods["circuit_breakers"] = {"thresholds": [{"priority": "DEFAULT", **limit}]}
         return config
 
 
