@@ -152,8 +152,8 @@ def rounds_needed(sd: float | None, precision: float) -> int | None:
     return max(5, math.ceil((1.96 * sd / precision) ** 2))
 
 
-def attempt(what: str, run_once, tries: int = 2) -> dict:
-    """run_once() → its result, tried again once on failure (e.g. a port picked free that was
+def attempt(what: str, run_once, tries: int = 4) -> dict:
+    """run_once() → its result, tried again on failure (up to `tries` times) (e.g. a port picked free that was
     taken by the time Envoy bound it); {"error": …} when every try failed."""
     error = ""
     for t in range(tries):
