@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -85,6 +86,15 @@ def envoy_kwargs(policy: str, filter_extra: dict | None = None) -> dict:
     raise ValueError(f"unknown policy {policy}")
 
 
+def distinct_free_ports(n: int) -> list[int]:
+    """n ports on 127.0.0.1 that were free a moment ago, all different (held open together)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 @contextlib.contextmanager
 def envoy_for(policy: str, pods, workdir: Path, pin_cpu: bool, filter_extra: dict | None = None,
               health_checks: bool = True, wait_discovery: bool = True, many_streams: bool = False):
@@ -93,6 +103,10 @@ def envoy_for(policy: str, pods, workdir: Path, pin_cpu: bool, filter_extra: dic
     kwargs = envoy_kwargs(policy, filter_extra)
     envoy = kit.Envoy(pods, node_zone="a", concurrency=1, workdir=bench.mkdir(workdir), log_level="warn",
                       lb="override_host", health_checks=health_checks, **kwargs)
+    # Three distinct ports: picked one by one, two can be the same (seen: the admin gate and the
+    # listener on one port, Envoy refusing the config).
+    envoy.admin_port, envoy.admin_gate_port, envoy.listen_port = distinct_free_ports(3)
+    envoy.write_config()
     if many_streams:
         config = yaml.safe_load(envoy.config_path.read_text())
         for cluster in config["static_resources"]["clusters"]:
@@ -138,8 +152,8 @@ def rounds_needed(sd: float | None, precision: float) -> int | None:
     return max(5, math.ceil((1.96 * sd / precision) ** 2))
 
 
-def attempt(what: str, run_once, tries: int = 2) -> dict:
-    """run_once() → its result, tried again once on failure (e.g. a port picked free that was
+def attempt(what: str, run_once, tries: int = 4) -> dict:
+    """run_once() → its result, tried again on failure (up to `tries` times) (e.g. a port picked free that was
     taken by the time Envoy bound it); {"error": …} when every try failed."""
     error = ""
     for t in range(tries):
@@ -208,6 +222,8 @@ def summarise(rounds: list[dict], policies: list[str], key: str) -> dict:
     pairs = [(b, a) for a, b in zip(policies, policies[1:])]
     if "streamlb" in policies and "floor_bodies" in policies:
         pairs.append(("streamlb", "floor_bodies"))
+    if "streamlb" in policies and "floor" in policies:
+        pairs.append(("streamlb", "floor"))
     if "streamlb" in policies and "none" in policies:
         pairs.append(("streamlb", "none"))
     for a, b in dict.fromkeys(pairs):
@@ -448,7 +464,7 @@ def markdown(out: dict) -> str:
             lines.append(f"| {p} | {spread_cell(s)} | {', '.join(fmt(x.get('us_per_message')) for x in per)} | {rate:.0f} |")
         lines += ["", "| difference (paired by round) | µs/msg median [min–max] | sd | rounds for ±0.5 µs |", "|---|---|---|---|"]
         for name, s in cpu["summary"]["differences"].items():
-            lines.append(f"| {name} | {spread_cell(s)} | {fmt(s.get('sd'))} | {s.get('rounds_for_0.5us') or '–'} |")
+            lines.append(f"| {name} | {spread_cell(s)} | {fmt(s.get('sd'))} | {rounds_needed(s.get('sd'), 0.5) or '–'} |")
         ratios = ratio_lines(cpu["summary"]["policies"], "none")
         if ratios:
             lines += ["", "Ratios of medians to `none`: " + ", ".join(ratios) + "."]
@@ -462,9 +478,9 @@ def markdown(out: dict) -> str:
         for p, s in un["summary"]["policies"].items():
             lines.append(f"| {p} | {spread_cell(s, 1)} | {fmt(un['summary']['p50_ms'][p].get('median'))} | "
                          f"{spread_cell(un['summary']['p99_ms'][p])} |")
-        lines += ["", "| difference (paired by round) | µs/call median [min–max] | sd | rounds for ±0.5 µs |", "|---|---|---|---|"]
+        lines += ["", "| difference (paired by round) | µs/call median [min–max] | sd | rounds for ±5 µs |", "|---|---|---|---|"]
         for name, s in un["summary"]["differences"].items():
-            lines.append(f"| {name} | {spread_cell(s, 1)} | {fmt(s.get('sd'), 1)} | {s.get('rounds_for_0.5us') or '–'} |")
+            lines.append(f"| {name} | {spread_cell(s, 1)} | {fmt(s.get('sd'), 1)} | {rounds_needed(s.get('sd'), 5.0) or '–'} |")
         lines.append("")
     mem = out.get("memory")
     if mem:
@@ -523,6 +539,14 @@ def main() -> int:
             for key in ("cpu", "unary", "memory"):
                 if key in run_:
                     merged[key] = run_[key]
+                    if key != "memory":  # summaries again, with today's pairs
+                        order = [q for q in POLICIES if q in run_[key]["rounds"][0]["policies"]]
+                        old_summary = run_[key]["summary"]
+                        run_[key]["summary"] = summarise(run_[key]["rounds"], order,
+                                                         "us_per_message" if key == "cpu" else "us_per_call")
+                        for extra in ("p50_ms", "p99_ms"):
+                            if extra in old_summary:
+                                run_[key]["summary"][extra] = old_summary[extra]
                     merged.setdefault("args", {}).update(run_["args"] if key != "memory" else {})
             for key in ("started", "machine", "rounds"):
                 merged.setdefault(key, run_[key])

@@ -338,7 +338,9 @@ impl StreamFilter {
             Ok(None) => {}
             Err(e) => vm.host_error(host, "get_property (upstream)", &e),
         }
-        on_orca_report(host, vm, HeaderMap::Response, Some(now), self.id);
+        if uses_orca(vm) {
+            on_orca_report(host, vm, HeaderMap::Response, Some(now), self.id);
+        }
         if !vm.config().rebalance.allow_reset {
             // From now on only a reset could end it: never move it, and drop a planned move.
             if let Some(ci) = vm.router.set_unmovable(self.id) {
@@ -403,7 +405,9 @@ impl StreamFilter {
             self.grpc_status = parse_number(&s);
         }
         if let Ok(mut vm) = self.vm.try_borrow_mut() {
-            on_orca_report(host, &mut vm, HeaderMap::ResponseTrailers, None, self.id);
+            if uses_orca(&vm) {
+                on_orca_report(host, &mut vm, HeaderMap::ResponseTrailers, None, self.id);
+            }
         }
     }
 
@@ -491,6 +495,12 @@ fn read_orca(
         .and_then(|v| parse(v).map_err(|e| e.to_string()))
         .map(Some)
         .map_err(|e| (name, e))
+}
+
+/// Upstream ORCA reports steer placement only with `load.orca_weight > 0`: otherwise their
+/// headers are not even looked up (two host calls in response headers, two in trailers).
+fn uses_orca(vm: &Vm) -> bool {
+    vm.config().load.orca_weight > 0.0
 }
 
 /// An upstream's ORCA report: applied when valid, else counted and logged once (a backend can

@@ -74,7 +74,8 @@ def test_a_non_utf8_request_header_is_handled_as_bytes(pods, header_line):
 def test_a_broken_orca_report_from_a_backend_is_ignored(make_pods):
     # Every pod sends `endpoint-load-metrics: TEXT cpu_utilization=1\xff` in headers and trailers.
     pods = make_pods(extra_args=["--orca-raw-hex", b"TEXT cpu_utilization=1\xff".hex()])
-    with harness.Envoy(pods, filter_config=config(), concurrency=1) as envoy:
+    # ORCA headers are read only when they can steer (load.orca_weight > 0).
+    with harness.Envoy(pods, filter_config=config(load={"orca_weight": 0.5}), concurrency=1) as envoy:
         wait_for_discovery(envoy)
         assert_devices_stream_and_are_steered(envoy, pods)
         time.sleep(1.0)

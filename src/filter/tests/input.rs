@@ -79,9 +79,26 @@ fn a_non_utf8_device_id_is_remembered_by_its_bytes() {
 }
 
 #[test]
-fn invalid_orca_reports_are_counted_logged_once_and_ignored() {
+fn orca_headers_are_not_read_without_orca_weight() {
     let h = host(&SharedStore::default());
     let v = vm(&h, r#"{"clusters":["pods"]}"#);
+    discover(&h, &v);
+    let mut s = open_on(&h, &v, 1, "10.0.0.1:8080", None);
+    let orca = crate::filter::stream::ORCA_HEADER;
+    h.set_header_bytes(HeaderMap::Response, orca, b"TEXT cpu_utilization=x");
+    s.on_response_headers(&h);
+    h.set_header_bytes(HeaderMap::ResponseTrailers, orca, b"TEXT cpu_utilization=y");
+    s.on_response_trailers(&h);
+    s.on_done(&h);
+    v.borrow_mut().flush(&h);
+    assert_eq!(h.metric("streamlb_orca_reports_invalid_total"), 0);
+    assert!(!h.logged(orca));
+}
+
+#[test]
+fn invalid_orca_reports_are_counted_logged_once_and_ignored() {
+    let h = host(&SharedStore::default());
+    let v = vm(&h, r#"{"clusters":["pods"],"load":{"orca_weight":0.5}}"#);
     discover(&h, &v);
     let mut s = open_on(&h, &v, 1, "10.0.0.1:8080", None);
     let orca = crate::filter::stream::ORCA_HEADER;
