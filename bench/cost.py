@@ -196,22 +196,32 @@ def cpu_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
     }
 
 
-def part_cpu(args, policies: list[str], workdir: Path, pin_cpu: bool) -> dict:
+def interleaved_rounds(args, policies: list[str], pods_dir: Path, run_round, describe) -> dict:
+    """`args.rounds` rounds over fresh-per-run Envoys and one set of pods, the policy order
+    rotated each round: {"load_start", "rounds": [{round, load, policies: {p: result}}], "load_end"}.
+    `run_round(policy, pods, round, try)` measures one; `describe(result)` is its log line."""
     out: dict = {"load_start": loadavg(), "rounds": []}
-    log(f"cpu: {args.streams} bidi streams × {args.rate} msgs/s (= {args.streams * args.rate} msgs/s), "
-        f"{args.rounds} rounds × {len(policies)} policies, window {args.window} s; load {out['load_start']}")
-    with kit.Pods(zones={"a": 2}, workdir=bench.mkdir(workdir / "pods")) as pods:
+    with kit.Pods(zones={"a": 2}, workdir=bench.mkdir(pods_dir)) as pods:
         for k in range(args.rounds):
             row = {"round": k + 1, "load": loadavg(), "policies": {}}
             for p in rotated(policies, k):
-                r = attempt(f"round {k + 1} {p}", lambda t, p=p: cpu_round(
-                    p, pods, args, bench.mkdir(workdir / f"cpu-{k}-{p}-{t}"), pin_cpu))
+                r = attempt(f"round {k + 1} {p}", lambda t, p=p: run_round(p, pods, k, t))
                 if "error" not in r:
-                    log(f"  round {k + 1} {p}: {fmt(r['us_per_message'])} µs/msg at {r['msgs_per_s']:.0f} msgs/s "
-                        f"({r['envoy_cores']:.2f} cores), failed {r['failed']}")
+                    log(f"  round {k + 1} {p}: {describe(r)}")
                 row["policies"][p] = r
             out["rounds"].append(row)
     out["load_end"] = loadavg()
+    return out
+
+
+def part_cpu(args, policies: list[str], workdir: Path, pin_cpu: bool) -> dict:
+    log(f"cpu: {args.streams} bidi streams × {args.rate} msgs/s (= {args.streams * args.rate} msgs/s), "
+        f"{args.rounds} rounds × {len(policies)} policies, window {args.window} s; load {loadavg()}")
+    out = interleaved_rounds(
+        args, policies, workdir / "pods",
+        lambda p, pods, k, t: cpu_round(p, pods, args, bench.mkdir(workdir / f"cpu-{k}-{p}-{t}"), pin_cpu),
+        lambda r: (f"{fmt(r['us_per_message'])} µs/msg at {r['msgs_per_s']:.0f} msgs/s "
+                   f"({r['envoy_cores']:.2f} cores), failed {r['failed']}"))
     out["summary"] = summarise(out["rounds"], policies, "us_per_message")
     return out
 
@@ -306,21 +316,13 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
 
 
 def part_unary(args, policies: list[str], workdir: Path, pin_cpu: bool) -> dict:
-    out: dict = {"load_start": loadavg(), "rounds": []}
     log(f"unary: {args.unary_rate} calls/s from {args.unary_clients} h2load clients, {args.rounds} rounds, "
-        f"window {args.unary_window} s; load {out['load_start']}")
-    with kit.Pods(zones={"a": 2}, workdir=bench.mkdir(workdir / "pods-unary")) as pods:
-        for k in range(args.rounds):
-            row = {"round": k + 1, "load": loadavg(), "policies": {}}
-            for p in rotated(policies, k):
-                r = attempt(f"round {k + 1} {p}", lambda t, p=p: unary_round(
-                    p, pods, args, bench.mkdir(workdir / f"unary-{k}-{p}-{t}"), pin_cpu))
-                if "error" not in r:
-                    log(f"  round {k + 1} {p}: {fmt(r['us_per_call'])} µs/call at {r['calls_per_s']:.0f} calls/s, "
-                        f"p50 {fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms, failed {r['failed']}")
-                row["policies"][p] = r
-            out["rounds"].append(row)
-    out["load_end"] = loadavg()
+        f"window {args.unary_window} s; load {loadavg()}")
+    out = interleaved_rounds(
+        args, policies, workdir / "pods-unary",
+        lambda p, pods, k, t: unary_round(p, pods, args, bench.mkdir(workdir / f"unary-{k}-{p}-{t}"), pin_cpu),
+        lambda r: (f"{fmt(r['us_per_call'])} µs/call at {r['calls_per_s']:.0f} calls/s, "
+                   f"p50 {fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms, failed {r['failed']}"))
     out["summary"] = summarise(out["rounds"], policies, "us_per_call")
     out["summary"]["p99_ms"] = {p: spread([r["policies"].get(p, {}).get("p99_ms") for r in out["rounds"]])
                                 for p in policies}
