@@ -108,7 +108,7 @@ mod tests {
         // Another VM writes between every read and write: every attempt loses.
         let other = MockHost::with_store(h.shared.clone());
         let lost = update(&h, "k", &mut conflicts, |v| {
-            other.shared_set("k", b"other", None).unwrap();
+            assert!(other.shared_set("k", b"other", None).is_ok());
             Step::Write(v.unwrap_or_default().to_vec(), ())
         });
         assert_eq!(lost, Err(UpdateError::Lost));
