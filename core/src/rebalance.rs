@@ -379,20 +379,23 @@ pub fn plan_zones(
             *o += e.own_load();
         }
     }
-    let target = (1.0 + spill_threshold - cfg.hysteresis) * total_load / total_cap;
+    let mean = total_load / total_cap;
+    let target = (1.0 + spill_threshold - cfg.hysteresis) * mean;
     let room = |loads: &[f64], z: usize| {
         caps.get(z).copied().unwrap_or(0.0) * target - loads.get(z).copied().unwrap_or(0.0)
     };
     let min_age = cfg.min_age_ms.saturating_mul(1_000_000);
-    let mut candidates = streams.movable(|s| remote_zone(s).is_some(), now, min_age);
-    let mut push = |plan: &mut Plan, loads: &mut [f64], id: u64, rate: f64, to: usize, why| {
-        let stream = streams.get(id);
-        let (Some(from), Some(z)) = (
-            stream.and_then(|s| s.endpoint),
-            stream.and_then(remote_zone),
-        ) else {
-            return false;
-        };
+    // This proxy's movable streams on other zones, largest first: (id, rate, endpoint, zone).
+    let mut candidates: Vec<(u64, f64, usize, usize)> = streams
+        .movable(|s| remote_zone(s).is_some(), now, min_age)
+        .into_iter()
+        .filter_map(|(id, rate)| {
+            let s = streams.get(id)?;
+            Some((id, rate, s.endpoint?, remote_zone(s)?))
+        })
+        .collect();
+    let mut push = |plan: &mut Plan, loads: &mut [f64], c: (u64, f64, usize, usize), to, why| {
+        let (id, rate, from, z) = c;
         let Some(room_on) = least_loaded(cluster, zones.get(to)) else {
             return false;
         };
@@ -425,16 +428,20 @@ pub fn plan_zones(
     let local_load = loads.get(li).copied().unwrap_or(0.0);
     if own_remote > 0.0 && room(&loads, li) > 0.0 {
         let share = (own_total / (local_load + own_remote)).clamp(0.0, 1.0);
-        let home = crate::streams::fitting(&candidates, share * room(&loads, li), usize::MAX);
-        for (id, rate) in home {
-            if push(plan, &mut loads, id, rate, li, MoveWhy::Home) {
-                candidates.retain(|c| c.0 != id);
+        let sizes: Vec<(u64, f64)> = candidates.iter().map(|c| (c.0, c.1)).collect();
+        let home = crate::streams::fitting(&sizes, share * room(&loads, li), usize::MAX);
+        for (id, _) in home {
+            let Some(k) = candidates.iter().position(|c| c.0 == id) else {
+                continue;
+            };
+            let c = candidates.remove(k);
+            if !push(plan, &mut loads, c, li, MoveWhy::Home) {
+                candidates.insert(k, c);
             }
         }
     }
     // Spread: between two other zones z and y, this proxy's share of what evens their levels,
     // while y, after taking the stream, stays below the target and a hysteresis margin below z.
-    let mean = total_load / total_cap;
     let level = |loads: &[f64], z: usize| {
         let c = caps.get(z).copied().unwrap_or(0.0);
         if c > 0.0 {
@@ -453,11 +460,8 @@ pub fn plan_zones(
         if l <= 0.0 || o <= 0.0 {
             continue;
         }
-        let on_z: Vec<(u64, f64)> = candidates
-            .iter()
-            .copied()
-            .filter(|(id, _)| streams.get(*id).and_then(remote_zone) == Some(z))
-            .collect();
+        let on_z: Vec<(u64, f64, usize, usize)> =
+            candidates.iter().copied().filter(|c| c.3 == z).collect();
         let fits = |y: usize, rate: f64, loads: &[f64]| {
             let cy = caps.get(y).copied().unwrap_or(0.0);
             let after = (loads.get(y).copied().unwrap_or(0.0) + rate) / cy;
@@ -481,22 +485,22 @@ pub fn plan_zones(
         let even = (l * cy - loads.get(y).copied().unwrap_or(0.0) * cz) / (cy + cz);
         let mut left = even * (o / l).min(1.0);
         let mut moved = false;
-        for &(id, rate) in &on_z {
-            if rate > left {
+        for &c in &on_z {
+            if c.1 > left {
                 continue;
             }
-            let Some(y) = best(rate, &loads) else {
+            let Some(y) = best(c.1, &loads) else {
                 continue;
             };
-            if push(plan, &mut loads, id, rate, y, MoveWhy::Spread) {
-                left -= rate;
+            if push(plan, &mut loads, c, y, MoveWhy::Spread) {
+                left -= c.1;
                 moved = true;
             }
         }
         // Nothing fits the share: the smallest stream still moves if the pair rule allows.
-        if let (false, Some(&(id, rate))) = (moved, on_z.last()) {
-            if let Some(y) = best(rate, &loads) {
-                push(plan, &mut loads, id, rate, y, MoveWhy::Spread);
+        if let (false, Some(&c)) = (moved, on_z.last()) {
+            if let Some(y) = best(c.1, &loads) {
+                push(plan, &mut loads, c, y, MoveWhy::Spread);
             }
         }
     }
