@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import streamlb_testkit as harness
+from test_filter import pod_rates
 
 DEBUG = "x-streamlb-decision"
 PROBE_PATH = "/.well-known/streamlb/load"
@@ -242,8 +243,6 @@ def test_with_rebalancing_a_pod_cut_to_a_quarter_sheds_streams_to_its_capacity_s
 
 
 def share_of(pods: harness.Pods, name: str, seconds: float) -> float:
-    before = pods.pod_stats()
-    time.sleep(seconds)
-    after = pods.pod_stats()
-    delta = {n: after[n]["messages"] - before[n]["messages"] for n in after}
-    return delta[name] / max(1, sum(delta.values()))
+    """Pod `name`'s share of all pods' messages over the next `seconds`."""
+    rates = pod_rates(pods, seconds)
+    return rates[name] / max(1e-9, sum(rates.values()))
