@@ -372,6 +372,19 @@ impl Cluster {
         self.add_zone_load(i, -(rate + pending));
     }
 
+    /// A stream planned to move leaves (`aside`) or rejoins endpoint `i`'s load: it ends at its
+    /// next request message, so placements and plans count it as gone. It stays among the
+    /// endpoint's active streams until it ends.
+    pub fn set_aside(&mut self, i: usize, rate: f64, pending: f64, aside: bool) {
+        let Some(e) = self.endpoints.get_mut(i) else {
+            return;
+        };
+        let sign = if aside { -1.0 } else { 1.0 };
+        e.local_rate = (e.local_rate + sign * rate).max(0.0);
+        e.local_pending = (e.local_pending + sign * pending).max(0.0);
+        self.add_zone_load(i, sign * (rate + pending));
+    }
+
     /// Add a stream's contribution to endpoint `i`.
     pub fn add_stream_load(&mut self, i: usize, rate: f64, pending: f64) {
         let Some(e) = self.endpoints.get_mut(i) else {

@@ -64,6 +64,9 @@ pub enum MoveWhy {
     Home,
     /// It was placed in another zone, and a third zone has more room.
     Spread,
+    /// Its endpoint is the coolest, and a stream off a hot endpoint fits nowhere else: it makes
+    /// room for that stream.
+    Room,
 }
 
 impl MoveWhy {
@@ -72,6 +75,7 @@ impl MoveWhy {
             MoveWhy::Hot => "hot",
             MoveWhy::Home => "home",
             MoveWhy::Spread => "spread",
+            MoveWhy::Room => "room",
         }
     }
 }
@@ -225,20 +229,6 @@ pub fn plan_cluster(
         .iter()
         .map(|&j| cluster.endpoint(j).map_or(0.0, |e| e.capacity))
         .collect();
-    // Streams already chosen but not ended yet (they end at their next request frame) are
-    // counted as gone, so they are not shed twice.
-    for (_, st) in streams
-        .iter()
-        .filter(|(_, st)| st.move_planned && st.cluster == ci)
-    {
-        if let Some(l) = st
-            .endpoint
-            .and_then(|j| eligible.iter().position(|&e| e == j))
-            .and_then(|k| loads.get_mut(k))
-        {
-            *l = (*l - st.estimate()).max(0.0);
-        }
-    }
     let (total_load, total_cap) = (loads.iter().sum::<f64>(), caps.iter().sum::<f64>());
     plan.skipped_budget.push(0);
     plan.skipped_no_room.push(0);
@@ -277,50 +267,147 @@ pub fn plan_cluster(
         let my_excess = (load - target * cap) * (mine / load).min(1.0);
         let candidates = streams.select_moves(ci, j, my_excess, now, min_age, usize::MAX);
         for (id, rate) in candidates {
-            // The endpoint with the most room after taking the stream: it must stay under the
-            // target, or at least end a hysteresis margin below where the source is now (the
-            // pair's maximum then drops by that margin each move, so moves cannot cycle).
+            // Where the stream may go: under the target, or at least a hysteresis margin below
+            // where the source is now (the maximum then drops by that margin each move, so moves
+            // cannot cycle).
             let source_level = loads.get(k).copied().unwrap_or(0.0) / cap;
-            let dest = (0..eligible.len())
-                .filter(|&d| d != k)
-                .filter_map(|d| {
-                    let (l, c) = (loads.get(d)?, caps.get(d)?);
-                    let after = (l + rate) / c;
-                    let fits = *c > 0.0
-                        && (after <= target || after <= source_level - cfg.hysteresis * mean);
-                    fits.then_some((d, after))
-                })
-                .min_by(|a, b| a.1.total_cmp(&b.1));
-            let Some((d, _)) = dest else {
-                if let Some(n) = plan.skipped_no_room.last_mut() {
-                    *n += 1;
+            let bound = target.max(source_level - cfg.hysteresis * mean);
+            let steps = match coolest_fit(&loads, &caps, rate, bound, k) {
+                Some(d) => vec![(id, rate, k, d, MoveWhy::Hot)],
+                None => {
+                    let ctx = Room {
+                        ci,
+                        eligible: &eligible,
+                        caps: &caps,
+                        streams,
+                        now,
+                        min_age,
+                    };
+                    let Some(steps) = ctx.make_room(&loads, (id, rate, k), bound) else {
+                        if let Some(n) = plan.skipped_no_room.last_mut() {
+                            *n += 1;
+                        }
+                        continue;
+                    };
+                    steps
                 }
-                continue;
             };
-            if *allowance == 0 {
+            if *allowance < steps.len() {
                 if let Some(n) = plan.skipped_budget.last_mut() {
                     *n += 1;
                 }
                 continue;
             }
-            *allowance -= 1;
-            if let Some(src) = loads.get_mut(k) {
-                *src -= rate;
+            *allowance -= steps.len();
+            for (stream, rate, from, to, why) in steps {
+                if let Some(src) = loads.get_mut(from) {
+                    *src -= rate;
+                }
+                if let Some(dst) = loads.get_mut(to) {
+                    *dst += rate;
+                }
+                plan.moves.push(Move {
+                    stream,
+                    cluster: ci,
+                    from: eligible.get(from).copied().unwrap_or(j),
+                    to_room_on: eligible.get(to).copied().unwrap_or(j),
+                    rate,
+                    why,
+                });
             }
-            if let Some(dst) = loads.get_mut(d) {
-                *dst += rate;
-            }
-            plan.moves.push(Move {
-                stream: id,
-                cluster: ci,
-                from: j,
-                to_room_on: eligible.get(d).copied().unwrap_or(j),
-                rate,
-                why: MoveWhy::Hot,
-            });
         }
     }
     plan.excess_after.push(excess_share(&loads, &caps, hot));
+}
+
+/// Of the endpoints other than `except` (indices into `loads`), the one with the lowest level
+/// after taking `rate`, if that level is at most `bound`.
+fn coolest_fit(loads: &[f64], caps: &[f64], rate: f64, bound: f64, except: usize) -> Option<usize> {
+    (0..loads.len())
+        .filter(|&d| d != except)
+        .filter_map(|d| {
+            let (l, c) = (loads.get(d)?, caps.get(d)?);
+            let after = (l + rate) / c;
+            (*c > 0.0 && after <= bound).then_some((d, after))
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(d, _)| d)
+}
+
+/// One planned step of a chain: (stream, rate, from, to, why), endpoints as indices into the
+/// planner's `eligible`.
+type Step = (u64, f64, usize, usize, MoveWhy);
+
+/// What [`Room::make_room`] reads.
+struct Room<'a> {
+    ci: ClusterIdx,
+    eligible: &'a [usize],
+    caps: &'a [f64],
+    streams: &'a StreamTable,
+    now: Nanos,
+    min_age: Nanos,
+}
+
+/// How many of the coolest endpoints a blocked stream tries to make room on.
+const ROOM_TRIES: usize = 3;
+
+impl Room<'_> {
+    /// A stream `(id, rate, from)` off a hot endpoint fits nowhere (every endpoint would end
+    /// above `bound`): when the pods are near even, one big stream too many sits on the hot one
+    /// and no single move lowers the maximum. Free room for it on one of the coolest endpoints
+    /// d: move d's smaller streams (this proxy's, at least `min_age` old) to endpoints where
+    /// they stay at most at `bound` (the hot source, once the stream left, may take them: a
+    /// swap), until d with the stream is at most at `bound`. Every endpoint touched ends at or
+    /// below `bound`, below the source's level, so chains cannot cycle either. Returns the
+    /// steps, the blocked stream first, or `None`.
+    fn make_room(
+        &self,
+        loads: &[f64],
+        blocked: (u64, f64, usize),
+        bound: f64,
+    ) -> Option<Vec<Step>> {
+        let (id, rate, from) = blocked;
+        let level = |d: usize| {
+            let c = self.caps.get(d).copied().unwrap_or(0.0);
+            if c > 0.0 {
+                loads.get(d).copied().unwrap_or(0.0) / c
+            } else {
+                f64::INFINITY
+            }
+        };
+        let mut cool: Vec<usize> = (0..loads.len()).filter(|&d| d != from).collect();
+        cool.sort_by(|&a, &b| level(a).total_cmp(&level(b)));
+        cool.into_iter().take(ROOM_TRIES).find_map(|d| {
+            let j = *self.eligible.get(d)?;
+            let cd = *self.caps.get(d)?;
+            let mut l = loads.to_vec();
+            *l.get_mut(from)? -= rate;
+            *l.get_mut(d)? += rate;
+            let mut need = l.get(d)? - bound * cd;
+            let mut on_d = self.streams.movable(
+                |s| s.cluster == self.ci && s.endpoint == Some(j),
+                self.now,
+                self.min_age,
+            );
+            on_d.retain(|&(_, est)| est > 0.0 && est < rate);
+            let mut steps = vec![(id, rate, from, d, MoveWhy::Hot)];
+            while need > 0.0 {
+                let fits = |est: f64, l: &[f64]| coolest_fit(l, self.caps, est, bound, d);
+                // The smallest stream that covers what is left, else the largest that does not.
+                let pick = (on_d.iter().rev())
+                    .position(|&(_, est)| est >= need && fits(est, &l).is_some())
+                    .map(|p| on_d.len() - 1 - p)
+                    .or_else(|| on_d.iter().position(|&(_, est)| fits(est, &l).is_some()))?;
+                let (sid, est) = on_d.remove(pick);
+                let t = fits(est, &l)?;
+                *l.get_mut(d)? -= est;
+                *l.get_mut(t)? += est;
+                need -= est;
+                steps.push((sid, est, d, t, MoveWhy::Room));
+            }
+            Some(steps)
+        })
+    }
 }
 
 /// Plan moves of this proxy's streams on other zones of one cluster (module doc: "Spilled
@@ -361,12 +448,10 @@ pub fn plan_zones(
     };
     let mut loads: Vec<f64> = zones.iter().map(|z| z.load).collect();
     let caps: Vec<f64> = zones.iter().map(|z| z.capacity).collect();
-    // Planned moves not ended yet, off other zones: their clients come back here.
+    // Planned moves not ended yet, off other zones (their load is set aside there already):
+    // their clients come back here.
     for (_, s) in streams.iter().filter(|(_, s)| s.move_planned) {
-        if let Some(z) = remote_zone(s) {
-            if let Some(l) = loads.get_mut(z) {
-                *l -= s.estimate();
-            }
+        if remote_zone(s).is_some() {
             if let Some(l) = loads.get_mut(li) {
                 *l += s.estimate();
             }
@@ -648,6 +733,74 @@ mod tests {
         assert_eq!(allowance, 8);
     }
 
+    /// Carry out a plan as reconnecting clients would: each moved stream lands where room
+    /// was found for it.
+    fn carry_out(c: &mut Cluster, t: &mut StreamTable, plan: &Plan) {
+        for m in &plan.moves {
+            if let Some(s) = t.get_mut(m.stream) {
+                c.remove_stream_load(m.from, 0.0, s.pending);
+                c.add_stream_load(m.to_room_on, 0.0, s.pending);
+                s.endpoint = Some(m.to_room_on);
+            }
+        }
+    }
+
+    fn levels(c: &Cluster) -> Vec<f64> {
+        c.endpoints.iter().map(|e| e.load()).collect()
+    }
+
+    #[test]
+    fn a_big_stream_too_many_on_a_hot_endpoint_gets_room_made_for_it() {
+        // Seen in a real Envoy (60 Zipf streams on 6 pods, mean 200): e0 holds 173 + 100 at
+        // 1.36 × mean; the 100 fits on no pod (the coolest, at 176, would end at 1.38). No single
+        // move lowers the maximum; freeing a small stream off the coolest one does.
+        let cfg = RebalanceConfig {
+            tolerance: 0.05,
+            hysteresis: 0.02,
+            ..RebalanceConfig::default()
+        };
+        let small = |total: f64| -> Vec<f64> {
+            let mut v = vec![30.0, 25.0, 20.0, 15.0, 12.0, 9.0, 7.0];
+            v.push(total - v.iter().sum::<f64>());
+            v
+        };
+        let pods: Vec<Vec<f64>> = vec![
+            vec![173.0, 100.0],
+            small(182.0),
+            small(180.0),
+            small(188.0),
+            small(176.0),
+            small(201.0),
+        ];
+        let rows: Vec<&[f64]> = pods.iter().map(|p| p.as_slice()).collect();
+        let (mut c, mut t) = setup(&rows);
+        let mut first = Plan::default();
+        plan_first(&cfg, &c, &t, 100 * S, &mut 2, &mut first);
+        let why: Vec<(MoveWhy, f64, usize, usize)> = (first.moves.iter())
+            .map(|m| (m.why, m.rate, m.from, m.to_room_on))
+            .collect();
+        // The 100 goes to the coolest pod (e4), whose 7 makes room by going to e0: a swap.
+        assert_eq!(
+            why,
+            vec![(MoveWhy::Hot, 100.0, 0, 4), (MoveWhy::Room, 7.0, 4, 0)],
+            "{first:?}"
+        );
+        assert_eq!(first.skipped_no_room, vec![0]);
+        // Round after round (moves carried out, streams old enough again), the pods even out.
+        let mut plan = first;
+        for round in 0..20 {
+            carry_out(&mut c, &mut t, &plan);
+            plan = Plan::default();
+            plan_first(&cfg, &c, &t, (101 + round) * 100 * S, &mut 2, &mut plan);
+            if plan.moves.is_empty() {
+                break;
+            }
+        }
+        let max = levels(&c).into_iter().fold(0.0, f64::max);
+        assert!(plan.moves.is_empty(), "still moving: {plan:?}");
+        assert!(max <= 1.05 * 200.0, "{:?}", levels(&c));
+    }
+
     #[test]
     fn balanced_clusters_and_young_streams_do_not_move() {
         let cfg = RebalanceConfig::default();
@@ -751,13 +904,17 @@ mod tests {
             z.load += 10.0;
         }
         assert_eq!(rates(plan_home_first(&c, &t, 100 * S)), vec![2.5]);
-        let (c, mut t) = setup_zoned(&[
+        let (mut c, mut t) = setup_zoned(&[
             ("a", &[&[10.0], &[10.0]]),
             ("b", &[&[10.0, 8.0], &[10.0, 4.0]]),
         ]);
-        // The 4 is already on its way home: nothing else fits in what is left (3.3).
+        // The 4 is already on its way home (its load set aside, as the router does when it
+        // commits a move): nothing else fits in what is left (3.3).
         for (_, s) in t.iter_mut().filter(|(_, s)| s.prior == 4.0) {
             s.move_planned = true;
+            if let Some(j) = s.endpoint {
+                c.set_aside(j, s.rate.value(), s.pending, true);
+            }
         }
         assert!(plan_home_first(&c, &t, 100 * S).is_empty());
     }

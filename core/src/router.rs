@@ -223,11 +223,25 @@ impl Router {
             .unwrap_or(self.cfg.load.default_stream_rate)
     }
 
-    /// The most a remembered rate may claim on (cluster, route): `rate_memory.max_ratio ×` its
-    /// expected rate (the learned mean per stream), so that no source can make itself look
-    /// arbitrarily large.
+    /// The most a remembered rate may claim on (cluster, route): `rate_memory.max_ratio ×` the
+    /// mean per stream, so that no source can make itself look arbitrarily large. The mean is
+    /// this VM's learned one, else the other workers' (their shared load over their streams);
+    /// with neither, no cap: `default_stream_rate` is no evidence, and a worker's first stream
+    /// may well be a device moved off another worker's hot pod.
     pub fn rate_cap(&self, cluster: ClusterIdx, route: RouteIdx) -> f64 {
-        self.cfg.rate_memory.max_ratio * self.expected_rate(cluster, route)
+        let learned = self
+            .route_rates
+            .get(&(cluster, route))
+            .copied()
+            .or_else(|| self.cluster_rates.get(cluster.0).copied().flatten())
+            .or_else(|| {
+                let c = self.clusters.get(cluster.0)?;
+                let (load, streams) = (c.endpoints.iter()).fold((0.0, 0u64), |(l, n), e| {
+                    (l + e.remote_load, n + u64::from(e.remote_active))
+                });
+                (streams > 0 && load > 0.0).then(|| load / streams as f64)
+            });
+        learned.map_or(f64::INFINITY, |m| self.cfg.rate_memory.max_ratio * m)
     }
 
     /// Decide where stream `id` goes and record it. `None` when `cluster` is not configured.
@@ -407,7 +421,11 @@ impl Router {
         if s.endpoint == Some(j) {
             return;
         }
-        let (rate, pending) = (s.rate.value(), s.pending);
+        let (rate, pending) = if s.move_planned {
+            (0.0, 0.0) // its load is set aside
+        } else {
+            (s.rate.value(), s.pending)
+        };
         if let Some(old) = s.endpoint {
             c.remove_stream_load(old, rate, pending);
         }
@@ -485,7 +503,30 @@ impl Router {
             c.own_unknown = (c.own_unknown - s.pending).max(0.0);
         }
         if let Some(j) = s.endpoint {
-            c.remove_stream_load(j, s.rate.value(), s.pending);
+            if s.move_planned {
+                c.remove_stream_load(j, 0.0, 0.0); // its load was set aside when planned
+            } else {
+                c.remove_stream_load(j, s.rate.value(), s.pending);
+            }
+        }
+    }
+
+    /// Mark stream `id` planned to move (or not): a planned stream's load is set aside from
+    /// its endpoint (see [`Cluster::set_aside`]).
+    fn set_move_planned(&mut self, id: u64, planned: bool, now: Nanos) {
+        let Some(s) = self.streams.get_mut(id) else {
+            return;
+        };
+        if s.move_planned == planned {
+            return;
+        }
+        s.move_planned = planned;
+        if planned {
+            s.planned_at = now;
+        }
+        let (rate, pending) = (s.rate.value(), s.pending);
+        if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster.0), s.endpoint) {
+            c.set_aside(j, rate, pending, planned);
         }
     }
 
@@ -524,8 +565,10 @@ impl Router {
             }
             if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster.0), s.endpoint) {
                 if let Some(e) = c.endpoint_mut(j) {
-                    e.local_rate += s.rate.value();
-                    e.local_pending += s.pending;
+                    if !s.move_planned {
+                        e.local_rate += s.rate.value();
+                        e.local_pending += s.pending;
+                    }
                     e.local_active += 1;
                 }
             }
@@ -743,15 +786,14 @@ impl Router {
     pub fn commit_moves(&mut self, now: Nanos, plan: &Plan) {
         let tau = self.tau_secs();
         for m in &plan.moves {
-            let shed = (m.why == MoveWhy::Hot)
+            let shed = matches!(m.why, MoveWhy::Hot | MoveWhy::Room)
                 .then(|| self.clusters.get_mut(m.cluster.0)?.endpoint_mut(m.from))
                 .flatten();
             if let Some(e) = shed {
                 e.shed_at = Some(now);
             }
-            if let Some(s) = self.streams.get_mut(m.stream) {
-                s.move_planned = true;
-                s.planned_at = now;
+            self.set_move_planned(m.stream, true, now);
+            if let Some(s) = self.streams.get(m.stream) {
                 if let Some(key) = s.key {
                     self.rate_updates.push(RateUpdate {
                         key,
@@ -768,12 +810,16 @@ impl Router {
     /// came). Returns the number dropped per cluster.
     pub fn expire_moves(&mut self, now: Nanos, deadline: Nanos) -> Vec<u64> {
         let mut expired = vec![0; self.clusters.len()];
-        for (_, s) in self.streams.iter_mut() {
-            if s.move_planned && now.saturating_sub(s.planned_at) >= deadline {
-                s.move_planned = false;
-                if let Some(n) = expired.get_mut(s.cluster.0) {
-                    *n += 1;
-                }
+        let late: Vec<(u64, ClusterIdx)> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.move_planned && now.saturating_sub(s.planned_at) >= deadline)
+            .map(|(&id, s)| (id, s.cluster))
+            .collect();
+        for (id, ci) in late {
+            self.set_move_planned(id, false, now);
+            if let Some(n) = expired.get_mut(ci.0) {
+                *n += 1;
             }
         }
         expired
@@ -781,8 +827,12 @@ impl Router {
 
     /// Drop every planned move (rebalancing was turned off or handed to a newer configuration).
     pub fn clear_moves(&mut self) {
-        for (_, s) in self.streams.iter_mut() {
-            s.move_planned = false;
+        let planned: Vec<u64> = (self.streams.iter())
+            .filter(|(_, s)| s.move_planned)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in planned {
+            self.set_move_planned(id, false, 0);
         }
     }
 
@@ -795,8 +845,9 @@ impl Router {
     pub fn set_unmovable(&mut self, id: u64) -> Option<ClusterIdx> {
         let s = self.streams.get_mut(id)?;
         s.unmovable = true;
-        let dropped = std::mem::replace(&mut s.move_planned, false);
-        dropped.then_some(s.cluster)
+        let (dropped, ci) = (s.move_planned, s.cluster);
+        self.set_move_planned(id, false, 0);
+        dropped.then_some(ci)
     }
 
     /// Remove every stream, with the names of its cluster, route and endpoint, to hand them to
@@ -1362,6 +1413,55 @@ mod tests {
     }
 
     #[test]
+    fn a_planned_stream_is_counted_as_gone_until_it_ends_or_its_move_is_dropped() {
+        let (mut r, t) = hot_e0(r#"{"mode":"on","min_age_ms":1000}"#);
+        // e0's (load, active streams), and what they should be: the streams on it that are not
+        // planned to move, and all streams on it.
+        let e0 = |r: &Router| {
+            let e = r.clusters()[0]
+                .endpoint(0)
+                .map_or((-1.0, 0), |e| (e.load(), e.active()));
+            let on_e0 = || r.streams().iter().filter(|(_, s)| s.endpoint == Some(0));
+            let staying: f64 = on_e0()
+                .filter(|(_, s)| !s.move_planned)
+                .map(|(_, s)| s.estimate())
+                .sum();
+            assert!((e.0 - staying).abs() < 1e-6, "{e:?} vs {staying}");
+            assert_eq!(e.1 as usize, on_e0().count());
+            assert!(
+                (r.clusters()[0].zones[0].load
+                    - r.clusters()[0]
+                        .endpoints
+                        .iter()
+                        .map(|e| e.load())
+                        .sum::<f64>())
+                .abs()
+                    < 1e-6
+            );
+            e.0
+        };
+        let before = e0(&r);
+        let plan = r.plan_moves(t, 2);
+        let moving: f64 = plan.moves.iter().map(|m| m.rate).sum();
+        r.commit_moves(t, &plan);
+        assert!(moving > 0.0 && (e0(&r) - (before - moving)).abs() < 1e-6);
+        // A tick keeps it aside (the streams still send).
+        for id in 0..6 {
+            r.on_data(id, Direction::Upstream, 10, 0);
+        }
+        r.tick(t + S);
+        e0(&r);
+        // One planned stream ends: only its slot leaves, its load was gone already.
+        let at_end = e0(&r);
+        r.on_end(t + S, plan.moves[0].stream, Outcome::Cancelled);
+        assert!((e0(&r) - at_end).abs() < 1e-6);
+        // The other one's move is dropped: its load comes back.
+        let deadline = rebalance::move_deadline(S);
+        r.expire_moves(t + deadline, deadline);
+        assert!(e0(&r) > at_end);
+    }
+
+    #[test]
     fn planned_moves_not_carried_out_are_dropped_and_count_again() {
         let (mut r, t) = hot_e0(r#"{"mode":"on","min_age_ms":1000}"#);
         let first = r.plan_moves(t, 2);
@@ -1393,6 +1493,24 @@ mod tests {
             .moves
             .iter()
             .all(|m| m.stream != id));
+    }
+
+    #[test]
+    fn a_worker_that_learned_no_mean_caps_remembered_rates_by_the_other_workers_mean() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 5);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        let moved = |rate| Source {
+            key: 7,
+            rate: Some(rate),
+        };
+        // Nothing learned, nothing shared: a remembered 72/s is placed as 72/s, not capped at
+        // 20 × the default rate (1/s).
+        let d = r.place_from(0, 1, "rt", "pods", Some(moved(72.0))).unwrap();
+        assert_eq!(d.expected_rate, 72.0);
+        // The other workers carry 3 streams at 30/s in all: the cap is 20 × 10/s.
+        r.set_remote_loads(0, [("pods", "e1:1", 20.0, 2), ("pods", "e2:1", 10.0, 1)]);
+        let d = r.place_from(0, 2, "rt", "pods", Some(moved(1e6))).unwrap();
+        assert_eq!(d.expected_rate, 200.0);
     }
 
     #[test]

@@ -729,7 +729,7 @@ impl Vm {
         }
         for m in &plan.moves {
             *r.planned.entry(m.cluster).or_default() += 1;
-            if m.why != MoveWhy::Hot {
+            if matches!(m.why, MoveWhy::Home | MoveWhy::Spread) {
                 *r.zone_moves.entry((m.cluster, m.why)).or_default() += 1;
             }
             let c = self.router.cluster(m.cluster);
