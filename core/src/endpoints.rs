@@ -66,6 +66,9 @@ pub struct Endpoint {
     /// This Envoy's own load on the endpoint when its report arrived (what of the report is not
     /// the other proxies').
     pub own_at_report: f64,
+    /// [`Self::own_load`] at the last two ticks: a report measures a recent window, which may
+    /// still hold streams of this Envoy that ended since.
+    pub own_recent: [f64; 2],
     /// When this VM last planned moves off it for being hot.
     pub shed_at: Option<Nanos>,
     /// Capacity as of the last refresh (slow start and penalties change it over time).
@@ -96,6 +99,7 @@ impl Endpoint {
             fleet_load: None,
             reported: false,
             own_at_report: 0.0,
+            own_recent: [0.0; 2],
             shed_at: None,
             capacity: 1.0,
             base_capacity: 1.0,
@@ -106,6 +110,19 @@ impl Endpoint {
     /// workers' burst).
     pub fn own_load(&self) -> f64 {
         self.local_rate + self.local_pending + self.remote_load + self.peer_guess
+    }
+
+    /// This Envoy's share of a report arriving now: the most it had on the endpoint now or at
+    /// the last two ticks (streams that just ended are still in the report's window; without
+    /// this they would count as the other proxies' load until the next report).
+    pub fn own_in_report(&self) -> f64 {
+        let [a, b] = self.own_recent;
+        self.own_load().max(a).max(b)
+    }
+
+    /// Remember [`Self::own_load`] at a tick.
+    pub fn record_own(&mut self) {
+        self.own_recent = [self.own_load(), self.own_recent[0]];
     }
 
     /// The endpoint's load: the fleet view's when the cluster has one, else [`Self::own_load`].

@@ -2,7 +2,9 @@
 //! by its own rate instead of the mean (known-size placement approaches LPT).
 //!
 //! Fixed memory whatever the fleet size: `capacity` entries in `capacity / WAYS` buckets of at
-//! most [`WAYS`] entries (16 bytes each: key hash, rate, last seen). A full bucket evicts its
+//! most [`WAYS`] entries (24 bytes each: key hash, rate, last seen, and the destination of a
+//! planned move with its deadline: a device the rebalancer moves reconnects to where room was
+//! found for it, whichever worker its new connection reaches). A full bucket evicts its
 //! least recently seen entry. Keys are stored as 64-bit hashes, never as strings, and never
 //! reach a metric label. The hash is keyed with a random per-Envoy secret, so ids cannot be
 //! chosen to fill one bucket, and the router caps what a remembered rate may claim. Buckets live in Envoy shared data (one key per bucket), so all workers
@@ -13,7 +15,25 @@ use super::Nanos;
 
 /// Entries per bucket.
 pub const WAYS: usize = 32;
-const ENTRY: usize = 16;
+const ENTRY: usize = 24;
+/// First bytes of an encoded bucket; a bucket of another layout (an older module in the same
+/// Envoy) reads as empty.
+const MAGIC: &[u8; 4] = b"SRM2";
+
+/// A 32-bit tag of an endpoint address (FNV-1a), for move destinations.
+pub fn address_tag(address: &str) -> u32 {
+    address.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// What the memory holds for a source.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Remembered {
+    pub rate: f64,
+    /// [`address_tag`] of the endpoint a planned move found room on, until its deadline.
+    pub to: Option<u32>,
+}
 
 /// The proxy's secret key for [`key_hash`]: random per Envoy, generated once and kept in shared
 /// data so that all its workers agree.
@@ -78,6 +98,9 @@ struct Entry {
     hash: u64,
     rate: f32,
     seen: u32,
+    /// Move destination tag and the second until which it holds (0: none).
+    to: u32,
+    to_until: u32,
 }
 
 /// One bucket of the memory.
@@ -90,25 +113,40 @@ impl Bucket {
     /// Decode a bucket; anything malformed decodes as far as it is whole, at most [`WAYS`]
     /// entries, non-finite or negative rates dropped.
     pub fn decode(bytes: &[u8]) -> Bucket {
-        let entries = bytes
+        let Some(body) = bytes.strip_prefix(MAGIC.as_slice()) else {
+            return Bucket::default();
+        };
+        let u32_at = |c: &[u8], at: usize| -> Option<u32> {
+            Some(u32::from_le_bytes(c.get(at..at + 4)?.try_into().ok()?))
+        };
+        let entries = body
             .chunks_exact(ENTRY)
             .take(WAYS)
             .filter_map(|c| {
                 let hash = u64::from_le_bytes(c.get(0..8)?.try_into().ok()?);
-                let rate = f32::from_le_bytes(c.get(8..12)?.try_into().ok()?);
-                let seen = u32::from_le_bytes(c.get(12..16)?.try_into().ok()?);
-                (rate.is_finite() && rate >= 0.0).then_some(Entry { hash, rate, seen })
+                let rate = f32::from_bits(u32_at(c, 8)?);
+                let (seen, to, to_until) = (u32_at(c, 12)?, u32_at(c, 16)?, u32_at(c, 20)?);
+                (rate.is_finite() && rate >= 0.0).then_some(Entry {
+                    hash,
+                    rate,
+                    seen,
+                    to,
+                    to_until,
+                })
             })
             .collect();
         Bucket { entries }
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.entries.len() * ENTRY);
+        let mut out = Vec::with_capacity(MAGIC.len() + self.entries.len() * ENTRY);
+        out.extend_from_slice(MAGIC);
         for e in &self.entries {
             out.extend_from_slice(&e.hash.to_le_bytes());
             out.extend_from_slice(&e.rate.to_le_bytes());
             out.extend_from_slice(&e.seen.to_le_bytes());
+            out.extend_from_slice(&e.to.to_le_bytes());
+            out.extend_from_slice(&e.to_until.to_le_bytes());
         }
         out
     }
@@ -121,20 +159,27 @@ impl Bucket {
         self.entries.is_empty()
     }
 
-    /// The remembered rate, if seen within `max_age_secs`.
-    pub fn get(&self, hash: u64, now_secs: u32, max_age_secs: u32) -> Option<f64> {
+    /// The remembered rate, if seen within `max_age_secs`, with a move destination that has
+    /// not passed its deadline.
+    pub fn get(&self, hash: u64, now_secs: u32, max_age_secs: u32) -> Option<Remembered> {
         self.entries
             .iter()
             .find(|e| e.hash == hash && now_secs.saturating_sub(e.seen) <= max_age_secs)
-            .map(|e| f64::from(e.rate))
+            .map(|e| Remembered {
+                rate: f64::from(e.rate),
+                to: (e.to_until >= now_secs && e.to_until > 0).then_some(e.to),
+            })
     }
 
-    /// Remember `rate` for `hash`, evicting the least recently seen entry when full.
+    /// Remember `rate` for `hash` (a new rate clears a move destination), evicting the least
+    /// recently seen entry when full.
     pub fn put(&mut self, hash: u64, rate: f64, now_secs: u32) {
         let entry = Entry {
             hash,
             rate: rate.max(0.0) as f32,
             seen: now_secs,
+            to: 0,
+            to_until: 0,
         };
         if let Some(e) = self.entries.iter_mut().find(|e| e.hash == hash) {
             *e = entry;
@@ -142,6 +187,15 @@ impl Bucket {
             self.entries.push(entry);
         } else if let Some(oldest) = self.entries.iter_mut().min_by_key(|e| e.seen) {
             *oldest = entry;
+        }
+    }
+
+    /// A planned move of `hash`'s stream found room on the endpoint tagged `to`: its
+    /// reconnection goes there until `until_secs`. Only for a source already remembered.
+    pub fn send_to(&mut self, hash: u64, to: u32, until_secs: u32) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.hash == hash) {
+            e.to = to;
+            e.to_until = until_secs;
         }
     }
 }
@@ -198,10 +252,34 @@ mod tests {
         b.put(1, 25.0, 100);
         b.put(2, 5.0, 100);
         b.put(1, 30.0, 110);
-        assert_eq!(b.get(1, 120, 60), Some(30.0));
-        assert_eq!(b.get(2, 200, 60), None); // too old
-        assert_eq!(b.get(3, 120, 60), None);
+        assert_eq!(b.get(1, 120, 60).map(|r| r.rate), Some(30.0));
+        assert_eq!(b.get(2, 200, 60).map(|r| r.rate), None); // too old
+        assert_eq!(b.get(3, 120, 60).map(|r| r.rate), None);
         assert_eq!(Bucket::decode(&b.encode()), b);
+    }
+
+    #[test]
+    fn a_move_destination_holds_until_its_deadline_or_the_next_rate() {
+        let mut b = Bucket::default();
+        b.send_to(1, 7, 200); // not remembered: nothing to attach it to
+        assert_eq!(b.get(1, 100, 60), None);
+        b.put(1, 25.0, 100);
+        b.send_to(1, address_tag("10.0.0.1:80"), 105);
+        let to = |b: &Bucket, now| b.get(1, now, 60).and_then(|r| r.to);
+        assert_eq!(to(&b, 105), Some(address_tag("10.0.0.1:80")));
+        assert_eq!(Bucket::decode(&b.encode()), b);
+        assert_eq!(to(&b, 106), None); // past the deadline
+        b.put(1, 26.0, 101);
+        assert_eq!(to(&b, 101), None); // a new rate clears it
+        assert_ne!(address_tag("10.0.0.1:80"), address_tag("10.0.0.2:80"));
+        // A bucket of the older layout (16-byte entries, no version) reads as empty.
+        let old: Vec<u8> = [
+            1u64.to_le_bytes().as_slice(),
+            &25f32.to_le_bytes(),
+            &100u32.to_le_bytes(),
+        ]
+        .concat();
+        assert!(Bucket::decode(&old).is_empty());
     }
 
     #[test]
@@ -212,9 +290,9 @@ mod tests {
         }
         b.put(999, 1.0, 5000);
         assert_eq!(b.len(), WAYS);
-        assert_eq!(b.get(0, 5000, u32::MAX), None);
-        assert_eq!(b.get(999, 5000, u32::MAX), Some(1.0));
-        assert_eq!(b.get(1, 5000, u32::MAX), Some(1.0));
+        assert_eq!(b.get(0, 5000, u32::MAX).map(|r| r.rate), None);
+        assert_eq!(b.get(999, 5000, u32::MAX).map(|r| r.rate), Some(1.0));
+        assert_eq!(b.get(1, 5000, u32::MAX).map(|r| r.rate), Some(1.0));
     }
 
     #[test]
@@ -226,7 +304,7 @@ mod tests {
         }
     }
 
-    /// A million distinct devices: memory never exceeds `capacity × 16` bytes, and the most
+    /// A million distinct devices: memory never exceeds `capacity × 24` bytes (+ 4 magic bytes per bucket), and the most
     /// recent devices are all still remembered.
     #[cfg(not(target_arch = "wasm32"))]
     #[test]
@@ -240,13 +318,13 @@ mod tests {
             buckets[bucket_of(h, n_buckets)].put(h, f64::from(i % 100), i / 100);
         }
         let bytes: usize = buckets.iter().map(|b| b.encode().len()).sum();
-        assert!(bytes <= capacity * 16, "{bytes} bytes");
+        assert!(bytes <= capacity * 24 + 4 * n_buckets, "{bytes} bytes");
         assert!(buckets.iter().all(|b| b.len() <= WAYS));
         let recent = (n - 20_000..n)
             .filter(|i| {
                 let h = key_hash(&SECRET, format!("device-{i}").as_bytes());
-                buckets[bucket_of(h, n_buckets)].get(h, n / 100, u32::MAX)
-                    == Some(f64::from(i % 100))
+                let got = buckets[bucket_of(h, n_buckets)].get(h, n / 100, u32::MAX);
+                got.map(|r| r.rate) == Some(f64::from(i % 100))
             })
             .count();
         assert!(recent >= 19_800, "{recent} of the last 20,000 remembered");

@@ -22,6 +22,7 @@ use super::fleet::{self, LoadReport, View};
 use super::orca::OrcaReport;
 use super::penalty::Outcome;
 use super::pick::{self, pick};
+use super::rate_memory;
 use super::rebalance::{self, MoveWhy, Plan};
 use super::rng::Rng;
 use super::routes::RouteNames;
@@ -105,6 +106,8 @@ pub struct Router {
     counters: Counters,
     /// Rates to write to the rate memory.
     rate_updates: Vec<RateUpdate>,
+    /// Destinations of planned moves to write to the rate memory: (source key, address tag).
+    move_hints: Vec<(u64, u32)>,
     /// Other workers of this proxy placing streams at the same time (see [`Router::set_peers`]).
     peers: usize,
 }
@@ -136,6 +139,9 @@ pub struct Source {
     pub key: u64,
     /// Its remembered rate, if any.
     pub rate: Option<f64>,
+    /// [`rate_memory::address_tag`] of the endpoint a planned move of its stream found room
+    /// on, while the move's reconnection is due.
+    pub to: Option<u32>,
 }
 
 /// Seconds a stream must run before its rate is worth remembering, and between two updates.
@@ -159,6 +165,7 @@ impl Router {
             last_tick: None,
             counters: Counters::default(),
             rate_updates: Vec::new(),
+            move_hints: Vec::new(),
             peers: 0,
         }
     }
@@ -265,6 +272,9 @@ impl Router {
         let e = self.expected_from(ci, ri, source);
         let choice = self.choose_zone(ci, now, e)?;
         let mut decision = self.pick_endpoints(ci, now, e, choice, remembered)?;
+        if let Some(tag) = source.and_then(|s| s.to) {
+            self.follow_move(ci, tag, &mut decision);
+        }
         let placed_on = decision
             .primary
             .as_ref()
@@ -288,6 +298,23 @@ impl Router {
         }
         self.count_decision(ci, &decision);
         Some(decision)
+    }
+
+    /// A device the rebalancer moved reconnects to the endpoint its move found room on (the
+    /// planning worker's view: this worker's may lag it by a tick), if that endpoint is still
+    /// healthy and in the zone the zone rule chose. The picked one becomes the retry choice.
+    fn follow_move(&self, ci: ClusterIdx, tag: u32, decision: &mut Decision) {
+        let (Some(c), Some(primary)) = (self.clusters.get(ci.0), decision.primary.as_ref()) else {
+            return;
+        };
+        let hinted = (c.zones.iter())
+            .filter(|z| z.name == decision.zone)
+            .flat_map(|z| z.healthy.iter())
+            .filter_map(|&j| c.endpoint(j))
+            .find(|e| rate_memory::address_tag(&e.address) == tag);
+        if let Some(e) = hinted.filter(|e| e.address != *primary) {
+            decision.secondary = decision.primary.replace(e.address.clone());
+        }
     }
 
     /// The expected rate of a new stream: its source's remembered rate (capped), else the
@@ -604,6 +631,9 @@ impl Router {
         }
         for c in &mut self.clusters {
             c.refresh(&self.cfg, now);
+            for e in &mut c.endpoints {
+                e.record_own();
+            }
         }
     }
 
@@ -669,7 +699,7 @@ impl Router {
             };
             if e.report.is_none_or(|old| old.at <= r.at) {
                 e.report = Some(*r);
-                e.own_at_report = e.own_load();
+                e.own_at_report = e.own_in_report();
             }
         }
         c.refresh(&self.cfg, now);
@@ -725,6 +755,12 @@ impl Router {
 
     /// Rates to remember since the last call: (key hash, measured rate), each capped at
     /// [`Router::rate_cap`].
+    /// Destinations of the moves planned since the last call: (source key, address tag), to
+    /// attach to the sources' remembered rates (after [`Router::take_rate_updates`]).
+    pub fn take_move_hints(&mut self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut self.move_hints)
+    }
+
     pub fn take_rate_updates(&mut self) -> Vec<(u64, f64)> {
         let updates = std::mem::take(&mut self.rate_updates);
         updates
@@ -794,6 +830,12 @@ impl Router {
             }
             self.set_move_planned(m.stream, true, now);
             if let Some(s) = self.streams.get(m.stream) {
+                let to = (self.clusters.get(m.cluster.0))
+                    .and_then(|c| c.endpoint(m.to_room_on))
+                    .map(|e| rate_memory::address_tag(&e.address));
+                if let (Some(key), Some(to)) = (s.key, to) {
+                    self.move_hints.push((key, to));
+                }
                 if let Some(key) = s.key {
                     self.rate_updates.push(RateUpdate {
                         key,
@@ -1188,6 +1230,40 @@ mod tests {
     }
 
     #[test]
+    fn a_report_that_arrives_after_the_streams_ended_does_not_count_them_as_others() {
+        // As above, but the report comes after the streams ended, from a window that still
+        // holds them (pods report over a recent window): e1 is not "busy with others".
+        let mut r = three_pods(14);
+        for id in 0..3 {
+            r.place(0, id, "rt", "pods");
+            r.on_upstream(0, id, "e1:1", "");
+        }
+        let mut t = 0;
+        for _ in 0..20 {
+            t += S;
+            for id in 0..3 {
+                r.on_data(id, Direction::Upstream, 100, 0);
+            }
+            r.tick(t);
+        }
+        for id in 0..3 {
+            r.on_end(t, id, Outcome::Cancelled);
+        }
+        let reports = [
+            ("e1:1".to_owned(), report(300.0, None, t + S / 10)),
+            ("e2:1".to_owned(), report(0.0, None, t + S / 10)),
+            ("e3:1".to_owned(), report(0.0, None, t + S / 10)),
+        ];
+        r.apply_reports(t + S / 10, "pods", &reports);
+        let e1 = r.clusters()[0]
+            .index_of("e1:1")
+            .and_then(|j| r.clusters()[0].endpoint(j));
+        assert!(e1.is_some_and(|e| e.load() < 15.0), "{e1:?}"); // 5 % of the report: EWMA lag
+        let got = spread(&mut r, t + S / 10, 10, 3);
+        assert_eq!(got.get("e1:1"), Some(&1), "{got:?}");
+    }
+
+    #[test]
     fn a_degraded_pod_gets_its_capacity_share() {
         // Same rate everywhere, but e1 says it is full (capacity 50) and e2, e3 at a quarter
         // (capacity 200): new streams go mostly to e2 and e3, in proportion to the room left.
@@ -1350,6 +1426,7 @@ mod tests {
         let heavy = Source {
             key: 77,
             rate: Some(100.0),
+            to: None,
         };
         let d = r.place_from(0, 1, "rt", "pods", Some(heavy)).unwrap();
         assert_eq!(d.expected_rate, 100.0);
@@ -1496,12 +1573,50 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_device_reconnects_where_its_move_found_room() {
+        let (mut r, t) = hot_e0(r#"{"mode":"on","min_age_ms":1000}"#);
+        for id in 0..6 {
+            if let Some(s) = r.streams.get_mut(id) {
+                s.key = Some(100 + id);
+            }
+        }
+        let plan = r.plan_moves(t, 1);
+        r.commit_moves(t, &plan);
+        let m = plan.moves[0];
+        let tag = rate_memory::address_tag(&format!("e{}:1", m.to_room_on));
+        assert_eq!(r.take_move_hints(), vec![(100 + m.stream, tag)]);
+        assert!(r.take_move_hints().is_empty());
+        // Whatever the picker would choose (e0, where the rest still sends, is never it), the
+        // reconnection goes to the hinted endpoint, the pick becomes the retry choice.
+        for hinted in ["e0:1", "e1:1", "e2:1"] {
+            let source = Source {
+                key: 100 + m.stream,
+                rate: Some(m.rate),
+                to: Some(rate_memory::address_tag(hinted)),
+            };
+            let d = r.place_from(t, 50, "rt", "pods", Some(source)).unwrap();
+            assert_eq!(d.primary.as_deref(), Some(hinted));
+            assert_ne!(d.secondary.as_deref(), Some(hinted));
+            r.on_end(t, 50, Outcome::Cancelled);
+        }
+        // An unknown tag (the endpoint is gone): the picker's choice.
+        let source = Source {
+            key: 100 + m.stream,
+            rate: Some(m.rate),
+            to: Some(rate_memory::address_tag("e9:1")),
+        };
+        let d = r.place_from(t, 51, "rt", "pods", Some(source)).unwrap();
+        assert_ne!(d.primary.as_deref(), Some("e0:1"));
+    }
+
+    #[test]
     fn a_worker_that_learned_no_mean_caps_remembered_rates_by_the_other_workers_mean() {
         let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 5);
         r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
         let moved = |rate| Source {
             key: 7,
             rate: Some(rate),
+            to: None,
         };
         // Nothing learned, nothing shared: a remembered 72/s is placed as 72/s, not capped at
         // 20 × the default rate (1/s).
@@ -1531,6 +1646,7 @@ mod tests {
                 Some(Source {
                     key: id,
                     rate: None,
+                    to: None,
                 }),
             );
         }
@@ -1548,6 +1664,7 @@ mod tests {
         let poisoned = Source {
             key: 99,
             rate: Some(1e6),
+            to: None,
         };
         let d = r.place_from(t, 100, "rt", "pods", Some(poisoned)).unwrap();
         assert!((d.expected_rate - 200.0).abs() < 10.0, "{d:?}");
@@ -1555,6 +1672,7 @@ mod tests {
         let honest = Source {
             key: 98,
             rate: Some(150.0),
+            to: None,
         };
         assert_eq!(
             r.place_from(t, 101, "rt", "pods", Some(honest))
@@ -1664,6 +1782,7 @@ mod tests {
         let remembered = Source {
             key: 1,
             rate: Some(4.0),
+            to: None,
         };
         r.place_from(0, 9, "rt", "pods", Some(remembered));
         assert!((r.clusters()[0].known_share() - 0.5).abs() < 1e-9); // 4 of 8

@@ -56,7 +56,17 @@ fn flipping_rates_never_exceed_the_churn_budget() {
     router.apply_snapshot(now, &snapshot);
     for &(key, id, ..) in &devices {
         router
-            .place_from(now, id, "t", "pods", Some(Source { key, rate: None }))
+            .place_from(
+                now,
+                id,
+                "t",
+                "pods",
+                Some(Source {
+                    key,
+                    rate: None,
+                    to: None,
+                }),
+            )
             .unwrap();
     }
     // The proxy's budget, as the filter keeps it in shared data.
@@ -104,6 +114,7 @@ fn flipping_rates_never_exceed_the_churn_budget() {
                     Some(Source {
                         key,
                         rate: remembered,
+                        to: None,
                     }),
                 )
                 .unwrap();

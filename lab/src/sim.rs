@@ -400,6 +400,7 @@ impl Policy for Streamlb {
         let source = Source {
             key,
             rate: self.memory[w.dev_proxy[dev]].get(&key).copied(),
+            to: None,
         };
         let router = &mut self.routers[r];
         let decision = router.place_from(now, id, "telemetry", "pods", Some(source));

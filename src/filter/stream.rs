@@ -553,7 +553,7 @@ fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
     let max_age = (cfg.max_age_ms / 1000).min(u64::from(u32::MAX)) as u32;
     let shared_key = rate_memory::shared_key(rate_memory::bucket_of(hash, buckets));
     let now = rate_memory::seconds(host.now().unwrap_or(0));
-    let rate = match host.shared_get(&shared_key) {
+    let remembered = match host.shared_get(&shared_key) {
         Ok((Some(bytes), _)) => Bucket::decode(&bytes).get(hash, now, max_age),
         Ok((None, _)) => None,
         Err(e) => {
@@ -561,5 +561,9 @@ fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
             None
         }
     };
-    Some(Source { key: hash, rate })
+    Some(Source {
+        key: hash,
+        rate: remembered.map(|r| r.rate),
+        to: remembered.and_then(|r| r.to),
+    })
 }

@@ -651,26 +651,38 @@ impl Vm {
     /// Write the rates of streams that ran long enough into the shared rate memory.
     fn remember_rates(&mut self, host: &dyn Host, now: Nanos) {
         let updates = self.router.take_rate_updates();
+        let hints = self.router.take_move_hints();
         if updates.is_empty() {
             return;
         }
         let cfg = &self.router.config().rate_memory;
         let buckets = rate_memory::bucket_count(cfg.capacity);
-        let mut by_bucket: HashMap<usize, Vec<(u64, f64)>> = HashMap::new();
+        // Per bucket: (key, rate) updates, then (key, move destination) hints.
+        type Writes = (Vec<(u64, f64)>, Vec<(u64, u32)>);
+        let mut by_bucket: HashMap<usize, Writes> = HashMap::new();
         for (hash, rate) in updates {
-            by_bucket
-                .entry(rate_memory::bucket_of(hash, buckets))
-                .or_default()
-                .push((hash, rate));
+            let bucket = by_bucket.entry(rate_memory::bucket_of(hash, buckets));
+            bucket.or_default().0.push((hash, rate));
+        }
+        for (hash, to) in hints {
+            let bucket = by_bucket.entry(rate_memory::bucket_of(hash, buckets));
+            bucket.or_default().1.push((hash, to));
         }
         let seconds = rate_memory::seconds(now);
-        for (bucket, entries) in by_bucket {
+        // A moved device's reconnection follows its move while the move may still be carried
+        // out, and a little after.
+        let tick = self.router.config().tick_ms * MS;
+        let hint_until = rate_memory::seconds(now + rebalance::move_deadline(tick) + 2_000 * MS);
+        for (bucket, (entries, hints)) in by_bucket {
             let key = rate_memory::shared_key(bucket);
             let retries = &mut self.stats.health.cas_retries;
             let written = shared::update(host, &key, retries, |current| {
                 let mut b = current.map(Bucket::decode).unwrap_or_default();
                 for &(hash, rate) in &entries {
                     b.put(hash, rate, seconds);
+                }
+                for &(hash, to) in &hints {
+                    b.send_to(hash, to, hint_until);
                 }
                 Step::Write(b.encode(), ())
             });
