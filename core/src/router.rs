@@ -1199,11 +1199,8 @@ mod tests {
         assert_eq!(r.place(7 * S, 101, "rt", "pods").unwrap().view, View::Local);
     }
 
-    #[test]
-    fn streams_that_ended_since_the_report_do_not_count_twice() {
-        // This proxy's three streams on e1 (100/s each) are in e1's report; then they all end
-        // (a reconnect storm): their reconnections must not avoid e1 as if it were still busy.
-        let mut r = three_pods(14);
+    /// Streams 0..3 on e1 at 100/s each for 20 s: returns the time.
+    fn three_streams_on_e1(r: &mut Router) -> Nanos {
         for id in 0..3 {
             r.place(0, id, "rt", "pods");
             r.on_upstream(0, id, "e1:1", "");
@@ -1216,6 +1213,15 @@ mod tests {
             }
             r.tick(t);
         }
+        t
+    }
+
+    #[test]
+    fn streams_that_ended_since_the_report_do_not_count_twice() {
+        // This proxy's three streams on e1 (100/s each) are in e1's report; then they all end
+        // (a reconnect storm): their reconnections must not avoid e1 as if it were still busy.
+        let mut r = three_pods(14);
+        let t = three_streams_on_e1(&mut r);
         let reports = [
             ("e1:1".to_owned(), report(300.0, None, t)),
             ("e2:1".to_owned(), report(0.0, None, t)),
@@ -1234,18 +1240,7 @@ mod tests {
         // As above, but the report comes after the streams ended, from a window that still
         // holds them (pods report over a recent window): e1 is not "busy with others".
         let mut r = three_pods(14);
-        for id in 0..3 {
-            r.place(0, id, "rt", "pods");
-            r.on_upstream(0, id, "e1:1", "");
-        }
-        let mut t = 0;
-        for _ in 0..20 {
-            t += S;
-            for id in 0..3 {
-                r.on_data(id, Direction::Upstream, 100, 0);
-            }
-            r.tick(t);
-        }
+        let t = three_streams_on_e1(&mut r);
         for id in 0..3 {
             r.on_end(t, id, Outcome::Cancelled);
         }
