@@ -66,9 +66,12 @@ pub struct Endpoint {
     /// This Envoy's own load on the endpoint when its report arrived (what of the report is not
     /// the other proxies').
     pub own_at_report: f64,
-    /// [`Self::own_load`] at the last two ticks: a report measures a recent window, which may
-    /// still hold streams of this Envoy that ended since.
-    pub own_recent: [f64; 2],
+    /// Load of this VM's streams here that are planned to move (set aside from `local_*`, but
+    /// still sending until they end).
+    pub aside: f64,
+    /// Load of this VM's streams here that ended since the last tick, and in the tick before:
+    /// a pod's report measures a recent window, which may still hold them.
+    pub ended: [f64; 2],
     /// When this VM last planned moves off it for being hot.
     pub shed_at: Option<Nanos>,
     /// Capacity as of the last refresh (slow start and penalties change it over time).
@@ -99,7 +102,8 @@ impl Endpoint {
             fleet_load: None,
             reported: false,
             own_at_report: 0.0,
-            own_recent: [0.0; 2],
+            aside: 0.0,
+            ended: [0.0; 2],
             shed_at: None,
             capacity: 1.0,
             base_capacity: 1.0,
@@ -112,17 +116,11 @@ impl Endpoint {
         self.local_rate + self.local_pending + self.remote_load + self.peer_guess
     }
 
-    /// This Envoy's share of a report arriving now: the most it had on the endpoint now or at
-    /// the last two ticks (streams that just ended are still in the report's window; without
-    /// this they would count as the other proxies' load until the next report).
+    /// This Envoy's part of a report arriving now: its load here, plus its streams here that
+    /// are about to move or ended within the last two ticks (still in the report's window;
+    /// otherwise they would count as the other proxies' load until the next report).
     pub fn own_in_report(&self) -> f64 {
-        let [a, b] = self.own_recent;
-        self.own_load().max(a).max(b)
-    }
-
-    /// Remember [`Self::own_load`] at a tick.
-    pub fn record_own(&mut self) {
-        self.own_recent = [self.own_load(), self.own_recent[0]];
+        self.own_load() + self.aside + self.ended[0] + self.ended[1]
     }
 
     /// The endpoint's load: the fleet view's when the cluster has one, else [`Self::own_load`].
@@ -399,7 +397,18 @@ impl Cluster {
         let sign = if aside { -1.0 } else { 1.0 };
         e.local_rate = (e.local_rate + sign * rate).max(0.0);
         e.local_pending = (e.local_pending + sign * pending).max(0.0);
+        e.aside = (e.aside - sign * (rate + pending)).max(0.0);
         self.add_zone_load(i, sign * (rate + pending));
+    }
+
+    /// A stream of `load` on endpoint `i` ended (`was_aside`: its load was set aside already).
+    pub fn note_ended(&mut self, i: usize, load: f64, was_aside: bool) {
+        if let Some(e) = self.endpoints.get_mut(i) {
+            if was_aside {
+                e.aside = (e.aside - load).max(0.0);
+            }
+            e.ended[0] += load;
+        }
     }
 
     /// Add a stream's contribution to endpoint `i`.

@@ -535,6 +535,7 @@ impl Router {
             } else {
                 c.remove_stream_load(j, s.rate.value(), s.pending);
             }
+            c.note_ended(j, s.rate.value() + s.pending, s.move_planned);
         }
     }
 
@@ -571,6 +572,8 @@ impl Router {
                 e.local_pending = 0.0;
                 e.local_active = 0;
                 e.peer_guess = 0.0;
+                e.aside = 0.0;
+                e.ended = [0.0, e.ended[0]];
             }
         }
         // (cluster, route) → (Σ ewma, Σ evidence weight)
@@ -592,7 +595,9 @@ impl Router {
             }
             if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster.0), s.endpoint) {
                 if let Some(e) = c.endpoint_mut(j) {
-                    if !s.move_planned {
+                    if s.move_planned {
+                        e.aside += s.rate.value() + s.pending;
+                    } else {
                         e.local_rate += s.rate.value();
                         e.local_pending += s.pending;
                     }
@@ -631,9 +636,6 @@ impl Router {
         }
         for c in &mut self.clusters {
             c.refresh(&self.cfg, now);
-            for e in &mut c.endpoints {
-                e.record_own();
-            }
         }
     }
 
@@ -1517,6 +1519,13 @@ mod tests {
         let moving: f64 = plan.moves.iter().map(|m| m.rate).sum();
         r.commit_moves(t, &plan);
         assert!(moving > 0.0 && (e0(&r) - (before - moving)).abs() < 1e-6);
+        // The pod still measures them until they end: this Envoy's part of a report stays.
+        let in_report = |r: &Router| {
+            r.clusters()[0]
+                .endpoint(0)
+                .map_or(0.0, |e| e.own_in_report())
+        };
+        assert!((in_report(&r) - before).abs() < 1e-6);
         // A tick keeps it aside (the streams still send).
         for id in 0..6 {
             r.on_data(id, Direction::Upstream, 10, 0);
@@ -1525,12 +1534,25 @@ mod tests {
         e0(&r);
         // One planned stream ends: only its slot leaves, its load was gone already.
         let at_end = e0(&r);
+        let report_part = in_report(&r);
         r.on_end(t + S, plan.moves[0].stream, Outcome::Cancelled);
         assert!((e0(&r) - at_end).abs() < 1e-6);
-        // The other one's move is dropped: its load comes back.
+        assert!((in_report(&r) - report_part).abs() < 1e-6); // ended: still in the window
+                                                             // The other one's move is dropped: its load comes back.
         let deadline = rebalance::move_deadline(S);
         r.expire_moves(t + deadline, deadline);
         assert!(e0(&r) > at_end);
+        // The ended stream counts in a report for the tick it ended in and the next.
+        let ended = |r: &Router| {
+            r.clusters()[0]
+                .endpoint(0)
+                .map_or(0.0, |e| e.ended[0] + e.ended[1])
+        };
+        assert!(ended(&r) > 0.0);
+        r.tick(t + deadline + S);
+        assert!(ended(&r) > 0.0);
+        r.tick(t + deadline + 2 * S);
+        assert_eq!(ended(&r), 0.0);
     }
 
     #[test]
