@@ -1611,9 +1611,14 @@ mod tests {
                 rate: Some(m.rate),
                 to: Some(rate_memory::address_tag(hinted)),
             };
-            let d = r.place_from(t, 50, "rt", "pods", Some(source)).unwrap();
-            assert_eq!(d.primary.as_deref(), Some(hinted));
-            assert_ne!(d.secondary.as_deref(), Some(hinted));
+            let d = r.place_from(t, 50, "rt", "pods", Some(source));
+            let chosen = d
+                .as_ref()
+                .map(|d| (d.primary.as_deref(), d.secondary.as_deref()));
+            assert!(
+                matches!(chosen, Some((Some(p), s)) if p == hinted && s != Some(hinted)),
+                "{d:?}"
+            );
             r.on_end(t, 50, Outcome::Cancelled);
         }
         // An unknown tag (the endpoint is gone): the picker's choice.
@@ -1622,8 +1627,9 @@ mod tests {
             rate: Some(m.rate),
             to: Some(rate_memory::address_tag("e9:1")),
         };
-        let d = r.place_from(t, 51, "rt", "pods", Some(source)).unwrap();
-        assert_ne!(d.primary.as_deref(), Some("e0:1"));
+        let d = r.place_from(t, 51, "rt", "pods", Some(source));
+        let primary = d.as_ref().and_then(|d| d.primary.as_deref());
+        assert!(primary.is_some() && primary != Some("e0:1"), "{d:?}");
     }
 
     #[test]
@@ -1637,12 +1643,12 @@ mod tests {
         };
         // Nothing learned, nothing shared: a remembered 72/s is placed as 72/s, not capped at
         // 20 × the default rate (1/s).
-        let d = r.place_from(0, 1, "rt", "pods", Some(moved(72.0))).unwrap();
-        assert_eq!(d.expected_rate, 72.0);
+        let d = r.place_from(0, 1, "rt", "pods", Some(moved(72.0)));
+        assert_eq!(d.map(|d| d.expected_rate), Some(72.0));
         // The other workers carry 3 streams at 30/s in all: the cap is 20 × 10/s.
         r.set_remote_loads(0, [("pods", "e1:1", 20.0, 2), ("pods", "e2:1", 10.0, 1)]);
-        let d = r.place_from(0, 2, "rt", "pods", Some(moved(1e6))).unwrap();
-        assert_eq!(d.expected_rate, 200.0);
+        let d = r.place_from(0, 2, "rt", "pods", Some(moved(1e6)));
+        assert_eq!(d.map(|d| d.expected_rate), Some(200.0));
     }
 
     #[test]
