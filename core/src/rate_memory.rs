@@ -171,8 +171,9 @@ impl Bucket {
             })
     }
 
-    /// Remember `rate` for `hash` (a new rate clears a move destination), evicting the least
-    /// recently seen entry when full.
+    /// Remember `rate` for `hash` (a move destination it has holds until its deadline: the
+    /// moved stream's own end writes its rate again), evicting the least recently seen entry
+    /// when full.
     pub fn put(&mut self, hash: u64, rate: f64, now_secs: u32) {
         let entry = Entry {
             hash,
@@ -182,7 +183,7 @@ impl Bucket {
             to_until: 0,
         };
         if let Some(e) = self.entries.iter_mut().find(|e| e.hash == hash) {
-            *e = entry;
+            (e.rate, e.seen) = (entry.rate, entry.seen);
         } else if self.entries.len() < WAYS {
             self.entries.push(entry);
         } else if let Some(oldest) = self.entries.iter_mut().min_by_key(|e| e.seen) {
@@ -259,7 +260,7 @@ mod tests {
     }
 
     #[test]
-    fn a_move_destination_holds_until_its_deadline_or_the_next_rate() {
+    fn a_move_destination_holds_until_its_deadline() {
         let mut b = Bucket::default();
         b.send_to(1, 7, 200); // not remembered: nothing to attach it to
         assert_eq!(b.get(1, 100, 60), None);
@@ -269,8 +270,9 @@ mod tests {
         assert_eq!(to(&b, 105), Some(address_tag("10.0.0.1:80")));
         assert_eq!(Bucket::decode(&b.encode()), b);
         assert_eq!(to(&b, 106), None); // past the deadline
-        b.put(1, 26.0, 101);
-        assert_eq!(to(&b, 101), None); // a new rate clears it
+        b.put(1, 26.0, 101); // the moved stream ended: its rate is written again
+        assert_eq!(to(&b, 101), Some(address_tag("10.0.0.1:80")));
+        assert_eq!(b.get(1, 101, 60).map(|r| r.rate), Some(26.0));
         assert_ne!(address_tag("10.0.0.1:80"), address_tag("10.0.0.2:80"));
         // A bucket of the older layout (16-byte entries, no version) reads as empty.
         let old: Vec<u8> = [

@@ -106,8 +106,6 @@ pub struct Router {
     counters: Counters,
     /// Rates to write to the rate memory.
     rate_updates: Vec<RateUpdate>,
-    /// Destinations of planned moves to write to the rate memory: (source key, address tag).
-    move_hints: Vec<(u64, u32)>,
     /// Other workers of this proxy placing streams at the same time (see [`Router::set_peers`]).
     peers: usize,
 }
@@ -119,6 +117,18 @@ struct RateUpdate {
     rate: f64,
     cluster: ClusterIdx,
     route: RouteIdx,
+    /// Tag of the endpoint a planned move found room on.
+    to: Option<u32>,
+}
+
+/// What to write to the rate memory for one source.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Remember {
+    pub key: u64,
+    /// Measured rate, capped at [`Router::rate_cap`].
+    pub rate: f64,
+    /// [`rate_memory::address_tag`] of the endpoint its planned move found room on.
+    pub to: Option<u32>,
 }
 
 /// A stream handed from one router to another (configuration reload), with the names its
@@ -165,7 +175,6 @@ impl Router {
             last_tick: None,
             counters: Counters::default(),
             rate_updates: Vec::new(),
-            move_hints: Vec::new(),
             peers: 0,
         }
     }
@@ -223,11 +232,14 @@ impl Router {
 
     /// Expected rate of a new stream on (cluster, route): the learned mean rate per stream.
     pub fn expected_rate(&self, cluster: ClusterIdx, route: RouteIdx) -> f64 {
-        self.route_rates
-            .get(&(cluster, route))
-            .copied()
-            .or_else(|| self.cluster_rates.get(cluster.0).copied().flatten())
+        self.learned_rate(cluster, route)
             .unwrap_or(self.cfg.load.default_stream_rate)
+    }
+
+    /// The mean rate per stream this VM learned for the route, else for the cluster.
+    fn learned_rate(&self, cluster: ClusterIdx, route: RouteIdx) -> Option<f64> {
+        (self.route_rates.get(&(cluster, route)).copied())
+            .or_else(|| self.cluster_rates.get(cluster.0).copied().flatten())
     }
 
     /// The most a remembered rate may claim on (cluster, route): `rate_memory.max_ratio ×` the
@@ -236,18 +248,13 @@ impl Router {
     /// with neither, no cap: `default_stream_rate` is no evidence, and a worker's first stream
     /// may well be a device moved off another worker's hot pod.
     pub fn rate_cap(&self, cluster: ClusterIdx, route: RouteIdx) -> f64 {
-        let learned = self
-            .route_rates
-            .get(&(cluster, route))
-            .copied()
-            .or_else(|| self.cluster_rates.get(cluster.0).copied().flatten())
-            .or_else(|| {
-                let c = self.clusters.get(cluster.0)?;
-                let (load, streams) = (c.endpoints.iter()).fold((0.0, 0u64), |(l, n), e| {
-                    (l + e.remote_load, n + u64::from(e.remote_active))
-                });
-                (streams > 0 && load > 0.0).then(|| load / streams as f64)
+        let learned = self.learned_rate(cluster, route).or_else(|| {
+            let c = self.clusters.get(cluster.0)?;
+            let (load, streams) = (c.endpoints.iter()).fold((0.0, 0u64), |(l, n), e| {
+                (l + e.remote_load, n + u64::from(e.remote_active))
             });
+            (streams > 0 && load > 0.0).then(|| load / streams as f64)
+        });
         learned.map_or(f64::INFINITY, |m| self.cfg.rate_memory.max_ratio * m)
     }
 
@@ -448,11 +455,7 @@ impl Router {
         if s.endpoint == Some(j) {
             return;
         }
-        let (rate, pending) = if s.move_planned {
-            (0.0, 0.0) // its load is set aside
-        } else {
-            (s.rate.value(), s.pending)
-        };
+        let (rate, pending) = s.counted();
         if let Some(old) = s.endpoint {
             c.remove_stream_load(old, rate, pending);
         }
@@ -505,6 +508,7 @@ impl Router {
                 rate: s.measured_rate(now, self.tau_secs()),
                 cluster: s.cluster,
                 route: s.route,
+                to: None,
             });
         }
         if outcome == Outcome::Failed {
@@ -530,12 +534,9 @@ impl Router {
             c.own_unknown = (c.own_unknown - s.pending).max(0.0);
         }
         if let Some(j) = s.endpoint {
-            if s.move_planned {
-                c.remove_stream_load(j, 0.0, 0.0); // its load was set aside when planned
-            } else {
-                c.remove_stream_load(j, s.rate.value(), s.pending);
-            }
-            c.note_ended(j, s.rate.value() + s.pending, s.move_planned);
+            let (rate, pending) = s.counted();
+            c.remove_stream_load(j, rate, pending);
+            c.note_ended(j, s.estimate(), s.move_planned);
         }
     }
 
@@ -595,11 +596,11 @@ impl Router {
             }
             if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster.0), s.endpoint) {
                 if let Some(e) = c.endpoint_mut(j) {
+                    let (rate, pending) = s.counted();
+                    e.local_rate += rate;
+                    e.local_pending += pending;
                     if s.move_planned {
-                        e.aside += s.rate.value() + s.pending;
-                    } else {
-                        e.local_rate += s.rate.value();
-                        e.local_pending += s.pending;
+                        e.aside += s.estimate();
                     }
                     e.local_active += 1;
                 }
@@ -612,6 +613,7 @@ impl Router {
                         rate: s.measured_rate(now, tau),
                         cluster: s.cluster,
                         route: s.route,
+                        to: None,
                     });
                 }
             }
@@ -755,19 +757,17 @@ impl Router {
         std::mem::take(&mut self.counters)
     }
 
-    /// Rates to remember since the last call: (key hash, measured rate), each capped at
-    /// [`Router::rate_cap`].
-    /// Destinations of the moves planned since the last call: (source key, address tag), to
-    /// attach to the sources' remembered rates (after [`Router::take_rate_updates`]).
-    pub fn take_move_hints(&mut self) -> Vec<(u64, u32)> {
-        std::mem::take(&mut self.move_hints)
-    }
-
-    pub fn take_rate_updates(&mut self) -> Vec<(u64, f64)> {
+    /// What to remember since the last call: each source's measured rate, capped at
+    /// [`Router::rate_cap`], with the destination of its planned move if it has one.
+    pub fn take_rate_updates(&mut self) -> Vec<Remember> {
         let updates = std::mem::take(&mut self.rate_updates);
         updates
             .into_iter()
-            .map(|u| (u.key, u.rate.min(self.rate_cap(u.cluster, u.route))))
+            .map(|u| Remember {
+                key: u.key,
+                rate: u.rate.min(self.rate_cap(u.cluster, u.route)),
+                to: u.to,
+            })
             .collect()
     }
 
@@ -831,21 +831,17 @@ impl Router {
                 e.shed_at = Some(now);
             }
             self.set_move_planned(m.stream, true, now);
-            if let Some(s) = self.streams.get(m.stream) {
+            if let Some((s, key)) = self.streams.get(m.stream).and_then(|s| Some((s, s.key?))) {
                 let to = (self.clusters.get(m.cluster.0))
                     .and_then(|c| c.endpoint(m.to_room_on))
                     .map(|e| rate_memory::address_tag(&e.address));
-                if let (Some(key), Some(to)) = (s.key, to) {
-                    self.move_hints.push((key, to));
-                }
-                if let Some(key) = s.key {
-                    self.rate_updates.push(RateUpdate {
-                        key,
-                        rate: s.measured_rate(now, tau),
-                        cluster: s.cluster,
-                        route: s.route,
-                    });
-                }
+                self.rate_updates.push(RateUpdate {
+                    key,
+                    rate: s.measured_rate(now, tau),
+                    cluster: s.cluster,
+                    route: s.route,
+                    to,
+                });
             }
         }
     }
@@ -1437,8 +1433,8 @@ mod tests {
         r.on_end(3 * S, 1, Outcome::Cancelled);
         let updates = r.take_rate_updates();
         assert_eq!(updates.len(), 1);
-        assert_eq!(updates[0].0, 77);
-        assert!((updates[0].1 - 100.0).abs() < 1.0, "{updates:?}"); // bias-corrected
+        assert_eq!((updates[0].key, updates[0].to), (77, None));
+        assert!((updates[0].rate - 100.0).abs() < 1.0, "{updates:?}"); // bias-corrected
         assert!(r.take_rate_updates().is_empty());
     }
 
@@ -1601,8 +1597,11 @@ mod tests {
         r.commit_moves(t, &plan);
         let m = plan.moves[0];
         let tag = rate_memory::address_tag(&format!("e{}:1", m.to_room_on));
-        assert_eq!(r.take_move_hints(), vec![(100 + m.stream, tag)]);
-        assert!(r.take_move_hints().is_empty());
+        let written: Vec<(u64, Option<u32>)> = (r.take_rate_updates().iter())
+            .map(|u| (u.key, u.to))
+            .collect();
+        assert_eq!(written, vec![(100 + m.stream, Some(tag))]);
+        assert!(r.take_rate_updates().is_empty());
         // Whatever the picker would choose (e0, where the rest still sends, is never it), the
         // reconnection goes to the hinted endpoint, the pick becomes the retry choice.
         for hinted in ["e0:1", "e1:1", "e2:1"] {
@@ -1715,7 +1714,7 @@ mod tests {
         }
         r.on_end(t, 100, Outcome::Cancelled);
         let updates = r.take_rate_updates();
-        let written = updates.iter().find(|u| u.0 == 99).unwrap().1;
+        let written = updates.iter().find(|u| u.key == 99).unwrap().rate;
         assert!(
             written <= 20.0 * r.expected_rate(ClusterIdx(0), rt) + 1e-9,
             "{updates:?}"

@@ -105,6 +105,16 @@ impl Stream {
     pub fn estimate(&self) -> f64 {
         self.rate.value() + self.pending
     }
+
+    /// (rate EWMA, pending prior) as counted in its endpoint's `local_*`: nothing while it is
+    /// planned to move (its load is set aside).
+    pub fn counted(&self) -> (f64, f64) {
+        if self.move_planned {
+            (0.0, 0.0)
+        } else {
+            (self.rate.value(), self.pending)
+        }
+    }
 }
 
 #[derive(Debug, Default)]

@@ -85,8 +85,8 @@ fn flipping_rates_never_exceed_the_churn_budget() {
             router.apply_snapshot(now, &snapshot);
         }
         router.tick(now);
-        for (key, rate) in router.take_rate_updates() {
-            memory.insert(key, rate);
+        for u in router.take_rate_updates() {
+            memory.insert(u.key, u.rate);
         }
         let allowance = budget.allowance(
             &router.config().rebalance,
@@ -121,8 +121,8 @@ fn flipping_rates_never_exceed_the_churn_budget() {
             move_times.push(now);
             moves_per_device.entry(key).or_default().push(now);
         }
-        for (key, rate) in router.take_rate_updates() {
-            memory.insert(key, rate);
+        for u in router.take_rate_updates() {
+            memory.insert(u.key, u.rate);
         }
     }
     let windows: Vec<usize> = (0..=60)

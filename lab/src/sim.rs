@@ -450,7 +450,7 @@ impl Policy for Streamlb {
         for (i, r) in self.routers.iter_mut().enumerate() {
             r.tick(now);
             let memory = &mut self.memory[i / self.workers];
-            memory.extend(r.take_rate_updates());
+            memory.extend(r.take_rate_updates().into_iter().map(|u| (u.key, u.rate)));
         }
         self.probe(w, now, loads);
         let group = if self.global_view {
@@ -505,7 +505,9 @@ impl Policy for Streamlb {
                 let plan = self.routers[i].plan_moves(now, allowance);
                 self.budgets[p].spend(now, plan.moves.len());
                 self.routers[i].commit_moves(now, &plan);
-                self.memory[p].extend(self.routers[i].take_rate_updates());
+                self.memory[p].extend(
+                    (self.routers[i].take_rate_updates().into_iter()).map(|u| (u.key, u.rate)),
+                );
                 moved_ids.extend(plan.moves.iter().map(|m| m.stream));
             }
         }

@@ -49,7 +49,7 @@ use streamlb_core::fleet::MeasuredLoad;
 use streamlb_core::rate_memory::{self, Bucket, Secret};
 use streamlb_core::rebalance::{self, Budget, MoveWhy};
 use streamlb_core::reporter::{self, Reporter};
-use streamlb_core::router::Router;
+use streamlb_core::router::{Remember, Router};
 use streamlb_core::shared_view::{self, Slot};
 use streamlb_core::{ClusterIdx, Nanos};
 
@@ -651,38 +651,31 @@ impl Vm {
     /// Write the rates of streams that ran long enough into the shared rate memory.
     fn remember_rates(&mut self, host: &dyn Host, now: Nanos) {
         let updates = self.router.take_rate_updates();
-        let hints = self.router.take_move_hints();
         if updates.is_empty() {
             return;
         }
         let cfg = &self.router.config().rate_memory;
         let buckets = rate_memory::bucket_count(cfg.capacity);
-        // Per bucket: (key, rate) updates, then (key, move destination) hints.
-        type Writes = (Vec<(u64, f64)>, Vec<(u64, u32)>);
-        let mut by_bucket: HashMap<usize, Writes> = HashMap::new();
-        for (hash, rate) in updates {
-            let bucket = by_bucket.entry(rate_memory::bucket_of(hash, buckets));
-            bucket.or_default().0.push((hash, rate));
-        }
-        for (hash, to) in hints {
-            let bucket = by_bucket.entry(rate_memory::bucket_of(hash, buckets));
-            bucket.or_default().1.push((hash, to));
+        let mut by_bucket: HashMap<usize, Vec<Remember>> = HashMap::new();
+        for u in updates {
+            let bucket = by_bucket.entry(rate_memory::bucket_of(u.key, buckets));
+            bucket.or_default().push(u);
         }
         let seconds = rate_memory::seconds(now);
         // A moved device's reconnection follows its move while the move may still be carried
         // out, and a little after.
         let tick = self.router.config().tick_ms * MS;
-        let hint_until = rate_memory::seconds(now + rebalance::move_deadline(tick) + 2_000 * MS);
-        for (bucket, (entries, hints)) in by_bucket {
+        let move_until = rate_memory::seconds(now + rebalance::move_deadline(tick) + 2_000 * MS);
+        for (bucket, entries) in by_bucket {
             let key = rate_memory::shared_key(bucket);
             let retries = &mut self.stats.health.cas_retries;
             let written = shared::update(host, &key, retries, |current| {
                 let mut b = current.map(Bucket::decode).unwrap_or_default();
-                for &(hash, rate) in &entries {
-                    b.put(hash, rate, seconds);
-                }
-                for &(hash, to) in &hints {
-                    b.send_to(hash, to, hint_until);
+                for u in &entries {
+                    b.put(u.key, u.rate, seconds);
+                    if let Some(to) = u.to {
+                        b.send_to(u.key, to, move_until);
+                    }
                 }
                 Step::Write(b.encode(), ())
             });
