@@ -195,7 +195,7 @@ pub struct RateMemoryConfig {
     pub header: String,
     /// Without the header, key by the downstream IP (last resort: devices behind one NAT share it).
     pub fallback_to_source_ip: bool,
-    /// Entries remembered (fixed memory: 16 bytes each, in Envoy shared data).
+    /// Entries remembered (fixed memory: 24 bytes each, in Envoy shared data).
     pub capacity: usize,
     /// A remembered rate older than this is forgotten.
     pub max_age_ms: u64,
