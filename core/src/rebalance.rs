@@ -249,6 +249,14 @@ pub fn plan_cluster(
         over(b).total_cmp(&over(a))
     });
     let min_age = cfg.min_age_ms.saturating_mul(1_000_000);
+    let room = Room {
+        ci,
+        eligible: &eligible,
+        caps: &caps,
+        streams,
+        now,
+        min_age,
+    };
     for k in order {
         let (Some(&j), Some(&load), Some(&cap)) = (eligible.get(k), loads.get(k), caps.get(k))
         else {
@@ -275,15 +283,7 @@ pub fn plan_cluster(
             let steps = match coolest_fit(&loads, &caps, rate, bound, k) {
                 Some(d) => vec![(id, rate, k, d, MoveWhy::Hot)],
                 None => {
-                    let ctx = Room {
-                        ci,
-                        eligible: &eligible,
-                        caps: &caps,
-                        streams,
-                        now,
-                        min_age,
-                    };
-                    let Some(steps) = ctx.make_room(&loads, (id, rate, k), bound) else {
+                    let Some(steps) = room.make_room(&loads, (id, rate, k), bound) else {
                         if let Some(n) = plan.skipped_no_room.last_mut() {
                             *n += 1;
                         }
