@@ -142,16 +142,6 @@ def quantile(values: list[float], q: float) -> float | None:
     return ordered[max(0, min(len(ordered), math.ceil(q * len(ordered))) - 1)]
 
 
-def lpt_max_over_mean(rates: list[float], pods: int) -> float | None:
-    """Longest processing time first onto equal pods: max/mean of the result."""
-    if not rates or pods <= 0:
-        return None
-    loads = [0.0] * pods
-    for rate in sorted(rates, reverse=True):
-        loads[loads.index(min(loads))] += rate
-    return ratio(max(loads), sum(loads) / pods)
-
-
 def short_stat_name(name: str) -> str:
     """wasmcustom.streamlb_decisions_total.cluster=.=pods;.;reason=.=local;.; -> streamlb_decisions_total{cluster=pods,reason=local}"""
     name = name.removeprefix("wasmcustom.")
@@ -333,7 +323,7 @@ def summarise(policy: str, args: argparse.Namespace, samples: list[dict], report
         "statuses": statuses,
         "streams": streams,
         "stream_rates": rates,
-        "lpt_max_over_mean": lpt_max_over_mean(rates, len(names)),
+        "lpt_max_over_mean": kit.lpt_max_over_mean(rates, len(names)) if rates and names else None,
         "counters": counters,
     }
 

@@ -10,9 +10,11 @@ and Prometheus text parsing, for tests/, bench/ and tools/. Installed editable i
     devices      `lab devices`
     telemetry    a grpcio client of the lab's Telemetry service
     prometheus   Prometheus text exposition, parsed with prometheus_client
+    balance      max/mean of a load spread, and the LPT oracle's
     plots        report charts (matplotlib to inline SVG) and HTML tables; import it explicitly
 """
 
+from .balance import lpt_max_over_mean, max_over_mean
 from .devices import Devices, devices_argv, run_devices, start_devices
 from .envoy import Envoy, validate_config
 from .envoy_config import (
@@ -53,6 +55,8 @@ __all__ = [
     "lab_bin",
     "lb_policy",
     "live_processes",
+    "lpt_max_over_mean",
+    "max_over_mean",
     "parse_exposition",
     "pod_endpoints",
     "prometheus_samples",

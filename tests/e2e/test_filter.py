@@ -58,9 +58,7 @@ def steady_rates(pods: harness.Pods, envoy: harness.Envoy, settle: float, window
 
 
 def max_over_mean(rates: dict[str, float]) -> float:
-    values = list(rates.values())
-    mean = sum(values) / len(values)
-    return max(values) / mean if mean else float("inf")
+    return harness.max_over_mean(rates.values())
 
 
 def test_streams_land_on_the_pod_the_filter_names(pods):
@@ -114,22 +112,30 @@ def test_without_the_wasm_filter_a_client_still_cannot_choose_its_pod(pods, nati
 
 
 def run_skew(pods, envoy_kwargs, seed):
+    """Per-pod msgs/s after the 20 s ramp, and the LPT max/mean of the devices' own rates."""
     with harness.Envoy(pods, **envoy_kwargs) as envoy:
         if envoy_kwargs.get("filter_config"):
             wait_for_discovery(envoy)
-        # Settle: the 20 s ramp plus a few seconds.
-        return steady_rates(pods, envoy, 24, 10, streams=300, mean_rate=5, dist="zipf:0.8", duration=40,
-                            seed=seed, extra_args=["--ramp", "20"])
+        with harness.start_devices(envoy.listen_addr, streams=300, mean_rate=5, dist="zipf:0.8", duration=36,
+                                   seed=seed, extra_args=["--ramp", "20"]) as devices:
+            time.sleep(24)  # the ramp plus a few seconds
+            rates = pod_rates(pods, 10)
+            summary = devices.wait()
+    return rates, harness.lpt_max_over_mean([s["rate"] for s in summary["streams"]], len(rates))
 
 
 def test_skewed_rates_are_balanced_better_than_least_request(make_pods):
+    """least_request picks at random, so one run of it can land well by luck (CI once saw 1.19
+    against streamlb's 1.10): the claim is streamlb near the oracle, and not worse than it."""
     pods = make_pods(zones={"a": 6})
-    ours = run_skew(pods, {"filter_config": config(load={"tau_ms": 2000})}, seed=7)
+    ours, oracle = run_skew(pods, {"filter_config": config(load={"tau_ms": 2000})}, seed=7)
     pods2 = make_pods(zones={"a": 6})
-    theirs = run_skew(pods2, {"lb": "least_request"}, seed=7)
+    theirs, _ = run_skew(pods2, {"lb": "least_request"}, seed=7)
     print(f"\nper-pod msgs/s, streamlb:      {sorted(round(v) for v in ours.values())}  max/mean {max_over_mean(ours):.3f}")
     print(f"per-pod msgs/s, least_request: {sorted(round(v) for v in theirs.values())}  max/mean {max_over_mean(theirs):.3f}")
-    assert max_over_mean(ours) < max_over_mean(theirs) - 0.1
+    print(f"LPT on the same rates: {oracle:.3f}")
+    assert max_over_mean(ours) <= 1.15 * oracle
+    assert max_over_mean(ours) < max_over_mean(theirs)
 
 
 def zone_share(pods: harness.Pods, rates: dict[str, float], zone: str) -> float:
