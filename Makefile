@@ -94,10 +94,12 @@ build-floor: $(STAMPS)/rust-targets | apt
 		$(CARGO) build --release --target wasm32-wasip1 -p streamlb-floor
 	@ls -l $(FLOOR_WASM)
 
-## lint: rustfmt, clippy (native, all targets; and the wasm32-wasip1 filter), and every test
-## module aliasing wasm_bindgen_test (plain #[test]s are silently skipped under wasm).
-lint: $(STAMPS)/rust-targets
+## lint: rustfmt, clippy (native, all targets; and the wasm32-wasip1 filter), every test
+## module aliasing wasm_bindgen_test (plain #[test]s are silently skipped under wasm), and
+## pyflakes over the Python (undefined names, unused imports and variables).
+lint: $(STAMPS)/rust-targets venv
 	tools/check_wasm_tests.sh
+	$(PY) -m pyflakes py tests tools bench lab
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip1 -p streamlb -- -D warnings

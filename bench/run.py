@@ -315,7 +315,7 @@ def mkdir(path: Path) -> Path:
 
 
 def summarise(sc: dict, samples: list, cpu_at: dict, rss: dict, reports: list, pods_meta: list) -> dict:
-    warmup, duration = float(sc["warmup_s"]), float(sc["duration_s"])
+    warmup = float(sc["warmup_s"])
     names = [p["name"] for p in pods_meta]
     zone_of = {p["name"]: p["zone"] for p in pods_meta}
     cap = {z["name"]: float(z.get("capacity") or 1.0) for z in sc["zones"]}

@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         kit.stop_all()
     rates = result["policies"][0]["stream_rates"] if result["policies"] else []
-    result["lpt_max_over_mean"] = lpt_max_over_mean(rates, sum(args.zones.values()))
+    result["lpt_max_over_mean"] = kit.lpt_max_over_mean(rates, sum(args.zones.values())) if rates else None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "report.html").write_text(render_html(result))

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 import yaml
 
-import harness
+import streamlb_testkit as harness
 from test_filter import config, decision, wait_for_discovery
 
 ENDPOINT = harness.DEFAULT_ENDPOINT_HEADER

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-import harness
+import streamlb_testkit as harness
 from test_filter import wait_for_discovery
 from test_rebalance import check_accounting, moves
 

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-import harness
+import streamlb_testkit as harness
 
 SOAK = harness.REPO / "tools" / "soak.py"
 
