@@ -8,7 +8,9 @@
 //!   margin, so it does not flip back at the next tick;
 //! - this proxy worker sheds its share of the excess (its own load on j over `L_j`, since the
 //!   other workers shed theirs), choosing streams at least `min_age` old, largest estimate that
-//!   still fits the remaining excess first (fewest moves for the most excess);
+//!   still fits the remaining excess first (fewest moves for the most excess); when no stream
+//!   fits its share, it moves its smallest with probability equal to its share, so that the
+//!   workers and proxies on j together move about one stream, not one each;
 //! - with the fleet view, an endpoint it shed waits two probe intervals before being shed
 //!   again: until then its reports do not show the moves (this proxy's or the others'), and
 //!   shedding on them would shed too much;
@@ -202,13 +204,24 @@ fn excess_share(loads: &[f64], caps: &[f64], line: f64) -> f64 {
     over / total
 }
 
-/// Plan moves for one cluster. `allowance` is decremented for each move planned. A reported
-/// endpoint shed less than `settle` ago is left alone: its reports lag the moves (the other
-/// proxies' moves too), and shedding again on them would shed too much.
+/// How a VM paces its moves against the other workers and proxies it cannot see.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pace {
+    /// A reported endpoint shed less than `settle` ago is left alone: its reports lag the moves
+    /// (the other proxies' moves too), and shedding again on them would shed too much. Also the
+    /// window of one draw (below).
+    pub settle: Nanos,
+    /// This VM's salt: when no stream fits its share of an endpoint's excess, it draws once
+    /// per settle window whether to move its smallest (with probability its share), so that
+    /// all VMs on the endpoint together move about one stream per window, not one each per tick.
+    pub salt: u64,
+}
+
+/// Plan moves for one cluster. `allowance` is decremented for each move planned.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_cluster(
     cfg: &RebalanceConfig,
-    settle: Nanos,
+    pace: Pace,
     ci: ClusterIdx,
     cluster: &Cluster,
     streams: &StreamTable,
@@ -268,12 +281,25 @@ pub fn plan_cluster(
         let Some(ep) = cluster.endpoint(j) else {
             continue;
         };
-        if ep.reported && ep.shed_at.is_some_and(|t| now.saturating_sub(t) < settle) {
+        if ep.reported
+            && ep
+                .shed_at
+                .is_some_and(|t| now.saturating_sub(t) < pace.settle)
+        {
             continue;
         }
-        let mine = ep.local_rate + ep.local_pending;
-        let my_excess = (load - target * cap) * (mine / load).min(1.0);
-        let candidates = streams.select_moves(ci, j, my_excess, now, min_age, usize::MAX);
+        let share = ((ep.local_rate + ep.local_pending) / load).min(1.0);
+        let my_excess = (load - target * cap) * share;
+        let mut candidates = streams.select_moves(ci, j, my_excess, now, min_age, usize::MAX);
+        if let [(_, rate)] = candidates[..] {
+            // Nothing fits this VM's share, so its smallest stream is offered. Every worker
+            // and proxy on j faces the same choice: each moves one with probability `share`,
+            // drawn once per window, so that together they move about one, not one each.
+            let window = now.checked_div(pace.settle).unwrap_or(now);
+            if rate > my_excess && !coin(window ^ (j as u64).rotate_left(48), pace.salt, share) {
+                candidates.clear();
+            }
+        }
         for (id, rate) in candidates {
             // Where the stream may go: under the target, or at least a hysteresis margin below
             // where the source is now (the maximum then drops by that margin each move, so moves
@@ -318,6 +344,16 @@ pub fn plan_cluster(
         }
     }
     plan.excess_after.push(excess_share(&loads, &caps, hot));
+}
+
+/// A draw that comes true with probability `p`, fixed by (what, salt): splitmix64's
+/// finalizer over both, so that neighbouring inputs draw independently.
+fn coin(what: u64, salt: u64, p: f64) -> bool {
+    let mut z = (what ^ salt.rotate_left(32)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    p >= 1.0 || ((z >> 11) as f64 / (1u64 << 53) as f64) < p
 }
 
 /// Of the endpoints other than `except` (indices into `loads`), the one with the lowest level
@@ -710,7 +746,16 @@ mod tests {
         allowance: &mut usize,
         plan: &mut Plan,
     ) {
-        plan_cluster(cfg, 0, ClusterIdx(0), c, t, now, allowance, plan);
+        plan_cluster(
+            cfg,
+            Pace::default(),
+            ClusterIdx(0),
+            c,
+            t,
+            now,
+            allowance,
+            plan,
+        );
     }
 
     #[test]
@@ -950,6 +995,63 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_whose_share_fits_no_stream_moves_one_with_probability_its_share() {
+        let cfg = RebalanceConfig::default();
+        // e0 carries 40, of which this worker's two streams are 16 (share 0.4); mean 31, target
+        // 32.55: excess 7.45, this worker's share of it 2.98, less than a stream.
+        let (mut c, t) = setup(&[&[8.0, 8.0], &[28.0], &[28.0], &[28.0]]);
+        if let Some(e) = c.endpoint_mut(0) {
+            e.remote_load = 24.0;
+        }
+        let rounds = 2000;
+        let moved: usize = (0..rounds)
+            .map(|k| {
+                let (mut allowance, mut plan) = (10, Plan::default());
+                let now = 100 * S + k * 500_000_000;
+                plan_first(&cfg, &c, &t, now, &mut allowance, &mut plan);
+                plan.moves.len()
+            })
+            .sum();
+        let frequency = moved as f64 / rounds as f64;
+        assert!((frequency - 0.4).abs() < 0.05, "{frequency}");
+        // One draw per settle window: the ticks of a window all decide alike, windows differ.
+        let pace = Pace {
+            settle: 2 * S,
+            salt: 7,
+        };
+        let window = |w: u64| -> Vec<usize> {
+            (0..4)
+                .map(|k| {
+                    let (mut allowance, mut plan) = (10, Plan::default());
+                    let now = w * 2 * S + k * 500_000_000;
+                    plan_cluster(
+                        &cfg,
+                        pace,
+                        ClusterIdx(0),
+                        &c,
+                        &t,
+                        now,
+                        &mut allowance,
+                        &mut plan,
+                    );
+                    plan.moves.len()
+                })
+                .collect()
+        };
+        let windows: Vec<Vec<usize>> = (50..90).map(window).collect();
+        assert!(
+            windows.iter().all(|w| w.iter().all(|&n| n == w[0])),
+            "{windows:?}"
+        );
+        assert!(windows.iter().any(|w| w[0] == 1) && windows.iter().any(|w| w[0] == 0));
+        // Alone on e0 (share 1), it always moves one.
+        let (c, t) = setup(&[&[8.0, 8.0, 8.0, 8.0, 8.0], &[28.0], &[28.0], &[28.0]]);
+        let (mut allowance, mut plan) = (10, Plan::default());
+        plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
+        assert_eq!(plan.moves.len(), 1);
+    }
+
+    #[test]
     fn a_reported_endpoint_just_shed_waits_for_reports_that_show_it() {
         let cfg = RebalanceConfig::default();
         let (mut c, t) = setup(&[&[20.0, 10.0, 6.0, 4.0], &[10.0, 10.0], &[5.0, 5.0], &[10.5]]);
@@ -961,7 +1063,10 @@ mod tests {
             let (mut allowance, mut plan) = (10, Plan::default());
             plan_cluster(
                 &cfg,
-                2 * S,
+                Pace {
+                    settle: 2 * S,
+                    salt: 0,
+                },
                 ClusterIdx(0),
                 c,
                 &t,

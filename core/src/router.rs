@@ -23,7 +23,7 @@ use super::orca::OrcaReport;
 use super::penalty::Outcome;
 use super::pick::{self, pick};
 use super::rate_memory;
-use super::rebalance::{self, MoveWhy, Plan};
+use super::rebalance::{self, MoveWhy, Pace, Plan};
 use super::rng::Rng;
 use super::routes::RouteNames;
 use super::streams::{Direction, Stream, StreamTable};
@@ -102,6 +102,8 @@ pub struct Router {
     route_rates: HashMap<(ClusterIdx, RouteIdx), f64>,
     cluster_rates: Vec<Option<f64>>,
     rng: Rng,
+    /// This VM's own salt for the rebalancer's draws (see [`rebalance::plan_cluster`]).
+    salt: u64,
     last_tick: Option<Nanos>,
     counters: Counters,
     /// Rates to write to the rate memory.
@@ -172,6 +174,7 @@ impl Router {
             route_rates: HashMap::new(),
             cluster_rates: vec![None; n],
             rng: Rng::new(seed),
+            salt: Rng::new(seed ^ 0x5A17).next_u64(),
             last_tick: None,
             counters: Counters::default(),
             rate_updates: Vec::new(),
@@ -792,7 +795,10 @@ impl Router {
             let before = plan.moves.len();
             rebalance::plan_cluster(
                 cfg,
-                settle,
+                Pace {
+                    settle,
+                    salt: self.salt,
+                },
                 ClusterIdx(ci),
                 c,
                 &self.streams,

@@ -732,6 +732,15 @@ impl Vm {
         {
             r.excess.insert(ClusterIdx(ci), (*before, *after));
         }
+        let mut seen: Vec<ClusterIdx> = Vec::new();
+        for m in &plan.moves {
+            if !seen.contains(&m.cluster) {
+                seen.push(m.cluster);
+                if let Some(c) = self.router.cluster(m.cluster) {
+                    host.log(LogLevel::Debug, &planner_view(c));
+                }
+            }
+        }
         for m in &plan.moves {
             *r.planned.entry(m.cluster).or_default() += 1;
             if matches!(m.why, MoveWhy::Home | MoveWhy::Spread) {
@@ -832,4 +841,23 @@ fn reporter_figures<'a>(
         }
     }
     (m, app)
+}
+
+/// What the planner saw on a cluster, one `address load/capacity (own, report, own at report)`
+/// per healthy endpoint: logged at debug level with each round of moves.
+fn planner_view(c: &streamlb_core::endpoints::Cluster) -> String {
+    let mut line = format!("streamlb: rebalance view of {}:", c.name);
+    for e in c.endpoints.iter().filter(|e| e.eligible()) {
+        line.push_str(&format!(
+            " {} {:.1}/{:.1} (own {:.1}, this vm {:.1}, report {}, own at report {:.1});",
+            e.address,
+            e.load(),
+            e.capacity,
+            e.own_load(),
+            e.local_rate + e.local_pending,
+            e.fleet_load.map_or("-".to_string(), |f| format!("{f:.1}")),
+            e.own_at_report
+        ));
+    }
+    line
 }
