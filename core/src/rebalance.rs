@@ -9,8 +9,10 @@
 //! - this proxy worker sheds its share of the excess (its own load on j over `L_j`, since the
 //!   other workers shed theirs), choosing streams at least `min_age` old, largest estimate that
 //!   still fits the remaining excess first (fewest moves for the most excess); when no stream
-//!   fits its share, it moves its smallest with probability equal to its share, so that the
-//!   workers and proxies on j together move about one stream, not one each;
+//!   fits its share `e` of the excess, it moves its smallest (`q`) with probability
+//!   `max(s, e / q)` (`s`: the proxy's share of `L_j`, all its workers), drawn once per settle
+//!   window, so that the proxies on j together shed about the excess, or one stream when the
+//!   excess is less than one — not one stream each per tick;
 //! - with the fleet view, an endpoint it shed waits two probe intervals before being shed
 //!   again: until then its reports do not show the moves (this proxy's or the others'), and
 //!   shedding on them would shed too much;
@@ -292,11 +294,14 @@ pub fn plan_cluster(
         let my_excess = (load - target * cap) * share;
         let mut candidates = streams.select_moves(ci, j, my_excess, now, min_age, usize::MAX);
         if let [(_, rate)] = candidates[..] {
-            // Nothing fits this VM's share, so its smallest stream is offered. Every worker
-            // and proxy on j faces the same choice: each moves one with probability `share`,
-            // drawn once per window, so that together they move about one, not one each.
+            // Nothing fits this VM's share, so its smallest stream is offered. Every proxy on
+            // j faces the same choice: each moves it with probability max(the proxy's share of
+            // L_j, this VM's excess / the stream), drawn once per window, so that together they
+            // shed about the excess, or one stream when the excess is less than one. (The
+            // workers of one proxy see each other's moves a tick later: they need no draw.)
             let window = now.checked_div(pace.settle).unwrap_or(now);
-            if rate > my_excess && !coin(window ^ (j as u64).rotate_left(48), pace.salt, share) {
+            let p = (ep.own_load() / load).max(my_excess / rate);
+            if rate > my_excess && !coin(window ^ (j as u64).rotate_left(48), pace.salt, p) {
                 candidates.clear();
             }
         }
@@ -995,14 +1000,18 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_whose_share_fits_no_stream_moves_one_with_probability_its_share() {
+    fn a_proxy_whose_share_fits_no_stream_moves_one_by_a_draw_per_window() {
         let cfg = RebalanceConfig::default();
-        // e0 carries 40, of which this worker's two streams are 16 (share 0.4); mean 31, target
-        // 32.55: excess 7.45, this worker's share of it 2.98, less than a stream.
+        // e0 reports 40, of which this proxy's two streams are 16 (share 0.4); mean 31, target
+        // 32.55: excess 7.45, this proxy's share of it 2.98, less than a stream.
+        let reported = |c: &mut Cluster, report: f64| {
+            if let Some(e) = c.endpoint_mut(0) {
+                e.fleet_load = Some(report);
+                e.own_at_report = 16.0;
+            }
+        };
         let (mut c, t) = setup(&[&[8.0, 8.0], &[28.0], &[28.0], &[28.0]]);
-        if let Some(e) = c.endpoint_mut(0) {
-            e.remote_load = 24.0;
-        }
+        reported(&mut c, 40.0);
         let rounds = 2000;
         let moved: usize = (0..rounds)
             .map(|k| {
@@ -1014,6 +1023,20 @@ mod tests {
             .sum();
         let frequency = moved as f64 / rounds as f64;
         assert!((frequency - 0.4).abs() < 0.05, "{frequency}");
+        // More excess: e0 reports 56 (this proxy's 16: share 0.29); mean 35, target 36.75:
+        // excess 19.25, this proxy's part 5.5 of a stream of 8: probability 0.69.
+        let (mut big, t_big) = setup(&[&[8.0, 8.0], &[28.0], &[28.0], &[28.0]]);
+        reported(&mut big, 56.0);
+        let moved: usize = (0..rounds)
+            .map(|k| {
+                let (mut allowance, mut plan) = (10, Plan::default());
+                let now = 100 * S + k * 500_000_000;
+                plan_first(&cfg, &big, &t_big, now, &mut allowance, &mut plan);
+                plan.moves.len()
+            })
+            .sum();
+        let frequency = moved as f64 / rounds as f64;
+        assert!((frequency - 0.69).abs() < 0.05, "{frequency}");
         // One draw per settle window: the ticks of a window all decide alike, windows differ.
         let pace = Pace {
             settle: 2 * S,
@@ -1044,11 +1067,24 @@ mod tests {
             "{windows:?}"
         );
         assert!(windows.iter().any(|w| w[0] == 1) && windows.iter().any(|w| w[0] == 0));
-        // Alone on e0 (share 1), it always moves one.
-        let (c, t) = setup(&[&[8.0, 8.0, 8.0, 8.0, 8.0], &[28.0], &[28.0], &[28.0]]);
-        let (mut allowance, mut plan) = (10, Plan::default());
-        plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
-        assert_eq!(plan.moves.len(), 1);
+        // The same 24 on another worker of this proxy (it sees this one's moves a tick later):
+        // no draw, the smallest always moves.
+        let (mut own, t_own) = setup(&[&[8.0, 8.0], &[28.0], &[28.0], &[28.0]]);
+        if let Some(e) = own.endpoint_mut(0) {
+            e.remote_load = 24.0;
+        }
+        for k in 0..20 {
+            let (mut allowance, mut plan) = (10, Plan::default());
+            plan_first(
+                &cfg,
+                &own,
+                &t_own,
+                100 * S + k * S,
+                &mut allowance,
+                &mut plan,
+            );
+            assert_eq!(plan.moves.len(), 1);
+        }
     }
 
     #[test]

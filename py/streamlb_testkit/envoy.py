@@ -64,11 +64,13 @@ class Envoy(Managed):
         native_strip: bool = True,
         reporter: bool = False,
         lds: bool = False,
+        exact_balance: bool = False,
     ):
         self.health_checks = health_checks
         self.native_strip = native_strip
         self.reporter = reporter
         self.lds = lds
+        self.exact_balance = exact_balance
         self.pod_list = list(pods.pods if isinstance(pods, Pods) else pods)
         self.filter_config = filter_config
         self.lb = lb
@@ -113,6 +115,7 @@ class Envoy(Managed):
             admin_gate_port=self.admin_gate_port,
             native_strip=self.native_strip,
             reporter=self.reporter,
+            exact_balance=self.exact_balance,
         )
 
     def write_config(self) -> Path:

@@ -98,6 +98,7 @@ def render_config(
     admin_gate_port: int | None = None,
     native_strip: bool = True,
     reporter: bool = False,
+    exact_balance: bool = False,
 ) -> dict[str, Any]:
     """The Envoy bootstrap as a dict, from envoy/envoy.yaml.tmpl.
 
@@ -105,7 +106,8 @@ def render_config(
     "least_request", "round_robin", "zone_aware" (least_request with zone-aware routing; the
     local cluster `gateways` says one gateway per zone in `gateway_zones`, default the pod
     zones), or a LoadBalancingPolicy dict used as is. health_checks False drops the pods'
-    active TCP health check.
+    active TCP health check. exact_balance spreads the listener's connections evenly over the
+    workers (without reuse_port, which the template turns off, a few workers may take most).
     """
     values = {
         "admin_port": admin_port,
@@ -121,6 +123,8 @@ def render_config(
 
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["address"] = listen_address
+    if exact_balance:
+        listener["connection_balance_config"] = {"exact_balance": {}}
     config["admin"]["address"]["socket_address"]["address"] = admin_address
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     if filter_config is None:

@@ -216,11 +216,13 @@ def test_with_rebalancing_a_pod_cut_to_a_quarter_sheds_streams_to_its_capacity_s
     # Three equal pods, two gateways, 15 devices each at 4 msgs/s: a-0 carries about a third.
     # Its capacity is then cut to a quarter of the others'; its utilisation reports rise, it is
     # hot by them, and each gateway sheds its share of a-0's excess. Capacity share of a-0:
-    # 100 / 900 = 0.11.
+    # 100 / 900 = 0.11. Connections spread evenly over each gateway's two workers (as reuse_port
+    # spreads them): four VMs act on the same reports.
     pods = make_pods(zones={"a": 3}, capacity=400)
     rebalance = {"mode": "on", "allow_reset": True, "min_age_ms": 2000, "max_moves_per_tick": 2,
                  "max_moves_per_minute": 60, "max_share_per_minute": 1.0}
-    gateways = [make_envoy(pods, filter_config=gateway_config(local_zone="", rebalance=rebalance)) for _ in range(2)]
+    gateways = [make_envoy(pods, filter_config=gateway_config(local_zone="", rebalance=rebalance), exact_balance=True)
+                for _ in range(2)]
     for g in gateways:
         wait_for(lambda g=g: counter(g, "streamlb_discovery_polls_ok_total") > 0, 15, "discovery")
     running = [start_devices(g.listen_addr, streams=15, mean_rate=4, dist="constant", duration=36, reconnect=True,
