@@ -12,7 +12,7 @@ mod common;
 use common::snapshot;
 use streamlb_core::config::Config;
 use streamlb_core::rng::Rng;
-use streamlb_core::router::Router;
+use streamlb_core::router::{Router, Source};
 use streamlb_core::streams::Direction;
 use streamlb_core::Nanos;
 #[cfg(target_arch = "wasm32")]
@@ -231,15 +231,18 @@ fn zone_demand_50_30_20_crosses_zones_only_for_the_excess() {
     );
 }
 
-/// A reconnect storm: the streams of `rates` open with no rate known, in `waves` equal groups
-/// half a second past each tick (one wave: all at the same instant), through one proxy in zone
-/// `zone` whose `workers` workers each take the connections that reach them (at random) and
-/// see each other's placements on the tick. Returns per-endpoint true load.
+/// A reconnect storm: the streams of `rates` open with no rate known (or, `remembered`, each
+/// with its own rate from the rate memory), in `waves` equal groups half a second past each
+/// tick (one wave: all at the same instant), through one proxy in zone `zone` whose `workers`
+/// workers each take the connections that reach them (at random) and see each other's
+/// placements on the tick. Returns per-endpoint true load.
+#[allow(clippy::too_many_arguments)]
 fn storm(
     config: &str,
     pods: &[(String, String)],
     zone: &str,
     rates: &[f64],
+    remembered: bool,
     workers: usize,
     waves: usize,
     rng: &mut Rng,
@@ -264,7 +267,14 @@ fn storm(
             let k = rng.below(workers);
             let id = open.len() as u64;
             let router = &mut routers[k];
-            let d = router.place(at, id, "telemetry", "pods").unwrap();
+            let source = remembered.then_some(Source {
+                key: id + 1,
+                rate: Some(rate),
+                to: None,
+            });
+            let d = router
+                .place_from(at, id, "telemetry", "pods", source)
+                .unwrap();
             let chosen = d.primary.expect("an endpoint is named");
             let j = pods.iter().position(|(a, _)| *a == chosen).unwrap();
             router.on_upstream(at, id, &chosen, &pods[j].1);
@@ -332,6 +342,7 @@ fn a_storm_of_unknown_rates_lands_no_worse_than_least_request() {
                 &pods,
                 "a",
                 &rates,
+                false,
                 workers,
                 waves,
                 &mut rng,
@@ -376,6 +387,7 @@ fn a_storm_of_unknown_rates_is_spread_by_capacity_whatever_the_workers() {
                 &pods,
                 "a",
                 &rates,
+                false,
                 workers,
                 1,
                 &mut rng,
@@ -406,4 +418,66 @@ fn a_storm_of_unknown_rates_is_spread_by_capacity_whatever_the_workers() {
             );
         }
     }
+}
+
+/// Longest processing time first: max/mean of the near-optimal static placement.
+fn lpt(rates: &[f64], pods: usize) -> f64 {
+    let mut sorted = rates.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let mut loads: Vec<f64> = vec![0.0; pods];
+    for r in sorted {
+        let k = (0..pods)
+            .min_by(|&a, &b| loads[a].total_cmp(&loads[b]))
+            .unwrap_or(0);
+        loads[k] += r;
+    }
+    max_over_mean(&loads)
+}
+
+#[test]
+fn a_storm_of_remembered_rates_lands_like_greedy_in_arrival_order() {
+    // test_rebalance's storm: 60 devices, Zipf(0.8), every rate remembered, six pods of one
+    // zone, all reconnecting at one instant, in random order. One worker places each on the
+    // least loaded pod as it arrives (online list scheduling: the big streams that come last
+    // land on full pods). Several workers see each other's placements only on the tick, each
+    // balancing its own part (300 seeds, median [p90]: 1 worker 1.27 [1.58], 2 workers 1.45
+    // [1.65], 4 workers 1.52 [1.82]; LPT, which sorts the rates first, 1.01). Sizing the other
+    // workers' guessed burst by the mean placed instead of the stream's own rate made no
+    // difference (1.46 with 2 workers): only sharing placements within the burst would.
+    let pods: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("a-{i}:8080"), "a".to_string()))
+        .collect();
+    let seeds = 300u64;
+    let mut medians = Vec::new();
+    for workers in [1, 2, 4] {
+        let (mut ours, mut best) = (Vec::new(), Vec::new());
+        for seed in 1..=seeds {
+            let mut rng = Rng::new(seed);
+            let rates = zipf_rates(60, 0.8, 10.0, &mut rng);
+            let landed = storm(
+                r#"{"clusters":["pods"]}"#,
+                &pods,
+                "a",
+                &rates,
+                true,
+                workers,
+                1,
+                &mut rng,
+            );
+            ours.push(max_over_mean(&landed));
+            best.push(lpt(&rates, pods.len()));
+        }
+        ours.sort_by(f64::total_cmp);
+        let p90 = ours[ours.len() * 9 / 10];
+        let (ours, best) = (median(ours), median(best));
+        println!(
+            "remembered storm, {workers} worker(s), {seeds} seeds: median max/mean {ours:.3} (p90 {p90:.3}), LPT {best:.3}"
+        );
+        medians.push(ours);
+    }
+    assert!(medians[0] <= 1.30, "one worker: {medians:?}");
+    assert!(
+        medians.iter().all(|m| *m <= medians[0] + 0.3),
+        "more workers: {medians:?}"
+    );
 }
