@@ -213,9 +213,8 @@ pub struct Pace {
     /// (the other proxies' moves too), and shedding again on them would shed too much. Also the
     /// window of one draw (below).
     pub settle: Nanos,
-    /// This VM's salt: when no stream fits its share of an endpoint's excess, it draws once
-    /// per settle window whether to move its smallest (with probability its share), so that
-    /// all VMs on the endpoint together move about one stream per window, not one each per tick.
+    /// This VM's salt for the draw, once per settle window, of whether to move its smallest
+    /// stream off a hot endpoint when none fits its share of the excess (see the module doc).
     pub salt: u64,
 }
 
@@ -292,17 +291,20 @@ pub fn plan_cluster(
         }
         let share = ((ep.local_rate + ep.local_pending) / load).min(1.0);
         let my_excess = (load - target * cap) * share;
-        let mut candidates = streams.select_moves(ci, j, my_excess, now, min_age, usize::MAX);
-        if let [(_, rate)] = candidates[..] {
-            // Nothing fits this VM's share, so its smallest stream is offered. Every proxy on
-            // j faces the same choice: each moves it with probability max(the proxy's share of
+        let on_j = |s: &crate::streams::Stream| s.cluster == ci && s.endpoint == Some(j);
+        let movable = streams.movable(on_j, now, min_age);
+        let mut candidates = crate::streams::fitting(&movable, my_excess, usize::MAX);
+        let smallest = movable.iter().rev().find(|(_, est)| *est > 0.0);
+        if let (true, Some(&(id, rate))) = (candidates.is_empty() && my_excess > 0.0, smallest) {
+            // None fits this VM's share: its smallest still sheds the excess. Every proxy on j
+            // faces the same choice: each moves it with probability max(the proxy's share of
             // L_j, this VM's excess / the stream), drawn once per window, so that together they
             // shed about the excess, or one stream when the excess is less than one. (The
             // workers of one proxy see each other's moves a tick later: they need no draw.)
             let window = now.checked_div(pace.settle).unwrap_or(now);
             let p = (ep.own_load() / load).max(my_excess / rate);
-            if rate > my_excess && !coin(window ^ (j as u64).rotate_left(48), pace.salt, p) {
-                candidates.clear();
+            if coin(window ^ (j as u64).rotate_left(48), pace.salt, p) {
+                candidates.push((id, rate));
             }
         }
         for (id, rate) in candidates {
@@ -351,14 +353,9 @@ pub fn plan_cluster(
     plan.excess_after.push(excess_share(&loads, &caps, hot));
 }
 
-/// A draw that comes true with probability `p`, fixed by (what, salt): splitmix64's
-/// finalizer over both, so that neighbouring inputs draw independently.
+/// A draw that comes true with probability `p`, fixed by (what, salt).
 fn coin(what: u64, salt: u64, p: f64) -> bool {
-    let mut z = (what ^ salt.rotate_left(32)).wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    p >= 1.0 || ((z >> 11) as f64 / (1u64 << 53) as f64) < p
+    p >= 1.0 || crate::rng::unit(crate::rng::splitmix64(what ^ salt.rotate_left(32))) < p
 }
 
 /// Of the endpoints other than `except` (indices into `loads`), the one with the lowest level

@@ -1,6 +1,20 @@
 //! A small, seedable PRNG (xorshift64*). The core never reads entropy itself: the filter seeds
 //! it per VM, tests seed it with constants so every run is reproducible.
 
+/// SplitMix64's output function of `x` (Steele, Lea, Flood): consecutive or otherwise close
+/// inputs map to independent-looking outputs. A stateless draw, or a generator's step.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Uniform in `[0, 1)` from the top 53 bits of `x`.
+pub fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// xorshift64* — Vigna, "An experimental exploration of Marsaglia's xorshift generators".
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -26,7 +40,7 @@ impl Rng {
 
     /// Uniform in `[0, 1)`.
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        unit(self.next_u64())
     }
 
     /// Uniform in `0..n`; returns 0 when `n == 0`.

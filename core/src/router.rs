@@ -174,7 +174,7 @@ impl Router {
             route_rates: HashMap::new(),
             cluster_rates: vec![None; n],
             rng: Rng::new(seed),
-            salt: Rng::new(seed ^ 0x5A17).next_u64(),
+            salt: crate::rng::splitmix64(seed),
             last_tick: None,
             counters: Counters::default(),
             rate_updates: Vec::new(),

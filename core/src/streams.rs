@@ -148,32 +148,6 @@ impl StreamTable {
         self.map.iter_mut()
     }
 
-    /// Streams on (`cluster`, `endpoint`) to move so as to shed `excess` load with the fewest
-    /// moves: only streams at least `min_age` old, largest estimate that still fits the
-    /// remaining excess first, at most `max_moves`; when none fits, the smallest one.
-    /// Returns (stream id, estimate) pairs.
-    pub fn select_moves(
-        &self,
-        cluster: ClusterIdx,
-        endpoint: usize,
-        excess: f64,
-        now: Nanos,
-        min_age: Nanos,
-        max_moves: usize,
-    ) -> Vec<(u64, f64)> {
-        let on_endpoint = |s: &Stream| s.cluster == cluster && s.endpoint == Some(endpoint);
-        let eligible = self.movable(on_endpoint, now, min_age);
-        let chosen = fitting(&eligible, excess, max_moves);
-        if chosen.is_empty() && excess > 0.0 && max_moves > 0 {
-            // Nothing fits: the smallest stream still sheds the excess (the caller checks that
-            // its destination stays cool).
-            if let Some(&smallest) = eligible.iter().rev().find(|(_, est)| *est > 0.0) {
-                return vec![smallest];
-            }
-        }
-        chosen
-    }
-
     /// Streams matching `which`, at least `min_age` old, not planned to move nor unmovable, as
     /// (id, estimate), largest estimate first (ties by id).
     pub fn movable(
@@ -251,18 +225,12 @@ mod tests {
             6,
             Stream::new(ClusterIdx(0), RouteIdx(0), Some(8), 0, 100.0),
         ); // other endpoint
-        let m = t.select_moves(ClusterIdx(0), 7, 36.0, 1000, 500, 10);
-        assert_eq!(m, vec![(2, 30.0), (4, 5.0)]); // 50 too big, 25 too young
-        assert_eq!(
-            t.select_moves(ClusterIdx(0), 7, 36.0, 1000, 500, 1),
-            vec![(2, 30.0)]
-        );
-        assert!(t
-            .select_moves(ClusterIdx(0), 7, 0.0, 1000, 500, 10)
-            .is_empty());
-        assert_eq!(
-            t.select_moves(ClusterIdx(0), 7, 4.0, 1000, 500, 10),
-            vec![(4, 5.0)]
-        ); // none fits: smallest
+        let on_7 = |s: &Stream| s.cluster == ClusterIdx(0) && s.endpoint == Some(7);
+        let movable = t.movable(on_7, 1000, 500);
+        assert_eq!(movable, vec![(1, 50.0), (2, 30.0), (3, 20.0), (4, 5.0)]); // 25 too young
+        assert_eq!(fitting(&movable, 36.0, 10), vec![(2, 30.0), (4, 5.0)]); // 50 too big
+        assert_eq!(fitting(&movable, 36.0, 1), vec![(2, 30.0)]);
+        assert!(fitting(&movable, 0.0, 10).is_empty());
+        assert!(fitting(&movable, 4.0, 10).is_empty()); // none fits (the planner decides)
     }
 }

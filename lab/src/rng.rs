@@ -12,16 +12,14 @@ impl SplitMix64 {
     }
 
     pub fn next_u64(&mut self) -> u64 {
+        let z = streamlb_core::rng::splitmix64(self.state);
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        z
     }
 
     /// Uniform in [0, 1): top 53 bits / 2^53.
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        streamlb_core::rng::unit(self.next_u64())
     }
 
     /// Uniform in [0, n); 0 when n == 0.

@@ -719,6 +719,13 @@ impl Vm {
             Ok(plan) => plan,
             Err(e) => return self.shared_failed(host, "rebalance budget", e), // no moves now
         };
+        // What the planner saw, before the commit sets the moved streams aside (moves come
+        // cluster by cluster).
+        let mut planned_in: Vec<ClusterIdx> = plan.moves.iter().map(|m| m.cluster).collect();
+        planned_in.dedup();
+        for c in planned_in.iter().filter_map(|&ci| self.router.cluster(ci)) {
+            host.log(LogLevel::Debug, &planner_view(c));
+        }
         let shadow = cfg.mode == RebalanceMode::Shadow;
         if !shadow {
             self.router.commit_moves(now, &plan);
@@ -731,15 +738,6 @@ impl Vm {
             .enumerate()
         {
             r.excess.insert(ClusterIdx(ci), (*before, *after));
-        }
-        let mut seen: Vec<ClusterIdx> = Vec::new();
-        for m in &plan.moves {
-            if !seen.contains(&m.cluster) {
-                seen.push(m.cluster);
-                if let Some(c) = self.router.cluster(m.cluster) {
-                    host.log(LogLevel::Debug, &planner_view(c));
-                }
-            }
         }
         for m in &plan.moves {
             *r.planned.entry(m.cluster).or_default() += 1;
