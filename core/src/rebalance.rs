@@ -1007,33 +1007,29 @@ mod tests {
                 e.own_at_report = 16.0;
             }
         };
+        // How often a round moves one, over 2,000 rounds half a second apart.
+        let frequency = |c: &Cluster, t: &StreamTable| {
+            let rounds = 2000;
+            let moved: usize = (0..rounds)
+                .map(|k| {
+                    let (mut allowance, mut plan) = (10, Plan::default());
+                    let now = 100 * S + k * 500_000_000;
+                    plan_first(&cfg, c, t, now, &mut allowance, &mut plan);
+                    plan.moves.len()
+                })
+                .sum();
+            moved as f64 / rounds as f64
+        };
         let (mut c, t) = setup(&[&[8.0, 8.0], &[28.0], &[28.0], &[28.0]]);
         reported(&mut c, 40.0);
-        let rounds = 2000;
-        let moved: usize = (0..rounds)
-            .map(|k| {
-                let (mut allowance, mut plan) = (10, Plan::default());
-                let now = 100 * S + k * 500_000_000;
-                plan_first(&cfg, &c, &t, now, &mut allowance, &mut plan);
-                plan.moves.len()
-            })
-            .sum();
-        let frequency = moved as f64 / rounds as f64;
-        assert!((frequency - 0.4).abs() < 0.05, "{frequency}");
+        let f = frequency(&c, &t);
+        assert!((f - 0.4).abs() < 0.05, "{f}");
         // More excess: e0 reports 56 (this proxy's 16: share 0.29); mean 35, target 36.75:
         // excess 19.25, this proxy's part 5.5 of a stream of 8: probability 0.69.
         let (mut big, t_big) = setup(&[&[8.0, 8.0], &[28.0], &[28.0], &[28.0]]);
         reported(&mut big, 56.0);
-        let moved: usize = (0..rounds)
-            .map(|k| {
-                let (mut allowance, mut plan) = (10, Plan::default());
-                let now = 100 * S + k * 500_000_000;
-                plan_first(&cfg, &big, &t_big, now, &mut allowance, &mut plan);
-                plan.moves.len()
-            })
-            .sum();
-        let frequency = moved as f64 / rounds as f64;
-        assert!((frequency - 0.69).abs() < 0.05, "{frequency}");
+        let f = frequency(&big, &t_big);
+        assert!((f - 0.69).abs() < 0.05, "{f}");
         // One draw per settle window: the ticks of a window all decide alike, windows differ.
         let pace = Pace {
             settle: 2 * S,
