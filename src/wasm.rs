@@ -283,8 +283,8 @@ impl HttpContext for Http {
         }
     }
 
-    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        self.0.on_response_headers(&EnvoyHost);
+    fn on_http_response_headers(&mut self, _n: usize, eos: bool) -> Action {
+        self.0.on_response_headers(&EnvoyHost, eos);
         Action::Continue
     }
 

@@ -198,6 +198,13 @@ impl Router {
         self.clusters.get(ci.0)
     }
 
+    /// The zone of the endpoint at `address` in cluster `ci`, when known (not empty).
+    pub fn known_zone(&self, ci: ClusterIdx, address: &str) -> Option<&str> {
+        let c = self.clusters.get(ci.0)?;
+        let e = c.endpoint(c.index_of(address)?)?;
+        Some(e.zone.as_str()).filter(|z| !z.is_empty())
+    }
+
     pub fn cluster_index(&self, name: &str) -> Option<ClusterIdx> {
         self.clusters
             .iter()

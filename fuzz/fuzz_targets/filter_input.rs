@@ -114,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
             h.set_header_bytes(HeaderMap::Response, name, v);
         }
     }
-    s.on_response_headers(&h);
+    s.on_response_headers(&h, true);
     if let Some(b) = field(Field::ResponseBody) {
         h.bodies.borrow_mut().insert(Body::Response, b.to_vec());
         s.on_response_body(&h, b.len());

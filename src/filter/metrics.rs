@@ -36,16 +36,24 @@ pub fn tagged(base: &str, tags: &[(&str, &str)]) -> String {
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    ids: HashMap<(MetricKind, String), u32>,
+    /// name → id, per kind (looked up by `&str`, no allocation).
+    counters: HashMap<String, u32>,
+    gauges: HashMap<String, u32>,
+    histograms: HashMap<String, u32>,
 }
 
 impl Metrics {
-    fn id(&mut self, host: &dyn Host, kind: MetricKind, name: &str) -> HostResult<u32> {
-        if let Some(&id) = self.ids.get(&(kind, name.to_string())) {
+    pub fn id(&mut self, host: &dyn Host, kind: MetricKind, name: &str) -> HostResult<u32> {
+        let ids = match kind {
+            MetricKind::Counter => &mut self.counters,
+            MetricKind::Gauge => &mut self.gauges,
+            MetricKind::Histogram => &mut self.histograms,
+        };
+        if let Some(&id) = ids.get(name) {
             return Ok(id);
         }
         let id = host.define_metric(kind, name)?;
-        self.ids.insert((kind, name.to_string()), id);
+        ids.insert(name.to_string(), id);
         Ok(id)
     }
 

@@ -36,6 +36,8 @@ pub struct MockHost {
     pub local_responses: RefCell<Vec<LocalResponse>>,
     /// The last tick period set (0 stops the timer).
     pub tick_period_ms: Cell<Option<u64>>,
+    /// Host calls made (all but `log`), by method name.
+    pub host_calls: RefCell<HashMap<&'static str, usize>>,
 }
 
 impl MockHost {
@@ -88,6 +90,7 @@ impl MockHost {
     }
 
     fn check(&self, method: &'static str) -> HostResult<()> {
+        *self.host_calls.borrow_mut().entry(method).or_default() += 1;
         if self.failing.borrow().contains(method) {
             Err(HostError::Status(format!("injected failure in {method}")))
         } else {

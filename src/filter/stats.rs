@@ -13,7 +13,7 @@
 
 use hashbrown::HashMap;
 
-use super::host::{Host, HostError};
+use super::host::{Host, HostError, MetricKind};
 use super::metrics::{tagged, Metrics};
 use streamlb_core::grpc_status;
 use streamlb_core::rebalance::MoveWhy;
@@ -179,6 +179,8 @@ pub struct Stats {
     pub rebalance: RebalanceStats,
     pub fleet: FleetStats,
     metrics: Metrics,
+    /// (histogram, cluster, route) → metric id: a stream's samples format no names.
+    route_histograms: HashMap<(&'static str, ClusterIdx, RouteIdx), u32>,
 }
 
 /// How a load probe ended, as a bounded label.
@@ -249,13 +251,21 @@ impl Stats {
         &mut self,
         host: &dyn Host,
         router: &Router,
-        name: &str,
+        name: &'static str,
         (cluster, route): (ClusterIdx, RouteIdx),
         micros: u64,
     ) -> Result<(), HostError> {
-        let tags = route_tags(router, cluster, route);
-        let name = tagged(name, &[("route", &tags.0), ("cluster", &tags.1)]);
-        self.metrics.sample(host, &name, micros)
+        let id = match self.route_histograms.get(&(name, cluster, route)) {
+            Some(&id) => id,
+            None => {
+                let tags = route_tags(router, cluster, route);
+                let tagged = tagged(name, &[("route", &tags.0), ("cluster", &tags.1)]);
+                let id = self.metrics.id(host, MetricKind::Histogram, &tagged)?;
+                self.route_histograms.insert((name, cluster, route), id);
+                id
+            }
+        };
+        host.record_metric(id, micros)
     }
 
     /// Write everything accumulated since the last flush. Returns the first host error.

@@ -152,7 +152,7 @@ impl StreamFilter {
         if !self.reported {
             self.detect_grpc(host);
         }
-        let source = source_of(host, vm);
+        let source = source_of(host, vm, now);
         let Some(decision) = vm.router.place_from(now, self.id, &route, &cluster, source) else {
             return;
         };
@@ -305,7 +305,9 @@ impl StreamFilter {
         }
     }
 
-    pub fn on_response_headers(&mut self, host: &dyn Host) {
+    /// `end_of_stream`: the response ends with these headers (a trailers-only gRPC response
+    /// carries its `grpc-status` here; otherwise it is not looked up).
+    pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) {
         self.follow_reload();
         self.report_app_utilization(host, HeaderMap::Response);
         let Some(key) = self.tracked else {
@@ -320,16 +322,22 @@ impl StreamFilter {
             .ok()
             .flatten()
             .and_then(|s| parse_number(&s));
-        if let Ok(Some(s)) = host.header(HeaderMap::Response, "grpc-status") {
-            self.grpc_status = parse_number(&s); // trailers-only response
+        if end_of_stream {
+            if let Ok(Some(s)) = host.header(HeaderMap::Response, "grpc-status") {
+                self.grpc_status = parse_number(&s);
+            }
         }
         let now = host.now().unwrap_or(0);
         match string_property(host, &["upstream", "address"]) {
             Ok(Some(address)) => {
-                let zone = string_property(host, &["upstream", "locality", "zone"])
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
+                // The zone property only for an endpoint discovery has not placed in a zone.
+                let zone = match vm.router.known_zone(key.0, &address) {
+                    Some(z) => z.to_string(),
+                    None => string_property(host, &["upstream", "locality", "zone"])
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default(),
+                };
                 vm.router.on_upstream(now, self.id, &address, &zone);
                 if !zone.is_empty() {
                     self.cross_zone = is_cross_zone(vm.router.local_zone(), &zone);
@@ -529,7 +537,7 @@ fn is_cross_zone(local: &str, endpoint: &str) -> bool {
 
 /// The stream's source for the rate memory: the configured header's value, else (if allowed)
 /// the downstream IP; with its remembered rate when the shared memory has one.
-fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
+fn source_of(host: &dyn Host, vm: &mut Vm, now: Nanos) -> Option<Source> {
     let cfg = &vm.config().rate_memory;
     if cfg.header.is_empty() {
         return None;
@@ -552,7 +560,7 @@ fn source_of(host: &dyn Host, vm: &mut Vm) -> Option<Source> {
     let buckets = rate_memory::bucket_count(cfg.capacity);
     let max_age = (cfg.max_age_ms / 1000).min(u64::from(u32::MAX)) as u32;
     let shared_key = rate_memory::shared_key(rate_memory::bucket_of(hash, buckets));
-    let now = rate_memory::seconds(host.now().unwrap_or(0));
+    let now = rate_memory::seconds(now);
     let remembered = match host.shared_get(&shared_key) {
         Ok((Some(bytes), _)) => Bucket::decode(&bytes).get(hash, now, max_age),
         Ok((None, _)) => None,

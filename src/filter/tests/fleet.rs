@@ -81,7 +81,7 @@ fn the_lease_holder_probes_healthy_pods_and_every_vm_gets_the_reports() {
     h2.set_request_header("content-type", "application/grpc");
     let mut s = StreamFilter::new(v2.clone(), 7);
     s.on_request_headers(&h2);
-    s.on_response_headers(&h2);
+    s.on_response_headers(&h2, false);
     let debug = h2.get(HeaderMap::Response, "x-d").unwrap();
     assert!(debug.contains("view=fleet"), "{debug}");
     assert!(debug.contains("endpoint=10.0.0.3:8080"), "{debug}");

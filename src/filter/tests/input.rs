@@ -68,7 +68,7 @@ fn a_non_utf8_device_id_is_remembered_by_its_bytes() {
         h2.set_header_bytes(HeaderMap::Request, "x-device-id", id);
         let mut s = StreamFilter::new(v2.clone(), stream);
         s.on_request_headers(&h2);
-        s.on_response_headers(&h2);
+        s.on_response_headers(&h2, false);
         let debug = h2.get(HeaderMap::Response, "x-d").expect("decision");
         let e: f64 = debug.split("expected=").nth(1).unwrap().parse().unwrap();
         e
@@ -86,7 +86,7 @@ fn orca_headers_are_not_read_without_orca_weight() {
     let mut s = open_on(&h, &v, 1, "10.0.0.1:8080", None);
     let orca = crate::filter::stream::ORCA_HEADER;
     h.set_header_bytes(HeaderMap::Response, orca, b"TEXT cpu_utilization=x");
-    s.on_response_headers(&h);
+    s.on_response_headers(&h, false);
     h.set_header_bytes(HeaderMap::ResponseTrailers, orca, b"TEXT cpu_utilization=y");
     s.on_response_trailers(&h);
     s.on_done(&h);
@@ -104,13 +104,13 @@ fn invalid_orca_reports_are_counted_logged_once_and_ignored() {
     let orca = crate::filter::stream::ORCA_HEADER;
     h.set_header_bytes(HeaderMap::Response, ":status", b"2\xff0");
     h.set_header_bytes(HeaderMap::Response, orca, b"TEXT cpu_utilization=1\xff");
-    s.on_response_headers(&h);
+    s.on_response_headers(&h, false);
     h.set_header_bytes(HeaderMap::ResponseTrailers, "grpc-status", b"\xff");
     h.set_header_bytes(HeaderMap::ResponseTrailers, orca, b"TEXT cpu_utilization=x");
     s.on_response_trailers(&h);
     let mut ok = open_on(&h, &v, 2, "10.0.0.1:8080", None);
     h.set_header_bytes(HeaderMap::Response, orca, b"TEXT cpu_utilization=0.5");
-    ok.on_response_headers(&h);
+    ok.on_response_headers(&h, false);
     s.on_done(&h);
     ok.on_done(&h);
     v.borrow_mut().flush(&h);

@@ -157,7 +157,7 @@ fn steers_to_healthy_endpoints_and_strips_client_header() {
             !named.contains("10.0.0.2"),
             "unhealthy endpoint named: {named}"
         );
-        s.on_response_headers(&h);
+        s.on_response_headers(&h, false);
         let debug = h.get(HeaderMap::Response, "x-streamlb-decision").unwrap();
         assert!(debug.contains(&format!("endpoint={first}")), "{debug}");
     }
@@ -224,7 +224,7 @@ fn counts_grpc_messages_across_chunks_without_reading_pure_payload() {
     assert_eq!(h.body_reads.get(), 3, "body reads");
     h.set_property("upstream.address", "10.0.0.3:8080");
     h.set_property("upstream.locality.zone", "b");
-    s.on_response_headers(&h);
+    s.on_response_headers(&h, false);
     h.time.set(11 * SEC);
     v.borrow_mut().on_tick(&h);
     let tags = "route=.=telemetry;.;cluster=.=pods;.;direction=.=upstream;.;";
@@ -273,7 +273,7 @@ fn host_failures_are_counted_logged_once_and_never_panic() {
     let mut s = StreamFilter::new(v.clone(), 9);
     s.on_request_headers(&h);
     s.on_request_body(&h, 100);
-    s.on_response_headers(&h);
+    s.on_response_headers(&h, false);
     s.on_done(&h);
     v.borrow_mut().on_tick(&h);
     h.failing.borrow_mut().clear();
@@ -335,7 +335,7 @@ fn stream_end_records_status_class_latency_and_cross_zone_messages() {
     h.headers
         .borrow_mut()
         .insert((HeaderMap::Response, ":status".into()), "200".into());
-    s.on_response_headers(&h);
+    s.on_response_headers(&h, false);
     let frames = grpc_frames(&[8, 8]);
     h.bodies.borrow_mut().insert(Body::Request, frames.clone());
     s.on_request_body(&h, frames.len());
@@ -422,7 +422,7 @@ fn rebalancer_ends_planned_streams_only_at_message_boundaries() {
         .map(|id| open_on(&h, &v, id, "10.0.0.1:8080", None))
         .collect();
     // Stream 5's response has started: without allow_reset it must never be moved.
-    streams[5].on_response_headers(&h);
+    streams[5].on_response_headers(&h, false);
     let frame = grpc_frames(&[30]);
     for t in 1..=5 {
         for s in streams.iter_mut() {
@@ -539,7 +539,7 @@ fn a_reconnecting_device_is_placed_with_its_remembered_rate() {
     h2.set_request_header("x-device-id", "meter-42");
     let mut again = StreamFilter::new(v2.clone(), 2);
     again.on_request_headers(&h2);
-    again.on_response_headers(&h2);
+    again.on_response_headers(&h2, false);
     let debug = h2.get(HeaderMap::Response, "x-d").unwrap();
     let expected: f64 = debug.split("expected=").nth(1).unwrap().parse().unwrap();
     assert!((expected - 40.0).abs() < 2.0, "{debug}");
@@ -548,7 +548,7 @@ fn a_reconnecting_device_is_placed_with_its_remembered_rate() {
     h2.set_request_header("x-device-id", "meter-43");
     let mut other = StreamFilter::new(v2.clone(), 3);
     other.on_request_headers(&h2);
-    other.on_response_headers(&h2);
+    other.on_response_headers(&h2, false);
     let debug = h2.get(HeaderMap::Response, "x-d").unwrap();
     assert!(debug.ends_with("expected=3.000"), "{debug}");
 }
@@ -676,7 +676,7 @@ fn a_move_planned_before_the_response_started_is_not_a_reset() {
     // The response starts before the stream's next request frame: ending it now would be a
     // reset, which allow_reset (false) forbids.
     for &id in &planned {
-        streams[id].on_response_headers(&h);
+        streams[id].on_response_headers(&h, false);
         assert_eq!(
             send(&h, &mut streams[id], &grpc_frames(&[30])),
             BodyAction::Continue
@@ -930,4 +930,80 @@ fn the_rate_memory_key_is_one_secret_per_envoy() {
     let other_envoy = host(&SharedStore::default());
     let v3 = vm(&other_envoy, r#"{"clusters":["pods"]}"#);
     assert_ne!(v1.borrow().rate_secret, v3.borrow().rate_secret);
+}
+
+/// One unary gRPC call `id` to 10.0.0.1 (2 ms long); `status` its `grpc-status`, sent
+/// trailers-only (in the response headers, which end the stream) or in trailers after a reply.
+fn unary_call(h: &MockHost, v: &Rc<RefCell<Vm>>, id: u64, status: &str, trailers_only: bool) {
+    h.headers.borrow_mut().clear();
+    h.set_request_header("content-type", "application/grpc");
+    h.set_request_header("x-device-id", "meter-1");
+    let start = h.time.get();
+    let mut s = StreamFilter::new(v.clone(), id);
+    s.on_request_headers(h);
+    let frames = grpc_frames(&[70]);
+    send(h, &mut s, &frames);
+    h.set_property("upstream.address", "10.0.0.1:8080");
+    h.set_header_bytes(HeaderMap::Response, ":status", b"200");
+    if trailers_only {
+        h.set_header_bytes(HeaderMap::Response, "grpc-status", status.as_bytes());
+        s.on_response_headers(h, true);
+    } else {
+        s.on_response_headers(h, false);
+        h.bodies.borrow_mut().insert(Body::Response, frames.clone());
+        s.on_response_body(h, frames.len());
+        h.set_header_bytes(
+            HeaderMap::ResponseTrailers,
+            "grpc-status",
+            status.as_bytes(),
+        );
+        s.on_response_trailers(h);
+    }
+    h.time.set(start + 2_000_000);
+    s.on_done(h);
+    s.on_done(h); // Envoy calls both on_log and on_done
+}
+
+/// Each host call crosses from wasm into Envoy, and they are most of what a stream's open costs
+/// (`bench/cost.py --parts unary`): a unary gRPC call in steer mode with the rate memory on.
+#[test]
+fn a_unary_call_makes_few_host_calls() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["pods"],"local_zone":"a"}"#);
+    discover(&h, &v);
+    unary_call(&h, &v, 1, "0", false); // defines the route's histograms
+    h.host_calls.borrow_mut().clear();
+    unary_call(&h, &v, 2, "0", false);
+    let mut by_method: Vec<_> = h.host_calls.take().into_iter().collect();
+    by_method.sort();
+    let total: usize = by_method.iter().map(|(_, n)| n).sum();
+    println!("host calls per unary call: {total} {by_method:?}");
+    // Request: endpoint header (strip), route and cluster, clock, content-type, device id, its
+    // remembered rate, the endpoint header set; a body read each way; response: :status,
+    // clock, upstream address (its zone is known from discovery), first-byte histogram;
+    // trailers: grpc-status; end: clock, duration and request-latency histograms.
+    assert_eq!(total, 18, "{by_method:?}");
+    v.borrow_mut().flush(&h);
+    let rc = "route=.=telemetry;.;cluster=.=pods;.;";
+    assert_eq!(
+        h.metric(&format!("streamlb_route_request_latency_us.{rc}")),
+        2_000
+    );
+    let ok = format!("streamlb_route_streams_ended_total.{rc}status_class=.=ok;.;");
+    assert_eq!(h.metric(&ok), 2);
+}
+
+#[test]
+fn a_trailers_only_status_is_read_from_the_response_headers() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["pods"],"local_zone":"a"}"#);
+    discover(&h, &v);
+    unary_call(&h, &v, 1, "14", true);
+    v.borrow_mut().flush(&h);
+    let rc = "route=.=telemetry;.;cluster=.=pods;.;";
+    let unavailable =
+        format!("streamlb_route_streams_ended_total.{rc}status_class=.=server_error;.;");
+    assert_eq!(h.metric(&unavailable), 1);
 }
