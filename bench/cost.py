@@ -5,7 +5,9 @@
                   [--streams 100] [--rate 100] [--window 20] [--out-dir build/bench-cost]
 
 Policies: `none` (no wasm filter), `floor` (bench/floor: a Rust proxy-wasm filter that receives
-every callback and returns), `floor_bodies` (the same, reading every body chunk), `streamlb`
+every callback and returns), `floor_bodies` (the same, reading every body chunk), `floor_calls`
+(the floor making 18 header reads per request: streamlb's host calls per unary call),
+`floor_<kind>_100` (100 header, property or shared-data reads per request: one call's cost), `streamlb`
 (the filter, default configuration: placement, rebalance in shadow, probes), `streamlb_shadow`
 (`mode: shadow`: no header set), `streamlb_baseline` (another build, `--baseline-wasm`: before/after).
 Every Envoy has the same bootstrap (envoy/envoy.yaml.tmpl) but for the wasm filter.
@@ -14,8 +16,9 @@ Parts:
 - cpu: per message. One Envoy (`--concurrency 1`) pinned to CPU 1, `lab pods` and `lab devices`
   (bidi streams, one reading up and its ack down per message) on CPU 0. Envoy CPU
   (utime+stime of /proc/<pid>/stat) over the measured window / messages the pods received in it.
-- unary: per call. `h2load` sends unary gRPC calls (Telemetry/Send) at a fixed rate; Envoy CPU
-  per call, and latency p50/p99 from h2load's per-request log.
+- unary: per call. `h2load` sends unary gRPC calls (Telemetry/Send) at a fixed rate from
+  connections opened 1/rate s apart (so calls interleave, not in lockstep bursts); Envoy CPU
+  per call, and latency p50/p99 from h2load's per-request log after the warm-up.
 - memory: Envoy VmRSS with 1,000 and 10,000 endpoints (a STATIC cluster of 127.0.0.1 ports,
   no health checks, nothing listening), and after 100,000 distinct devices streamed through
   streamlb with and without rate memory (capacity 100,000).
@@ -51,7 +54,7 @@ import streamlb_testkit as kit  # noqa: E402
 import yaml  # noqa: E402
 
 REPO = kit.REPO
-POLICIES = ["none", "floor", "floor_bodies", "streamlb", "streamlb_shadow", "streamlb_baseline"]
+POLICIES = ["none", *bench.FLOOR_CONFIG, "streamlb", "streamlb_shadow", "streamlb_baseline"]
 DEFAULT_POLICIES = ["none", "floor", "floor_bodies", "streamlb"]
 STREAMLB_CONFIG = {"clusters": ["pods"], "tick_ms": 1000}
 # --baseline-wasm: another build of streamlb (e.g. before a change), run as `streamlb_baseline`.

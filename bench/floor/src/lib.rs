@@ -1,22 +1,37 @@
 //! The proxy-wasm floor, for the cost benchmark (`bench/cost.py`, `make bench-cost`): an HTTP
 //! filter that receives every callback and returns. With the plugin configuration
 //! `{"read_bodies": true}` it also reads each request and response body chunk once (one host
-//! call and one copy into the VM, as streamlb's message counting may do), and drops it.
+//! call and one copy into the VM, as streamlb's message counting may do), and drops it. With
+//! `{"header_reads": N}` it reads the request's `content-type` header N times at the request
+//! headers, with `{"property_reads": N}` the `xds.route_name` property, with
+//! `{"shared_reads": N}` a 768-byte shared-data value (a rate-memory bucket's size): what one
+//! host call of each kind costs, measured with N large (each returns bytes into the VM).
 //! Built through the same SDK and entry points as streamlb, so the difference between the two is
 //! streamlb's own work.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { read_bodies: false }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
+#[derive(Default, Clone, Copy)]
+struct Reads {
+    headers: usize,
+    properties: usize,
+    shared: usize,
+}
+
+#[derive(Default)]
 struct Root {
     read_bodies: bool,
+    reads: Reads,
 }
+
+const SHARED_KEY: &str = "streamlb_floor.bucket";
 
 impl Context for Root {}
 
@@ -27,6 +42,14 @@ impl RootContext for Root {
             .flatten()
             .unwrap_or_default();
         self.read_bodies = read_bodies(&config);
+        self.reads = Reads {
+            headers: number(&config, "header_reads"),
+            properties: number(&config, "property_reads"),
+            shared: number(&config, "shared_reads"),
+        };
+        if self.reads.shared > 0 {
+            let _ = hostcalls::set_shared_data(SHARED_KEY, Some(&[7u8; 768]), None);
+        }
         true
     }
 
@@ -37,22 +60,40 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Floor {
             read_bodies: self.read_bodies,
+            reads: self.reads,
             bytes: 0,
         }))
     }
 }
 
-/// `"read_bodies": true` anywhere in the JSON configuration (no JSON parser: bench only).
-fn read_bodies(config: &[u8]) -> bool {
-    let text: String = String::from_utf8_lossy(config)
+fn compact(config: &[u8]) -> String {
+    String::from_utf8_lossy(config)
         .chars()
         .filter(|c| !c.is_whitespace())
-        .collect();
-    text.contains("\"read_bodies\":true")
+        .collect()
+}
+
+/// `"read_bodies": true` anywhere in the JSON configuration (no JSON parser: bench only).
+fn read_bodies(config: &[u8]) -> bool {
+    compact(config).contains("\"read_bodies\":true")
+}
+
+/// The number after `"<key>":` (0 when absent).
+fn number(config: &[u8], key: &str) -> usize {
+    let text = compact(config);
+    text.split_once(&format!("\"{key}\":"))
+        .map(|(_, rest)| {
+            rest.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 struct Floor {
     read_bodies: bool,
+    reads: Reads,
     /// Bytes read, so the reads are not optimised away.
     bytes: usize,
 }
@@ -71,6 +112,23 @@ impl Context for Floor {}
 
 impl HttpContext for Floor {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        for _ in 0..self.reads.headers {
+            if let Ok(Some(v)) =
+                hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "content-type")
+            {
+                self.bytes = self.bytes.wrapping_add(v.len());
+            }
+        }
+        for _ in 0..self.reads.properties {
+            if let Ok(Some(v)) = hostcalls::get_property(vec!["xds", "route_name"]) {
+                self.bytes = self.bytes.wrapping_add(v.len());
+            }
+        }
+        for _ in 0..self.reads.shared {
+            if let Ok((Some(v), _)) = hostcalls::get_shared_data(SHARED_KEY) {
+                self.bytes = self.bytes.wrapping_add(v.len());
+            }
+        }
         Action::Continue
     }
 
@@ -101,7 +159,13 @@ impl HttpContext for Floor {
 
 #[cfg(test)]
 mod tests {
-    use super::read_bodies;
+    use super::{number, read_bodies};
+
+    #[test]
+    fn numbers() {
+        assert_eq!(number(br#"{"header_reads": 18}"#, "header_reads"), 18);
+        assert_eq!(number(br#"{"read_bodies": true}"#, "header_reads"), 0);
+    }
 
     #[test]
     fn read_bodies_flag() {
