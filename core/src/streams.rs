@@ -10,9 +10,12 @@
 //! second term supplies exactly the part not yet learned, so the estimate is r at any age when the
 //! prior is right, and converges to the measurement when it is not.
 
+use std::hash::{BuildHasherDefault, Hasher};
+
 use hashbrown::HashMap;
 
 use super::ewma::RateEwma;
+use super::rng::splitmix64;
 use super::Nanos;
 use super::{ClusterIdx, RouteIdx};
 
@@ -117,9 +120,30 @@ impl Stream {
     }
 }
 
+/// Hashes a stream id with SplitMix64: fast, and the same in every run, so the table iterates
+/// in one order for one history (hashbrown's default hasher is seeded per process, which made
+/// the simulator's results differ run to run). Stream ids are Envoy's context ids, not chosen
+/// by clients.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = splitmix64(self.0 ^ u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, id: u64) {
+        self.0 = splitmix64(self.0 ^ id);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct StreamTable {
-    map: HashMap<u64, Stream>,
+    map: HashMap<u64, Stream, BuildHasherDefault<IdHasher>>,
 }
 
 impl StreamTable {
