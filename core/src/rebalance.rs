@@ -21,7 +21,10 @@
 //!   unit capacity) — each move then lowers the pair's maximum by a margin, so moves cannot
 //!   cycle; moves already planned are counted;
 //! - within the churn budget of the whole proxy ([`Budget`]): per tick, per minute and a share
-//!   of streams per minute.
+//!   of streams per minute. Only an endpoint **far over**, `L_j ≥ (1 + 2τ) · m · C_j` (a pod
+//!   that slowed down, a zone that failed), may spend the whole minute's budget; moves off
+//!   endpoints less far over and zone moves spend at most half of it ([`Allowance`]), so that
+//!   the small imbalances of churn never leave a proxy without moves when a pod degrades.
 //!
 //! **Spilled streams come home** (`return_spilled`, when no endpoint of the cluster is hot):
 //! with θ = `zone.spill_threshold`, the local zone's room is
@@ -108,6 +111,34 @@ pub struct Plan {
     pub excess_after: Vec<f64>,
 }
 
+/// Moves a proxy may still plan now: `all` off endpoints far over the mean (at least 2τ), `mild`
+/// (never more than `all`) for every other move. Each move planned spends from both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    pub all: usize,
+    pub mild: usize,
+}
+
+impl From<usize> for Allowance {
+    /// The same allowance for every move.
+    fn from(n: usize) -> Self {
+        Allowance { all: n, mild: n }
+    }
+}
+
+impl Allowance {
+    /// Spend `n` moves if allowed (`far_over`: off an endpoint far over the mean).
+    fn spend(&mut self, n: usize, far_over: bool) -> bool {
+        let left = if far_over { self.all } else { self.mild };
+        if left < n {
+            return false;
+        }
+        self.all -= n;
+        self.mild = self.mild.saturating_sub(n).min(self.all);
+        true
+    }
+}
+
 /// The churn budget of one proxy: the times of its recent moves, shared by all its workers
 /// (the filter keeps it in Envoy shared data and updates it with compare-and-swap, so the
 /// limits hold whatever the worker count).
@@ -122,15 +153,16 @@ const CLAIM: usize = 12;
 
 impl Budget {
     /// Moves still allowed at `now`: at most `max_moves_per_tick` in any window of `tick`,
-    /// `max_moves_per_minute` in any minute, and `⌈max_share_per_minute × streams⌉` per
-    /// minute, where `streams` are the proxy's open streams.
+    /// and per minute `max_moves_per_minute` and `⌈max_share_per_minute × streams⌉` (`streams`:
+    /// the proxy's open streams), of which moves that are not off an endpoint far over the
+    /// mean may take half (rounded up).
     pub fn allowance(
         &self,
         cfg: &RebalanceConfig,
         now: Nanos,
         tick: Nanos,
         streams: usize,
-    ) -> usize {
+    ) -> Allowance {
         let within = |window: Nanos| -> usize {
             self.claims
                 .iter()
@@ -140,10 +172,11 @@ impl Budget {
         };
         let per_tick = (cfg.max_moves_per_tick as usize).saturating_sub(within(tick));
         let minute = within(MINUTE);
-        let per_minute = (cfg.max_moves_per_minute as usize).saturating_sub(minute);
-        let by_share =
-            ((cfg.max_share_per_minute * streams as f64).ceil() as usize).saturating_sub(minute);
-        per_tick.min(per_minute).min(by_share)
+        let by_share = (cfg.max_share_per_minute * streams as f64).ceil() as usize;
+        let per_minute = (cfg.max_moves_per_minute as usize).min(by_share);
+        let all = per_tick.min(per_minute.saturating_sub(minute));
+        let mild = all.min(per_minute.div_ceil(2).saturating_sub(minute));
+        Allowance { all, mild }
     }
 
     /// Record `moves` made at `now` and forget claims older than a minute.
@@ -218,7 +251,7 @@ pub struct Pace {
     pub salt: u64,
 }
 
-/// Plan moves for one cluster. `allowance` is decremented for each move planned.
+/// Plan moves for one cluster. `allowance` is spent for each move planned.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_cluster(
     cfg: &RebalanceConfig,
@@ -227,7 +260,7 @@ pub fn plan_cluster(
     cluster: &Cluster,
     streams: &StreamTable,
     now: Nanos,
-    allowance: &mut usize,
+    allowance: &mut Allowance,
     plan: &mut Plan,
 ) {
     let eligible: Vec<usize> = cluster
@@ -253,6 +286,7 @@ pub fn plan_cluster(
     }
     let mean = total_load / total_cap;
     let hot = (1.0 + cfg.tolerance) * mean;
+    let far_over = (1.0 + 2.0 * cfg.tolerance) * mean;
     let target = (1.0 + cfg.tolerance - cfg.hysteresis) * mean;
     plan.excess_before.push(excess_share(&loads, &caps, hot));
     let mut order: Vec<usize> = (0..eligible.len()).collect();
@@ -325,13 +359,12 @@ pub fn plan_cluster(
                     steps
                 }
             };
-            if *allowance < steps.len() {
+            if !allowance.spend(steps.len(), load >= far_over * cap) {
                 if let Some(n) = plan.skipped_budget.last_mut() {
                     *n += 1;
                 }
                 continue;
             }
-            *allowance -= steps.len();
             for (stream, rate, from, to, why) in steps {
                 if let Some(src) = loads.get_mut(from) {
                     *src -= rate;
@@ -449,7 +482,7 @@ impl Room<'_> {
 }
 
 /// Plan moves of this proxy's streams on other zones of one cluster (module doc: "Spilled
-/// streams come home", "Spill goes where there is room"). `allowance` is decremented for each
+/// streams come home", "Spill goes where there is room"). `allowance` is spent for each
 /// move.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_zones(
@@ -460,7 +493,7 @@ pub fn plan_zones(
     local_zone: &str,
     streams: &StreamTable,
     now: Nanos,
-    allowance: &mut usize,
+    allowance: &mut Allowance,
     plan: &mut Plan,
 ) {
     let zones = &cluster.zones;
@@ -522,13 +555,12 @@ pub fn plan_zones(
         let Some(room_on) = least_loaded(cluster, zones.get(to)) else {
             return false;
         };
-        if *allowance == 0 {
+        if !allowance.spend(1, false) {
             if let Some(n) = plan.skipped_budget.last_mut() {
                 *n += 1;
             }
             return false;
         }
-        *allowance -= 1;
         if let Some(l) = loads.get_mut(z) {
             *l -= rate;
         }
@@ -722,7 +754,7 @@ mod tests {
             RebalanceConfig::default(),
             Config::default().zone.spill_threshold,
         );
-        let mut allowance = 10;
+        let mut allowance = Allowance::from(10);
         let mut plan = Plan::default();
         plan_zones(
             &cfg,
@@ -735,7 +767,7 @@ mod tests {
             &mut allowance,
             &mut plan,
         );
-        assert_eq!(allowance, 10 - plan.moves.len());
+        assert_eq!(allowance.all, 10 - plan.moves.len());
         plan.moves
     }
 
@@ -745,7 +777,7 @@ mod tests {
         c: &Cluster,
         t: &StreamTable,
         now: Nanos,
-        allowance: &mut usize,
+        allowance: &mut Allowance,
         plan: &mut Plan,
     ) {
         plan_cluster(
@@ -770,14 +802,14 @@ mod tests {
             &[5.0, 5.0],
             &[10.0, 0.5],
         ]);
-        let mut allowance = 10;
+        let mut allowance = Allowance::from(10);
         let mut plan = Plan::default();
         plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
         let moved: Vec<f64> = plan.moves.iter().map(|m| m.rate).collect();
         assert_eq!(moved, vec![10.0, 6.0]); // 20 does not fit 19; 10 + 6 = 16 ≤ 19, 4 > 3 left
         assert!(plan.moves.iter().all(|m| m.from == 0 && m.to_room_on != 0));
         assert!(plan.excess_after[0] < plan.excess_before[0]);
-        assert_eq!(allowance, 8);
+        assert_eq!(allowance.all, 8);
     }
 
     /// Carry out a plan as reconnecting clients would: each moved stream lands where room
@@ -822,7 +854,7 @@ mod tests {
         let rows: Vec<&[f64]> = pods.iter().map(|p| p.as_slice()).collect();
         let (mut c, mut t) = setup(&rows);
         let mut first = Plan::default();
-        plan_first(&cfg, &c, &t, 100 * S, &mut 2, &mut first);
+        plan_first(&cfg, &c, &t, 100 * S, &mut Allowance::from(2), &mut first);
         let why: Vec<(MoveWhy, f64, usize, usize)> = (first.moves.iter())
             .map(|m| (m.why, m.rate, m.from, m.to_room_on))
             .collect();
@@ -838,7 +870,14 @@ mod tests {
         for round in 0..20 {
             carry_out(&mut c, &mut t, &plan);
             plan = Plan::default();
-            plan_first(&cfg, &c, &t, (101 + round) * 100 * S, &mut 2, &mut plan);
+            plan_first(
+                &cfg,
+                &c,
+                &t,
+                (101 + round) * 100 * S,
+                &mut Allowance::from(2),
+                &mut plan,
+            );
             if plan.moves.is_empty() {
                 break;
             }
@@ -849,10 +888,28 @@ mod tests {
     }
 
     #[test]
+    fn only_an_endpoint_far_over_the_mean_may_spend_the_reserved_half_of_the_budget() {
+        let cfg = RebalanceConfig::default(); // τ = 0.1: hot above 1.1 × mean, far over 1.2 ×
+        let no_mild = Allowance { all: 2, mild: 0 };
+        // mean 20: e0 at 23 is hot (line 22) but not far over (24).
+        let (c, t) = setup(&[&[10.0, 6.0, 4.0, 3.0], &[20.0], &[18.0], &[19.0]]);
+        let (mut allowance, mut plan) = (no_mild, Plan::default());
+        plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
+        assert!(plan.moves.is_empty(), "{plan:?}");
+        assert_eq!(plan.skipped_budget[0], 1);
+        // mean 20.1: e0 at 40 is far over (24.1).
+        let (c, t) = setup(&[&[20.0, 10.0, 6.0, 4.0], &[10.0, 10.0], &[10.0], &[10.5]]);
+        let (mut allowance, mut plan) = (no_mild, Plan::default());
+        plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
+        assert_eq!(plan.moves.len(), 2);
+        assert_eq!(allowance, Allowance { all: 0, mild: 0 });
+    }
+
+    #[test]
     fn balanced_clusters_and_young_streams_do_not_move() {
         let cfg = RebalanceConfig::default();
         let (c, t) = setup(&[&[10.0, 10.5], &[10.0, 10.0]]);
-        let mut allowance = 10;
+        let mut allowance = Allowance::from(10);
         let mut plan = Plan::default();
         plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
         assert!(plan.moves.is_empty());
@@ -871,17 +928,26 @@ mod tests {
         };
         let tick = S;
         let mut b = Budget::default();
-        assert_eq!(b.allowance(&cfg, 0, tick, 100), 3);
+        let all = |b: &Budget, now, streams| b.allowance(&cfg, now, tick, streams).all;
+        assert_eq!(
+            b.allowance(&cfg, 0, tick, 100),
+            Allowance { all: 3, mild: 3 }
+        );
         b.spend(0, 2);
-        assert_eq!(b.allowance(&cfg, S / 2, tick, 100), 1); // 2 of 3 spent in this tick window
+        assert_eq!(all(&b, S / 2, 100), 1); // 2 of 3 spent in this tick window
         b.spend(S / 2, 1);
-        assert_eq!(b.allowance(&cfg, S / 2, tick, 100), 0);
-        assert_eq!(b.allowance(&cfg, S, tick, 100), 2); // the first claim left the window
-        assert_eq!(b.allowance(&cfg, 2 * S, tick, 100), 2); // 5 per minute, 3 spent
-        assert_eq!(b.allowance(&cfg, 2 * S, tick, 6), 0); // 50 % of 6 streams = 3 already moved
+        assert_eq!(all(&b, S / 2, 100), 0);
+        assert_eq!(all(&b, S, 100), 2); // the first claim left the window
+                                        // 5 per minute, 3 spent: 2 left, none of them for moves off endpoints not far over
+                                        // (they may take ⌈5 / 2⌉ = 3 a minute).
+        assert_eq!(
+            b.allowance(&cfg, 2 * S, tick, 100),
+            Allowance { all: 2, mild: 0 }
+        );
+        assert_eq!(all(&b, 2 * S, 6), 0); // 50 % of 6 streams = 3 already moved
         assert_eq!(b.moves_last_minute(2 * S), 3);
-        assert_eq!(b.allowance(&cfg, 61 * S, tick, 100), 3); // the minute has passed
-                                                             // The record survives shared data; garbage and unknown versions decode as empty.
+        assert_eq!(all(&b, 61 * S, 100), 3); // the minute has passed
+                                             // The record survives shared data; garbage and unknown versions decode as empty.
         assert_eq!(Budget::decode(&b.encode()), b);
         assert_eq!(Budget::decode(&[]), Budget::default());
         assert_eq!(Budget::decode(&[9, 1, 2, 3]), Budget::default());
@@ -894,7 +960,7 @@ mod tests {
             &[5.0, 5.0],
             &[10.0, 0.5],
         ]);
-        let mut allowance = 1;
+        let mut allowance = Allowance::from(1);
         let mut plan = Plan::default();
         plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
         assert_eq!((plan.moves.len(), plan.skipped_budget[0]), (1, 1));
@@ -906,7 +972,7 @@ mod tests {
         // mean 100; e0 at 140 holds 100 + 40; the others at 95, 90, 75: no pod can take the 40
         // and stay under 103, but e3 ends at 115, well below e0's 140.
         let (c, t) = setup(&[&[100.0, 40.0], &[95.0], &[90.0], &[75.0]]);
-        let mut allowance = 10;
+        let mut allowance = Allowance::from(10);
         let mut plan = Plan::default();
         plan_first(&cfg, &c, &t, 100 * S, &mut allowance, &mut plan);
         assert_eq!(plan.moves.len(), 1, "{plan:?}");
@@ -1012,7 +1078,7 @@ mod tests {
             let rounds = 2000;
             let moved: usize = (0..rounds)
                 .map(|k| {
-                    let (mut allowance, mut plan) = (10, Plan::default());
+                    let (mut allowance, mut plan) = (Allowance::from(10), Plan::default());
                     let now = 100 * S + k * 500_000_000;
                     plan_first(&cfg, c, t, now, &mut allowance, &mut plan);
                     plan.moves.len()
@@ -1038,7 +1104,7 @@ mod tests {
         let window = |w: u64| -> Vec<usize> {
             (0..4)
                 .map(|k| {
-                    let (mut allowance, mut plan) = (10, Plan::default());
+                    let (mut allowance, mut plan) = (Allowance::from(10), Plan::default());
                     let now = w * 2 * S + k * 500_000_000;
                     plan_cluster(
                         &cfg,
@@ -1067,7 +1133,7 @@ mod tests {
             e.remote_load = 24.0;
         }
         for k in 0..20 {
-            let (mut allowance, mut plan) = (10, Plan::default());
+            let (mut allowance, mut plan) = (Allowance::from(10), Plan::default());
             plan_first(
                 &cfg,
                 &own,
@@ -1089,7 +1155,7 @@ mod tests {
             e.shed_at = Some(99 * S);
         }
         let plan_at = |c: &Cluster, now: Nanos| {
-            let (mut allowance, mut plan) = (10, Plan::default());
+            let (mut allowance, mut plan) = (Allowance::from(10), Plan::default());
             plan_cluster(
                 &cfg,
                 Pace {

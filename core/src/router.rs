@@ -790,11 +790,11 @@ impl Router {
         self.streams.len() + usize::try_from(remote).unwrap_or(usize::MAX)
     }
 
-    /// Plan stream moves off hot endpoints (see [`rebalance`]), at most `allowance` of them.
-    /// Nothing changes until [`Router::commit_moves`].
-    pub fn plan_moves(&self, now: Nanos, allowance: usize) -> Plan {
+    /// Plan stream moves off hot endpoints (see [`rebalance`]), within `allowance` (a count
+    /// allows any move). Nothing changes until [`Router::commit_moves`].
+    pub fn plan_moves(&self, now: Nanos, allowance: impl Into<rebalance::Allowance>) -> Plan {
         let cfg = &self.cfg.rebalance;
-        let mut allowance = allowance;
+        let mut allowance = allowance.into();
         let mut plan = Plan::default();
         // Two probe intervals: a report taken after the moves has come in.
         let settle = self.cfg.probe.interval_ms.saturating_mul(2_000_000);
