@@ -23,8 +23,9 @@
 //! - within the churn budget of the whole proxy ([`Budget`]): per tick, per minute and a share
 //!   of streams per minute. Only an endpoint **far over**, `L_j ≥ (1 + 2τ) · m · C_j` (a pod
 //!   that slowed down, a zone that failed), may spend the whole minute's budget; moves off
-//!   endpoints less far over and zone moves spend at most half of it ([`Allowance`]), so that
-//!   the small imbalances of churn never leave a proxy without moves when a pod degrades.
+//!   endpoints less far over spend at most half of it ([`Allowance`]), so that chasing the
+//!   small imbalances of churn never leaves a proxy without moves when a pod degrades. Zone
+//!   moves (below) may spend it all: they end once the spilled streams are home.
 //!
 //! **Spilled streams come home** (`return_spilled`, when no endpoint of the cluster is hot):
 //! with θ = `zone.spill_threshold`, the local zone's room is
@@ -111,8 +112,9 @@ pub struct Plan {
     pub excess_after: Vec<f64>,
 }
 
-/// Moves a proxy may still plan now: `all` off endpoints far over the mean (at least 2τ), `mild`
-/// (never more than `all`) for every other move. Each move planned spends from both.
+/// Moves a proxy may still plan now: `all` off endpoints far over the mean (at least 2τ) and
+/// zone moves, `mild` (never more than `all`) off endpoints less far over. Each move planned
+/// spends from both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allowance {
     pub all: usize,
@@ -555,7 +557,8 @@ pub fn plan_zones(
         let Some(room_on) = least_loaded(cluster, zones.get(to)) else {
             return false;
         };
-        if !allowance.spend(1, false) {
+        // Zone moves end once the spilled streams are home: they may spend the whole budget.
+        if !allowance.spend(1, true) {
             if let Some(n) = plan.skipped_budget.last_mut() {
                 *n += 1;
             }

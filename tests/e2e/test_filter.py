@@ -176,7 +176,9 @@ def test_a_storm_through_eight_workers_is_spread_by_capacity(make_pods):
     # 60 streams of unknown rate open at once through an Envoy with 8 workers, each of which sees
     # the others' placements only on its tick. Each must count the others' burst, and spend no
     # zone tolerance on rates nobody knows: zone a keeps a third, every pod about 10 streams.
-    # (Before: zone a took 27-33 of them, the busiest pod 15.)
+    # (Before: zone a took 27-33 of them, the busiest pod 15.) With 8 workers racing for the
+    # connections the landing varies by a couple of streams: zone a took 22-25 in 16 runs on two
+    # builds (2026-11-30); 25 still separates it from the 27-33 of the fault.
     pods = make_pods(zones={"a": 2, "b": 2, "c": 2})
     with harness.Envoy(pods, filter_config=config(), node_zone="a", concurrency=8) as envoy:
         wait_for_discovery(envoy)
@@ -185,7 +187,7 @@ def test_a_storm_through_eight_workers_is_spread_by_capacity(make_pods):
     counts = {name: landed.count(name) for name in pods.names}
     local = sum(n for name, n in counts.items() if pods.by_name(name)["zone"] == "a")
     print(f"\nstreams per pod {counts}; zone a {local} of 60")
-    assert local <= 24, counts
+    assert local <= 25, counts
     assert max(counts.values()) <= 14, counts
 
 
