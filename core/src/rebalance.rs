@@ -131,11 +131,15 @@ impl From<usize> for Allowance {
 impl Allowance {
     /// Spend `n` moves if allowed (`far_over`: off an endpoint far over the mean).
     fn spend(&mut self, n: usize, far_over: bool) -> bool {
-        let left = if far_over { self.all } else { self.mild };
+        let left = if far_over {
+            self.all
+        } else {
+            self.mild.min(self.all)
+        };
         if left < n {
             return false;
         }
-        self.all -= n;
+        self.all = self.all.saturating_sub(n);
         self.mild = self.mild.saturating_sub(n).min(self.all);
         true
     }
