@@ -41,7 +41,6 @@ ALL_POLICIES = [
     "streamlb_shadow",
     "floor",
     "floor_bodies",
-    "floor_calls",
     "round_robin",
     "least_request",
     "zone_aware",

@@ -254,21 +254,24 @@ impl Cluster {
         remap
     }
 
-    /// A response came from `address` (zone if known): learn the endpoint if new, its zone if
-    /// unknown. Returns its index.
-    pub fn observe_upstream(&mut self, now: Nanos, address: &str, zone: &str) -> usize {
+    /// A response came from `address`: learn the endpoint if new, its zone if unknown (`zone`
+    /// is asked only then). Returns its index.
+    pub fn observe_upstream(
+        &mut self,
+        now: Nanos,
+        address: &str,
+        zone: impl FnOnce() -> String,
+    ) -> usize {
         if let Some(i) = self.index_of(address) {
-            if let Some(e) = self.endpoints.get_mut(i) {
-                if e.zone.is_empty() && !zone.is_empty() {
-                    e.zone = zone.to_string();
-                }
+            if let Some(e) = self.endpoints.get_mut(i).filter(|e| e.zone.is_empty()) {
+                e.zone = zone();
             }
             return i;
         }
         let first_seen = self.snapshot_at.map(|_| now);
         let i = self.endpoints.len();
         self.endpoints
-            .push(Endpoint::new(address, zone, first_seen));
+            .push(Endpoint::new(address, &zone(), first_seen));
         self.by_address.insert(address.to_string(), i);
         i
     }
@@ -563,10 +566,10 @@ mod tests {
     fn passive_observation_learns_zone_but_never_makes_an_endpoint_nameable() {
         let cfg = Config::default();
         let mut c = Cluster::new("pods");
-        let i = c.observe_upstream(S, "10.0.0.9:80", "c");
+        let i = c.observe_upstream(S, "10.0.0.9:80", || "c".to_string());
         assert_eq!(c.endpoint(i).unwrap().zone, "c");
         assert!(!c.endpoint(i).unwrap().eligible());
-        assert_eq!(c.observe_upstream(S, "10.0.0.9:80", "x"), i);
+        assert_eq!(c.observe_upstream(S, "10.0.0.9:80", || "x".to_string()), i);
         c.apply_snapshot(&cfg, 2 * S, &snap("pods", &[("10.0.0.9:80", "", true, 1)]));
         let e = c.endpoint(0).unwrap();
         assert!(e.eligible());

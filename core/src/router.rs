@@ -198,13 +198,6 @@ impl Router {
         self.clusters.get(ci.0)
     }
 
-    /// The zone of the endpoint at `address` in cluster `ci`, when known (not empty).
-    pub fn known_zone(&self, ci: ClusterIdx, address: &str) -> Option<&str> {
-        let c = self.clusters.get(ci.0)?;
-        let e = c.endpoint(c.index_of(address)?)?;
-        Some(e.zone.as_str()).filter(|z| !z.is_empty())
-    }
-
     pub fn cluster_index(&self, name: &str) -> Option<ClusterIdx> {
         self.clusters
             .iter()
@@ -453,24 +446,29 @@ impl Router {
         }
     }
 
-    /// The real upstream of stream `id` became known (`upstream.address`, `upstream.locality.zone`).
-    pub fn on_upstream(&mut self, now: Nanos, id: u64, address: &str, zone: &str) {
-        let Some(s) = self.streams.get_mut(id) else {
-            return;
-        };
-        let Some(c) = self.clusters.get_mut(s.cluster.0) else {
-            return;
-        };
+    /// The real upstream of stream `id` became known (`upstream.address`; `zone` is asked for
+    /// `upstream.locality.zone` only when discovery has not placed the endpoint in a zone).
+    /// Returns whether the endpoint is in another zone than this proxy, when both are known.
+    pub fn on_upstream(
+        &mut self,
+        now: Nanos,
+        id: u64,
+        address: &str,
+        zone: impl FnOnce() -> String,
+    ) -> Option<bool> {
+        let s = self.streams.get_mut(id)?;
+        let c = self.clusters.get_mut(s.cluster.0)?;
         let j = c.observe_upstream(now, address, zone);
-        if s.endpoint == Some(j) {
-            return;
+        if s.endpoint != Some(j) {
+            let (rate, pending) = s.counted();
+            if let Some(old) = s.endpoint {
+                c.remove_stream_load(old, rate, pending);
+            }
+            c.add_stream_load(j, rate, pending);
+            s.endpoint = Some(j);
         }
-        let (rate, pending) = s.counted();
-        if let Some(old) = s.endpoint {
-            c.remove_stream_load(old, rate, pending);
-        }
-        c.add_stream_load(j, rate, pending);
-        s.endpoint = Some(j);
+        let zone = c.endpoint(j).map_or("", |e| e.zone.as_str());
+        zone::crosses(&self.local_zone, zone)
     }
 
     /// An ORCA report arrived on stream `id`'s response.
@@ -948,7 +946,7 @@ impl Router {
         s.route = ri;
         s.endpoint = handed
             .endpoint
-            .map(|(address, zone)| c.observe_upstream(now, &address, &zone));
+            .map(|(address, zone)| c.observe_upstream(now, &address, || zone));
         if let Some(j) = s.endpoint {
             c.add_stream_load(j, s.rate.value(), s.pending);
         }
@@ -1136,7 +1134,7 @@ mod tests {
         // Two streams measured at 100/s on e1; then new streams must go to e2.
         for id in [1, 2] {
             r.place(0, id, "rt", "pods");
-            r.on_upstream(0, id, "e1:1", "");
+            r.on_upstream(0, id, "e1:1", String::new);
         }
         let mut t = 0;
         for _ in 0..10 {
@@ -1214,7 +1212,7 @@ mod tests {
     fn three_streams_on_e1(r: &mut Router) -> Nanos {
         for id in 0..3 {
             r.place(0, id, "rt", "pods");
-            r.on_upstream(0, id, "e1:1", "");
+            r.on_upstream(0, id, "e1:1", String::new);
         }
         let mut t = 0;
         for _ in 0..20 {
@@ -1350,7 +1348,7 @@ mod tests {
         let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 3);
         r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
         r.place(0, 1, "rt", "pods");
-        r.on_upstream(0, 1, "e1:1", "");
+        r.on_upstream(0, 1, "e1:1", String::new);
         let ended = r.on_end(S, 1, Outcome::Failed).unwrap();
         assert_eq!(ended.cluster, ClusterIdx(0));
         let c = &r.clusters()[0];
@@ -1386,7 +1384,7 @@ mod tests {
         } else {
             "e1:1"
         };
-        r.on_upstream(0, 1, other, "z");
+        r.on_upstream(0, 1, other, || "z".to_string());
         let c = &r.clusters()[0];
         let moved = c.endpoint(c.index_of(other).unwrap()).unwrap();
         assert_eq!(moved.local_active, 1);
@@ -1402,9 +1400,9 @@ mod tests {
         );
         r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
         r.place(0, 1, "rt", "pods");
-        r.on_upstream(0, 1, "e1:1", "");
+        r.on_upstream(0, 1, "e1:1", String::new);
         r.place(0, 2, "rt", "pods");
-        r.on_upstream(0, 2, "e2:1", "");
+        r.on_upstream(0, 2, "e2:1", String::new);
         let report = |u: f64| OrcaReport {
             application_utilization: u,
             ..OrcaReport::default()
@@ -1462,7 +1460,7 @@ mod tests {
         );
         for id in 0..6 {
             r.place(0, id, "rt", "pods");
-            r.on_upstream(0, id, "e0:1", "");
+            r.on_upstream(0, id, "e0:1", String::new);
         }
         let mut t = 0;
         for _ in 0..20 {

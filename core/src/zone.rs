@@ -14,6 +14,9 @@
 //! - **no-local**: the proxy has no zone, or no healthy endpoint in it: all zones are candidates;
 //! - **fallback**: no usable endpoint data at all; Envoy's own policy decides.
 //!
+//! A stream **crosses zones** when this proxy's zone and its endpoint's are both known and
+//! differ ([`crosses`]).
+//!
 //! In steady state (`κ = 1`) the local zone runs at most `(1 + θ)` times the mean, which is the
 //! minimum cross-zone share `Σ_z max(0, d_z − (1 + θ) · c_z)` of ANCHORS.md. Rates nobody knows
 //! yet (a reconnect storm, `k = 0`) carry no evidence to spend a tolerance on: they are spread in
@@ -24,6 +27,11 @@
 
 use super::endpoints::Zone;
 use super::rng::Rng;
+
+/// Whether an endpoint in `zone` is in another zone than `local`; `None` when either is unknown.
+pub fn crosses(local: &str, zone: &str) -> Option<bool> {
+    (!local.is_empty() && !zone.is_empty()).then(|| local != zone)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {

@@ -88,7 +88,9 @@ fn simulate(
             .unwrap();
         let chosen = d.primary.expect("an endpoint is named");
         let j = pods.iter().position(|(a, _)| *a == chosen).unwrap();
-        proxy.router.on_upstream(now, i as u64, &chosen, &pods[j].1);
+        proxy
+            .router
+            .on_upstream(now, i as u64, &chosen, || pods[j].1.clone());
         proxy.streams.push((i as u64, rate, 0.0));
         landed[j] += rate;
         if pods[j].1 != proxy.zone {
@@ -277,7 +279,7 @@ fn storm(
                 .unwrap();
             let chosen = d.primary.expect("an endpoint is named");
             let j = pods.iter().position(|(a, _)| *a == chosen).unwrap();
-            router.on_upstream(at, id, &chosen, &pods[j].1);
+            router.on_upstream(at, id, &chosen, || pods[j].1.clone());
             landed[j] += rate;
             open.push((k, id, rate, at));
         }

@@ -418,7 +418,9 @@ impl Policy for Streamlb {
                 j
             }
         };
-        router.on_upstream(now, id, &w.pod_name[pod], &w.zones[w.pod_zone[pod]]);
+        router.on_upstream(now, id, &w.pod_name[pod], || {
+            w.zones[w.pod_zone[pod]].clone()
+        });
         self.young[pod] += self.prior;
         Some(pod)
     }

@@ -26,6 +26,7 @@ use streamlb_core::rate_memory::{self, Bucket};
 use streamlb_core::router::Source;
 use streamlb_core::routes::OTHER;
 use streamlb_core::streams::Direction;
+use streamlb_core::zone;
 use streamlb_core::{ClusterIdx, Nanos, RouteIdx};
 
 pub const ORCA_HEADER: &str = "endpoint-load-metrics";
@@ -162,7 +163,7 @@ impl StreamFilter {
         let ri = vm.router.streams().get(self.id).map_or(OTHER, |s| s.route);
         self.tracked = Some((ci, ri));
         self.started = now;
-        self.cross_zone = is_cross_zone(vm.router.local_zone(), &decision.zone);
+        self.cross_zone = zone::crosses(vm.router.local_zone(), &decision.zone).unwrap_or(false);
         let stats = vm.stats.route(ci, ri);
         stats.started += 1;
         stats.active_delta += 1;
@@ -330,17 +331,15 @@ impl StreamFilter {
         let now = host.now().unwrap_or(0);
         match string_property(host, &["upstream", "address"]) {
             Ok(Some(address)) => {
-                // The zone property only for an endpoint discovery has not placed in a zone.
-                let zone = match vm.router.known_zone(key.0, &address) {
-                    Some(z) => z.to_string(),
-                    None => string_property(host, &["upstream", "locality", "zone"])
+                // The zone property is read only for an endpoint discovery has no zone for.
+                let zone = || {
+                    string_property(host, &["upstream", "locality", "zone"])
                         .ok()
                         .flatten()
-                        .unwrap_or_default(),
+                        .unwrap_or_default()
                 };
-                vm.router.on_upstream(now, self.id, &address, &zone);
-                if !zone.is_empty() {
-                    self.cross_zone = is_cross_zone(vm.router.local_zone(), &zone);
+                if let Some(cross) = vm.router.on_upstream(now, self.id, &address, zone) {
+                    self.cross_zone = cross;
                 }
             }
             Ok(None) => {}
@@ -529,10 +528,6 @@ fn on_orca_report(host: &dyn Host, vm: &mut Vm, map: HeaderMap, now: Option<Nano
             );
         }
     }
-}
-
-fn is_cross_zone(local: &str, endpoint: &str) -> bool {
-    !local.is_empty() && !endpoint.is_empty() && local != endpoint
 }
 
 /// The stream's source for the rate memory: the configured header's value, else (if allowed)

@@ -75,7 +75,7 @@ fn loaded(n: usize, zones: usize, streams: u64) -> (Router, u64) {
         if let Some(d) = r.place(now, id, "telemetry", "pods") {
             if let Some(a) = d.primary.as_deref() {
                 let z = d.zone.clone();
-                r.on_upstream(now, id, a, &z);
+                r.on_upstream(now, id, a, || z.to_string());
             }
         }
         r.on_data(id, Direction::Upstream, 1 + id % 50, 64);
@@ -117,7 +117,7 @@ fn main() {
             if let Some(d) = r.place(now, id, "telemetry", "pods") {
                 if let Some(a) = d.primary.as_deref() {
                     let z = d.zone.clone();
-                    r.on_upstream(now, id, a, &z);
+                    r.on_upstream(now, id, a, || z.to_string());
                 }
             }
         }
@@ -134,7 +134,7 @@ fn main() {
                 if let Some(a) = d.primary.as_deref() {
                     sink += a.len();
                     let z = d.zone.clone();
-                    r.on_upstream(now, id, a, &z);
+                    r.on_upstream(now, id, a, || z.to_string());
                 }
             }
             r.on_end(now, id, Outcome::Ok);

@@ -50,7 +50,7 @@ fn a_non_utf8_device_id_is_remembered_by_its_bytes() {
     s.on_request_headers(&h);
     v.borrow_mut()
         .router
-        .on_upstream(h.time.get(), 1, "10.0.0.1:8080", "a");
+        .on_upstream(h.time.get(), 1, "10.0.0.1:8080", || "a".to_string());
     let frame = grpc_frames(&[30]);
     for t in 1..=4 {
         for _ in 0..40 {

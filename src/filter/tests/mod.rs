@@ -401,7 +401,7 @@ pub(crate) fn open_on(
     h.set_property("upstream.locality.zone", "a");
     v.borrow_mut()
         .router
-        .on_upstream(h.time.get(), id, upstream, "a");
+        .on_upstream(h.time.get(), id, upstream, || "a".to_string());
     s
 }
 
