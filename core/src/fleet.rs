@@ -239,24 +239,41 @@ impl FleetSummary {
 }
 
 /// Which endpoints to probe now: those whose last probe is oldest, at most `max`, none probed
-/// less than `interval` ago. `last_probe[j]` is when j was last probed (`None`: never).
+/// less than `interval` ago; equally old ones by `order` (see [`probe_order`]). `last_probe[j]`
+/// is when j was last probed (`None`: never).
 pub fn due_probes(
     last_probe: &[Option<Nanos>],
+    order: &[f64],
     now: Nanos,
     interval: Nanos,
     max: usize,
 ) -> Vec<usize> {
-    let mut due: Vec<(Nanos, usize)> = last_probe
+    let mut due: Vec<(Nanos, f64, usize)> = last_probe
         .iter()
+        .zip(order)
         .enumerate()
-        .filter_map(|(j, t)| match t {
-            None => Some((0, j)),
-            Some(t) if now.saturating_sub(*t) >= interval => Some((*t, j)),
+        .filter_map(|(j, (t, &o))| match t {
+            None => Some((0, o, j)),
+            Some(t) if now.saturating_sub(*t) >= interval => Some((*t, o, j)),
             Some(_) => None,
         })
         .collect();
-    due.sort_unstable();
-    due.into_iter().take(max).map(|(_, j)| j).collect()
+    due.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    due.into_iter().take(max).map(|(_, _, j)| j).collect()
+}
+
+/// Probe order of the endpoint at `position` among a zone's `n`, for a proxy whose draw for
+/// that zone is `salt`: `((position − start) mod n + offset) / n`, start and offset in [0, n)
+/// and [0, 1) drawn from the salt. Zones interleave in proportion to their sizes, so the
+/// reports fresh at any moment sample every zone (a rotation in discovery order would refresh
+/// one zone at a time when a round takes longer than `max_age_ms`), and each proxy starts each
+/// zone at its own pod.
+pub fn probe_order(position: usize, n: usize, salt: u64) -> f64 {
+    let n = n.max(1) as u64;
+    let start = salt % n;
+    let offset = crate::rng::unit(crate::rng::splitmix64(salt));
+    let rotated = (position as u64 % n + n - start) % n;
+    (rotated as f64 + offset) / n as f64
 }
 
 /// Shared-data record of the reports one prober received: `(address, rate, utilization or -1,
@@ -433,9 +450,36 @@ mod tests {
     fn probes_go_to_the_oldest_first() {
         let s = 1_000_000_000;
         let last = [Some(5 * s), None, Some(2 * s), Some(9 * s)];
-        assert_eq!(due_probes(&last, 10 * s, 3 * s, 2), vec![1, 2]);
-        assert_eq!(due_probes(&last, 10 * s, 3 * s, 8), vec![1, 2, 0]);
-        assert!(due_probes(&last, 10 * s, 3 * s, 0).is_empty());
+        let order = [0.0; 4];
+        assert_eq!(due_probes(&last, &order, 10 * s, 3 * s, 2), vec![1, 2]);
+        assert_eq!(due_probes(&last, &order, 10 * s, 3 * s, 8), vec![1, 2, 0]);
+        assert!(due_probes(&last, &order, 10 * s, 3 * s, 0).is_empty());
+        // Equally old ones by their order.
+        let never = [None; 4];
+        assert_eq!(
+            due_probes(&never, &[0.7, 0.1, 0.4, 0.2], 0, s, 3),
+            vec![1, 3, 2]
+        );
+    }
+
+    #[test]
+    fn probe_order_interleaves_zones_by_size() {
+        // Zones of 4 and 2 pods: any window of the order holds each zone in proportion.
+        let mut all: Vec<(f64, char)> = (0..4)
+            .map(|p| (probe_order(p, 4, 11), 'a'))
+            .chain((0..2).map(|p| (probe_order(p, 2, 12), 'b')))
+            .collect();
+        all.sort_by(|x, y| x.0.total_cmp(&y.0));
+        for w in all.windows(3) {
+            let b = w.iter().filter(|(_, z)| *z == 'b').count();
+            assert_eq!(b, 1, "{all:?}");
+        }
+        // Each zone's order is a rotation of its pods, starting where the salt says.
+        let mut zone: Vec<(f64, usize)> = (0..5).map(|p| (probe_order(p, 5, 7), p)).collect();
+        zone.sort_by(|x, y| x.0.total_cmp(&y.0));
+        let order: Vec<usize> = zone.iter().map(|(_, p)| *p).collect();
+        assert_eq!(order, vec![2, 3, 4, 0, 1], "start 7 mod 5");
+        assert!(zone.iter().all(|(o, _)| (0.0..1.0).contains(o)));
     }
 
     #[test]

@@ -718,8 +718,9 @@ impl Router {
     }
 
     /// Pods to probe now, (cluster index, address): healthy endpoints whose last probe is
-    /// oldest, at most `probe.max_per_tick` over all clusters, none more often than
-    /// `probe.interval_ms`. They are marked as probed now.
+    /// oldest, zones interleaved by size ([`fleet::probe_order`]), at most `probe.max_per_tick`
+    /// over all clusters, none more often than `probe.interval_ms`. They are marked as probed
+    /// now.
     pub fn due_probes(&mut self, now: Nanos) -> Vec<(ClusterIdx, String)> {
         let p = &self.cfg.probe;
         if !p.enabled {
@@ -729,16 +730,17 @@ impl Router {
         let mut left = p.max_per_tick;
         let mut out = Vec::new();
         for (ci, c) in self.clusters.iter_mut().enumerate() {
-            let eligible: Vec<usize> = c
-                .zones
-                .iter()
-                .flat_map(|z| z.healthy.iter().copied())
-                .collect();
-            let last: Vec<Option<Nanos>> = eligible
-                .iter()
-                .map(|&j| c.endpoint(j).and_then(|e| e.last_probe))
-                .collect();
-            for k in fleet::due_probes(&last, now, interval, left) {
+            let salt = self.salt ^ (ci as u64).rotate_left(40);
+            let (mut eligible, mut last, mut order) = (Vec::new(), Vec::new(), Vec::new());
+            for (zi, z) in c.zones.iter().enumerate() {
+                let zone_salt = crate::rng::splitmix64(salt ^ zi as u64);
+                for (p, &j) in z.healthy.iter().enumerate() {
+                    eligible.push(j);
+                    last.push(c.endpoint(j).and_then(|e| e.last_probe));
+                    order.push(fleet::probe_order(p, z.healthy.len(), zone_salt));
+                }
+            }
+            for k in fleet::due_probes(&last, &order, now, interval, left) {
                 let Some(e) = eligible.get(k).and_then(|&j| c.endpoint_mut(j)) else {
                     continue;
                 };
