@@ -234,8 +234,9 @@ pub struct RebalanceConfig {
     /// Allow ending streams whose response has started: the client sees a reset (`INTERNAL`).
     /// Off: only streams still awaiting response headers are moved (clean `UNAVAILABLE`).
     pub allow_reset: bool,
-    /// Bring streams placed in another zone back once the local zone has room for them (when
-    /// no endpoint is hot).
+    /// Bring streams placed in another zone back once the local zone has room for them
+    /// (planned before moves off hot endpoints; only from the unreserved half of the budget
+    /// while an endpoint is far over the mean).
     pub return_spilled: bool,
 }
 

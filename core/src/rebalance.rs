@@ -25,9 +25,11 @@
 //!   that slowed down, a zone that failed), may spend the whole minute's budget; moves off
 //!   endpoints less far over spend at most half of it ([`Allowance`]), so that chasing the
 //!   small imbalances of churn never leaves a proxy without moves when a pod degrades. Zone
-//!   moves (below) may spend it all: they end once the spilled streams are home.
+//!   moves (below) are planned first in each round and may spend it all (they end once the
+//!   spilled streams are home), but only the half while some endpoint is far over: among
+//!   many pods some skew always remains, and moves after it would never bring streams home.
 //!
-//! **Spilled streams come home** (`return_spilled`, when no endpoint of the cluster is hot):
+//! **Spilled streams come home** (`return_spilled`):
 //! with θ = `zone.spill_threshold`, the local zone's room is
 //! `R = (1 + θ − η) · m · C_local − L_local − P` (P: this proxy's planned moves not ended yet
 //! that left other zones), of which this proxy takes its share
@@ -543,6 +545,13 @@ pub fn plan_zones(
     }
     let mean = total_load / total_cap;
     let target = (1.0 + spill_threshold - cfg.hysteresis) * mean;
+    // Zone moves end once the spilled streams are home: they may spend the whole budget, but
+    // only half while an endpoint is far over (a pod that slowed keeps the reserved half).
+    let far_over_somewhere = zones.iter().flat_map(|z| z.healthy.iter()).any(|&j| {
+        cluster.endpoint(j).is_some_and(|e| {
+            e.load() >= (1.0 + 2.0 * cfg.tolerance) * mean * e.capacity && e.capacity > 0.0
+        })
+    });
     let room = |loads: &[f64], z: usize| {
         caps.get(z).copied().unwrap_or(0.0) * target - loads.get(z).copied().unwrap_or(0.0)
     };
@@ -561,8 +570,7 @@ pub fn plan_zones(
         let Some(room_on) = least_loaded(cluster, zones.get(to)) else {
             return false;
         };
-        // Zone moves end once the spilled streams are home: they may spend the whole budget.
-        if !allowance.spend(1, true) {
+        if !allowance.spend(1, !far_over_somewhere) {
             if let Some(n) = plan.skipped_budget.last_mut() {
                 *n += 1;
             }
@@ -1007,6 +1015,42 @@ mod tests {
             ("b", &[&[10.0, 8.0], &[10.0, 4.0]]),
         ]);
         assert!(plan_home_first(&c, &t, 100 * S).is_empty()); // line 1.05 · 15 · 2 = 31.5 < 28 + 4
+    }
+
+    #[test]
+    fn zone_moves_keep_the_reserved_half_while_an_endpoint_is_far_over() {
+        let plan_with = |c: &Cluster, t: &StreamTable, allowance: Allowance| {
+            let (mut allowance, mut plan) = (allowance, Plan::default());
+            let theta = Config::default().zone.spill_threshold;
+            let cfg = RebalanceConfig::default();
+            let a = "a";
+            plan_zones(
+                &cfg,
+                theta,
+                ClusterIdx(0),
+                c,
+                a,
+                t,
+                100 * S,
+                &mut allowance,
+                &mut plan,
+            );
+            plan.moves
+                .iter()
+                .map(|m| (m.rate, m.why))
+                .collect::<Vec<_>>()
+        };
+        let reserved = Allowance { all: 1, mild: 0 };
+        // Mean 19/4 = 4.75, far line 5.7: b's pods at 5.5 are only mildly over. Zone a's room
+        // 1.05 · 4.75 · 2 − 8 = 1.98: a 1 comes home, from the whole budget.
+        let b: &[&[f64]] = &[&[4.5, 1.0], &[4.5, 1.0]];
+        let (c, t) = setup_zoned(&[("a", &[&[4.0], &[4.0]]), ("b", b)]);
+        assert_eq!(plan_with(&c, &t, reserved), vec![(1.0, MoveWhy::Home)]);
+        // Zone c's pod at 9 is far over the mean 5.6 (line 6.72): the reserved half is its.
+        let (c, t) = setup_zoned(&[("a", &[&[4.0], &[4.0]]), ("b", b), ("c", &[&[9.0]])]);
+        assert!(plan_with(&c, &t, reserved).is_empty());
+        let moves = plan_with(&c, &t, Allowance::from(2));
+        assert_eq!(moves, vec![(1.0, MoveWhy::Home), (1.0, MoveWhy::Home)]);
     }
 
     #[test]

@@ -799,7 +799,22 @@ impl Router {
         // Two probe intervals: a report taken after the moves has come in.
         let settle = self.cfg.probe.interval_ms.saturating_mul(2_000_000);
         for (ci, c) in self.clusters.iter().enumerate() {
-            let before = plan.moves.len();
+            // Spilled streams first: they come home while there is room, and a skew somewhere
+            // among many pods would otherwise take every round's budget. They spend the
+            // reserved half only while no endpoint is far over the mean (see plan_zones).
+            if cfg.return_spilled {
+                rebalance::plan_zones(
+                    cfg,
+                    self.cfg.zone.spill_threshold,
+                    ClusterIdx(ci),
+                    c,
+                    &self.local_zone,
+                    &self.streams,
+                    now,
+                    &mut allowance,
+                    &mut plan,
+                );
+            }
             rebalance::plan_cluster(
                 cfg,
                 Pace {
@@ -813,20 +828,6 @@ impl Router {
                 &mut allowance,
                 &mut plan,
             );
-            // Zone moves only in a round with no move off a hot endpoint: balance first.
-            if cfg.return_spilled && plan.moves.len() == before {
-                rebalance::plan_zones(
-                    cfg,
-                    self.cfg.zone.spill_threshold,
-                    ClusterIdx(ci),
-                    c,
-                    &self.local_zone,
-                    &self.streams,
-                    now,
-                    &mut allowance,
-                    &mut plan,
-                );
-            }
         }
         plan
     }
@@ -1493,6 +1494,43 @@ mod tests {
             .moves
             .iter()
             .all(|m| !plan.moves.iter().any(|p| p.stream == m.stream)));
+    }
+
+    #[test]
+    fn a_mild_skew_does_not_keep_a_spilled_stream_from_coming_home() {
+        let json = r#"{"clusters":["pods"],"rebalance":{"mode":"on","min_age_ms":1000}}"#;
+        let mut r = Router::new(cfg(json), "a", 5);
+        let pods = [("a0:1", "a", true), ("a1:1", "a", true)];
+        r.apply_snapshot(
+            0,
+            &snapshot(&[pods[0], pods[1], ("b0:1", "b", true), ("b1:1", "b", true)]),
+        );
+        // Mean 37/4 = 9.25: b0 at 11 is over the hot line (10.2), not far over (11.1). Zone a
+        // has room for 1.05 · 9.25 · 2 − 16 = 3.4.
+        let streams = [
+            ("a0:1", 8),
+            ("a1:1", 8),
+            ("b0:1", 9),
+            ("b0:1", 2),
+            ("b1:1", 8),
+            ("b1:1", 2),
+        ];
+        for (id, (address, _)) in streams.iter().enumerate() {
+            r.place(0, id as u64, "rt", "pods");
+            r.on_upstream(0, id as u64, address, || address[..1].to_owned());
+        }
+        let mut t = 0;
+        for _ in 0..20 {
+            t += S;
+            for (id, (_, rate)) in streams.iter().enumerate() {
+                r.on_data(id as u64, Direction::Upstream, *rate, 0);
+            }
+            r.tick(t);
+        }
+        let plan = r.plan_moves(t, 1);
+        let moved: Vec<(f64, MoveWhy)> =
+            plan.moves.iter().map(|m| (m.rate.round(), m.why)).collect();
+        assert_eq!(moved, vec![(2.0, MoveWhy::Home)], "{plan:?}");
     }
 
     #[test]
