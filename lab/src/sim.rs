@@ -12,7 +12,8 @@
 //! `streamlb_rebalance` is `streamlb` with `rebalance.mode: on`: each second every worker plans
 //! moves (`Router::plan_moves`) within its proxy's churn budget, and each moved device
 //! reconnects at once. Every streamlb policy remembers each device's rate per proxy (the
-//! filter's rate memory by device id), so a reconnecting device is placed by its own rate.
+//! filter's rate memory by device id), so a reconnecting device is placed by its own rate, and
+//! a moved one on the endpoint its move found room on (if the zone rule keeps that zone).
 //! The peers are re-implemented:
 //! round robin, P2C on this proxy's stream counts (Envoy `least_request`), Envoy zone-aware
 //! routing (host-count split + least_request), `load_aware_locality`'s rule (ORCA utilisation per
@@ -37,7 +38,7 @@ use streamlb_core::fleet::LoadReport;
 use streamlb_core::penalty::Outcome;
 use streamlb_core::rebalance::Budget;
 use streamlb_core::rng::Rng;
-use streamlb_core::router::{Router, Source};
+use streamlb_core::router::{Remember, Router, Source};
 use streamlb_core::streams::Direction;
 use streamlb_core::Nanos;
 
@@ -310,8 +311,9 @@ struct Streamlb {
     rng: Rng,
     /// Probes sent and lost, over the run.
     probes: (u64, u64),
-    /// Per proxy: device → remembered rate (the filter's rate memory), and the churn budget.
-    memory: Vec<HashMap<u64, f64>>,
+    /// Per proxy: device → remembered rate (the filter's rate memory) and a moved device's
+    /// destination (held until its next placement), and the churn budget.
+    memory: Vec<HashMap<u64, (f64, Option<u32>)>>,
     budgets: Vec<Budget>,
     tick: Nanos,
 }
@@ -397,10 +399,11 @@ impl Policy for Streamlb {
         self.carry[dev] = 0.0;
         self.placed_at[dev] = now;
         let key = dev as u64;
+        let remembered = self.memory[w.dev_proxy[dev]].get_mut(&key);
         let source = Source {
             key,
-            rate: self.memory[w.dev_proxy[dev]].get(&key).copied(),
-            to: None,
+            rate: remembered.as_ref().map(|m| m.0),
+            to: remembered.and_then(|m| m.1.take()),
         };
         let router = &mut self.routers[r];
         let decision = router.place_from(now, id, "telemetry", "pods", Some(source));
@@ -451,8 +454,7 @@ impl Policy for Streamlb {
         }
         for (i, r) in self.routers.iter_mut().enumerate() {
             r.tick(now);
-            let memory = &mut self.memory[i / self.workers];
-            memory.extend(r.take_rate_updates().into_iter().map(|u| (u.key, u.rate)));
+            remember(&mut self.memory[i / self.workers], r.take_rate_updates());
         }
         self.probe(w, now, loads);
         let group = if self.global_view {
@@ -507,9 +509,7 @@ impl Policy for Streamlb {
                 let plan = self.routers[i].plan_moves(now, allowance);
                 self.budgets[p].spend(now, plan.moves.len());
                 self.routers[i].commit_moves(now, &plan);
-                self.memory[p].extend(
-                    (self.routers[i].take_rate_updates().into_iter()).map(|u| (u.key, u.rate)),
-                );
+                remember(&mut self.memory[p], self.routers[i].take_rate_updates());
                 moved_ids.extend(plan.moves.iter().map(|m| m.stream));
             }
         }
@@ -521,6 +521,18 @@ impl Policy for Streamlb {
             .iter()
             .filter_map(|id| by_id.get(id).copied())
             .collect()
+    }
+}
+
+/// Rate updates into a proxy's rate memory; a destination holds until the device's next
+/// placement (a later update without one, e.g. the moved stream's own end, keeps it).
+fn remember(memory: &mut HashMap<u64, (f64, Option<u32>)>, updates: Vec<Remember>) {
+    for u in updates {
+        let m = memory.entry(u.key).or_insert((u.rate, None));
+        m.0 = u.rate;
+        if u.to.is_some() {
+            m.1 = u.to;
+        }
     }
 }
 
@@ -1035,6 +1047,16 @@ mod tests {
 
     fn scenario(json: serde_json::Value) -> Scenario {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_moved_device_keeps_its_destination_until_it_is_placed() {
+        let update = |rate, to| Remember { key: 7, rate, to };
+        let mut memory = HashMap::new();
+        remember(&mut memory, vec![update(5.0, Some(42))]);
+        // The moved stream's own end writes its rate again, without a destination.
+        remember(&mut memory, vec![update(6.0, None)]);
+        assert_eq!(memory.get(&7), Some(&(6.0, Some(42))));
     }
 
     fn one_zone(seed: u64) -> Scenario {
