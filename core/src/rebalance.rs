@@ -284,6 +284,22 @@ pub fn plan_cluster(
         .iter()
         .map(|&j| cluster.endpoint(j).map_or(0.0, |e| e.capacity))
         .collect();
+    // Moves already in the plan (zone moves, planned first) have left their endpoints; the
+    // excess before counts them as not yet planned.
+    let unplanned = loads.clone();
+    let planned: Vec<u64> = (plan.moves.iter())
+        .filter(|m| m.cluster == ci)
+        .map(|m| {
+            for (j, delta) in [(m.from, -m.rate), (m.to_room_on, m.rate)] {
+                if let Some(l) =
+                    (eligible.iter().position(|&e| e == j)).and_then(|k| loads.get_mut(k))
+                {
+                    *l = (*l + delta).max(0.0);
+                }
+            }
+            m.stream
+        })
+        .collect();
     let (total_load, total_cap) = (loads.iter().sum::<f64>(), caps.iter().sum::<f64>());
     plan.skipped_budget.push(0);
     plan.skipped_no_room.push(0);
@@ -296,7 +312,8 @@ pub fn plan_cluster(
     let hot = (1.0 + cfg.tolerance) * mean;
     let far_over = (1.0 + 2.0 * cfg.tolerance) * mean;
     let target = (1.0 + cfg.tolerance - cfg.hysteresis) * mean;
-    plan.excess_before.push(excess_share(&loads, &caps, hot));
+    plan.excess_before
+        .push(excess_share(&unplanned, &caps, hot));
     let mut order: Vec<usize> = (0..eligible.len()).collect();
     order.sort_by(|&a, &b| {
         let over = |k: usize| {
@@ -307,6 +324,7 @@ pub fn plan_cluster(
     let min_age = cfg.min_age_ms.saturating_mul(1_000_000);
     let room = Room {
         ci,
+        planned: &planned,
         eligible: &eligible,
         caps: &caps,
         streams,
@@ -334,7 +352,8 @@ pub fn plan_cluster(
         let share = ((ep.local_rate + ep.local_pending) / load).min(1.0);
         let my_excess = (load - target * cap) * share;
         let on_j = |s: &crate::streams::Stream| s.cluster == ci && s.endpoint == Some(j);
-        let movable = streams.movable(on_j, now, min_age);
+        let mut movable = streams.movable(on_j, now, min_age);
+        movable.retain(|(id, _)| !planned.contains(id));
         let mut candidates = crate::streams::fitting(&movable, my_excess, usize::MAX);
         let smallest = movable.iter().rev().find(|(_, est)| *est > 0.0);
         if let (true, Some(&(id, rate))) = (candidates.is_empty() && my_excess > 0.0, smallest) {
@@ -420,6 +439,8 @@ type Step = (u64, f64, usize, usize, MoveWhy);
 /// What [`Room::make_room`] reads.
 struct Room<'a> {
     ci: ClusterIdx,
+    /// Streams already in the plan.
+    planned: &'a [u64],
     eligible: &'a [usize],
     caps: &'a [f64],
     streams: &'a StreamTable,
@@ -468,7 +489,7 @@ impl Room<'_> {
                 self.now,
                 self.min_age,
             );
-            on_d.retain(|&(_, est)| est > 0.0 && est < rate);
+            on_d.retain(|&(sid, est)| est > 0.0 && est < rate && !self.planned.contains(&sid));
             let mut steps = vec![(id, rate, from, d, MoveWhy::Hot)];
             while need > 0.0 {
                 let fits = |est: f64, l: &[f64]| coolest_fit(l, self.caps, est, bound, d);

@@ -1531,6 +1531,17 @@ mod tests {
         let moved: Vec<(f64, MoveWhy)> =
             plan.moves.iter().map(|m| (m.rate.round(), m.why)).collect();
         assert_eq!(moved, vec![(2.0, MoveWhy::Home)], "{plan:?}");
+        // With more budget, the shedding that follows counts the stream gone home as gone: b0
+        // is no longer hot, and no stream is planned twice.
+        let plan = r.plan_moves(t, 3);
+        let mut ids: Vec<u64> = plan.moves.iter().map(|m| m.stream).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), plan.moves.len(), "{plan:?}");
+        assert!(
+            plan.moves.iter().all(|m| m.why == MoveWhy::Home),
+            "{plan:?}"
+        );
     }
 
     #[test]
