@@ -74,6 +74,11 @@ impl MockHost {
         String::from_utf8(self.get_bytes(map, name)?).ok()
     }
 
+    /// Whether a metric of this exact name was defined (it is exposed, if only at 0).
+    pub fn defined(&self, name: &str) -> bool {
+        self.metric_names.borrow().values().any(|(_, n)| n == name)
+    }
+
     /// Sum of a metric across definitions with this exact name.
     pub fn metric(&self, name: &str) -> i64 {
         let names = self.metric_names.borrow();

@@ -508,6 +508,13 @@ fn shadow_rebalancing_reports_but_never_ends_a_stream() {
     assert!(h.ended_streams.borrow().is_empty());
     assert!(h.metric("streamlb_rebalance_moves_total.cluster=.=pods;.;reason=.=planned;.;") >= 1);
     assert!(h.logged("streamlb: rebalance (shadow)"));
+    // The pods span zones a and b: zone moves are counted from 0 before any.
+    v.borrow_mut().flush(&h);
+    for reason in ["home", "spread"] {
+        let name =
+            format!("streamlb_rebalance_zone_moves_total.cluster=.=pods;.;reason=.={reason};.;");
+        assert!(h.defined(&name), "{name}");
+    }
 }
 
 #[test]
