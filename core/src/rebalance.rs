@@ -233,6 +233,12 @@ impl Budget {
     }
 }
 
+/// Load per unit capacity at and above which an endpoint is **far over** the mean `m`:
+/// `(1 + 2τ) · m`.
+fn far_over_line(cfg: &RebalanceConfig, mean: f64) -> f64 {
+    (1.0 + 2.0 * cfg.tolerance) * mean
+}
+
 /// Σ max(0, L_j − line · C_j) / ΣL over the loads given.
 fn excess_share(loads: &[f64], caps: &[f64], line: f64) -> f64 {
     let total: f64 = loads.iter().sum();
@@ -310,7 +316,7 @@ pub fn plan_cluster(
     }
     let mean = total_load / total_cap;
     let hot = (1.0 + cfg.tolerance) * mean;
-    let far_over = (1.0 + 2.0 * cfg.tolerance) * mean;
+    let far_over = far_over_line(cfg, mean);
     let target = (1.0 + cfg.tolerance - cfg.hysteresis) * mean;
     plan.excess_before
         .push(excess_share(&unplanned, &caps, hot));
@@ -568,10 +574,9 @@ pub fn plan_zones(
     let target = (1.0 + spill_threshold - cfg.hysteresis) * mean;
     // Zone moves end once the spilled streams are home: they may spend the whole budget, but
     // only half while an endpoint is far over (a pod that slowed keeps the reserved half).
+    let far_over = far_over_line(cfg, mean);
     let far_over_somewhere = zones.iter().flat_map(|z| z.healthy.iter()).any(|&j| {
-        cluster.endpoint(j).is_some_and(|e| {
-            e.load() >= (1.0 + 2.0 * cfg.tolerance) * mean * e.capacity && e.capacity > 0.0
-        })
+        (cluster.endpoint(j)).is_some_and(|e| e.capacity > 0.0 && e.load() >= far_over * e.capacity)
     });
     let room = |loads: &[f64], z: usize| {
         caps.get(z).copied().unwrap_or(0.0) * target - loads.get(z).copied().unwrap_or(0.0)

@@ -410,23 +410,24 @@ fn flush_clusters(out: &mut Flush<'_>, router: &Router, cross_zone: &mut HashMap
 }
 
 fn flush_rebalance(out: &mut Flush<'_>, router: &Router, r: RebalanceStats) {
-    // Zone moves are counted from 0 wherever they can happen, so their series exist (and a
-    // dashboard's rate() over them reads 0) before the first move.
-    let cfg = &router.config().rebalance;
-    if cfg.mode != RebalanceMode::Off && cfg.return_spilled && !router.local_zone().is_empty() {
-        for c in router.clusters().iter().filter(|c| c.zones.len() > 1) {
-            for why in [MoveWhy::Home, MoveWhy::Spread] {
-                let tags = [("cluster", c.name.as_str()), ("reason", why.as_str())];
-                out.count("streamlb_rebalance_zone_moves_total", &tags, 0);
-            }
-        }
-    }
     for (ci, n) in r.planned {
         let c = cluster_name(router, ci);
         let tags = [("cluster", c.as_str()), ("reason", "planned")];
         out.count("streamlb_rebalance_moves_total", &tags, n);
     }
-    for ((ci, why), n) in r.zone_moves {
+    // Zone moves are counted from 0 wherever they can happen, so their series exist (and a
+    // dashboard's rate() over them reads 0) before the first move.
+    let mut zone_moves = r.zone_moves;
+    let cfg = &router.config().rebalance;
+    if cfg.mode != RebalanceMode::Off && cfg.return_spilled && !router.local_zone().is_empty() {
+        let spanning = router.clusters().iter().enumerate();
+        for (ci, _) in spanning.filter(|(_, c)| c.zones.len() > 1) {
+            for why in [MoveWhy::Home, MoveWhy::Spread] {
+                zone_moves.entry((ClusterIdx(ci), why)).or_default();
+            }
+        }
+    }
+    for ((ci, why), n) in zone_moves {
         let c = cluster_name(router, ci);
         let tags = [("cluster", c.as_str()), ("reason", why.as_str())];
         out.count("streamlb_rebalance_zone_moves_total", &tags, n);
