@@ -231,7 +231,8 @@ def measure(policy: str, sc: dict, pods: kit.Pods, envoys: list[tuple[str, kit.E
         now = time.monotonic() - t0
         stats = pods.pod_stats()
         samples.append({"t": now, "messages": {n: s["messages"] for n, s in stats.items()},
-                        "up": {n: s["up"] for n, s in stats.items()}})
+                        "up": {n: s["up"] for n, s in stats.items()},
+                        "placed": placements_so_far(envoys) if policy.startswith("streamlb") else {}})
         for key, at in (("start", warmup), ("end", duration)):
             if key not in cpu_at and now >= at:
                 cpu_at[key] = (now, {f"{z}-{i}": cpu_seconds(e.proc.pid) for i, (z, e) in enumerate(envoys)})
@@ -240,6 +241,22 @@ def measure(policy: str, sc: dict, pods: kit.Pods, envoys: list[tuple[str, kit.E
             log(f"  {policy}: t={now:4.0f}s/{duration:.0f}, {total:.0f} msgs in the last second")
         time.sleep(max(0.0, 1.0 - ((time.monotonic() - t0) % 1.0)))
     return samples, cpu_at
+
+
+def placements_so_far(envoys: list[tuple[str, kit.Envoy]]) -> dict[str, float]:
+    """The filter's placements so far, summed over the Envoys, by "proxy zone->endpoint zone"."""
+    out: dict[str, float] = {}
+    for _, e in envoys:
+        try:
+            stats = e.stats("streamlb_decisions_by_zone_total")
+        except (OSError, RuntimeError):
+            continue
+        for key, v in stats.items():
+            tags = dict(t.split("=.=", 1) for t in key.split(".", 2)[-1].split(";") if "=.=" in t)
+            if "from" in tags and "to" in tags:
+                k = f"{tags['from']}->{tags['to']}"
+                out[k] = out.get(k, 0) + v
+    return out
 
 
 def probe_rates(envoys: list[tuple[str, kit.Envoy]], pods: int, duration: float) -> dict | None:
@@ -366,11 +383,14 @@ def summarise(sc: dict, samples: list, cpu_at: dict, rss: dict, reports: list, p
     totals = {"sent": 0, "acked": 0, "failed": 0, "lost": 0, "unacked": 0}
     statuses: dict[str, int] = {}
     stream_rates = []
+    flows: dict[str, int] = {}
     for rep in reports:
         for s in rep["streams"]:
             stream_rates.append((rep["client_zone"], s["rate"]))
             if s.get("zone"):
                 acked_all += s["acked"]
+                key = f"{rep['client_zone']}->{s['zone']}"
+                flows[key] = flows.get(key, 0) + s["acked"]
                 if s["zone"] != rep["client_zone"]:
                     acked_cross += s["acked"]
         for k in totals:
@@ -384,10 +404,14 @@ def summarise(sc: dict, samples: list, cpu_at: dict, rss: dict, reports: list, p
     return {
         "bins": [{"t": x["t"], "rates": x["rates"], "max_over_mean": x.get("max_over_mean"),
                   "p99_over_mean": x.get("p99_over_mean")} for x in bins],
+        # The filter's placements so far by proxy zone -> endpoint zone, each second.
+        "placed": [{"t": round(s["t"], 1), **s["placed"]} for s in samples if s.get("placed")],
         "median_max_over_mean": median(mm),
         "median_p99_over_mean": median(pm),
         "messages_per_s": msgs_window / max(1e-9, (window[-1]["t"] - window[0]["t"] + 1)) if window else 0,
         "cross_zone": acked_cross / acked_all if acked_all else None,
+        # Share of acked messages by client zone -> serving zone.
+        "flows": {k: v / acked_all for k, v in sorted(flows.items())} if acked_all else {},
         "latency_ms": latency,
         "latency_by_zone": lat,
         "totals": totals,

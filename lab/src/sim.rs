@@ -664,6 +664,25 @@ fn sample(w: &World, t: f64, assign: &[Option<usize>], loads: &[f64]) -> Sample 
     }
 }
 
+/// Share of the load at the end by "proxy zone->pod zone".
+fn flows(w: &World, assign: &[Option<usize>]) -> serde_json::Map<String, serde_json::Value> {
+    let mut by: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut all = 0.0;
+    for (dev, a) in assign.iter().enumerate() {
+        if let Some(j) = a {
+            let key = format!(
+                "{}->{}",
+                w.zones[w.proxy_zone[w.dev_proxy[dev]]], w.zones[w.pod_zone[*j]]
+            );
+            *by.entry(key).or_default() += w.dev_rate[dev];
+            all += w.dev_rate[dev];
+        }
+    }
+    by.into_iter()
+        .map(|(k, v)| (k, json!(if all > 0.0 { v / all } else { 0.0 })))
+        .collect()
+}
+
 /// Relative capacity of pod j (1 when unlimited).
 fn cap(w: &World, j: usize) -> f64 {
     let c = w.pod_capacity[j];
@@ -1013,6 +1032,7 @@ pub fn run(
                 "reconverge": reconv,
                 "series": samples[pi],
                 "pod_loads": if keep_pods { json!(pod_series[pi]) } else { serde_json::Value::Null },
+                "flows": flows(&w, &assign[pi]),
             }),
         );
     }
