@@ -63,6 +63,11 @@ pub struct Endpoint {
     pub fleet_load: Option<f64>,
     /// Its report was fresh at the last refresh.
     pub reported: bool,
+    /// How fast the other proxies' load here grew between its last two reports (per second,
+    /// never negative), and their load at the last report: their streams placed since are
+    /// not in the report yet (see [`Self::unseen`]).
+    pub others_growth: f64,
+    pub others_seen: Option<(f64, Nanos)>,
     /// This Envoy's own load on the endpoint when its report arrived (what of the report is not
     /// the other proxies').
     pub own_at_report: f64,
@@ -101,6 +106,8 @@ impl Endpoint {
             last_probe: None,
             fleet_load: None,
             reported: false,
+            others_growth: 0.0,
+            others_seen: None,
             own_at_report: 0.0,
             aside: 0.0,
             ended: [0.0; 2],
@@ -130,6 +137,34 @@ impl Endpoint {
             .map_or(own, |f| own + (f - self.own_at_report).max(0.0))
     }
 
+    /// The other proxies' load here not yet in its report: their growth between the last two
+    /// reports, carried on for the report's age (at most `horizon`).
+    pub fn unseen(&self, now: Nanos, horizon: Nanos) -> f64 {
+        match self.report {
+            Some(r) if self.fleet_load.is_some() && self.others_growth > 0.0 => {
+                self.others_growth * now.saturating_sub(r.at).min(horizon) as f64 / 1e9
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// A new report arrived: the other proxies' part of it, and how fast it grew since the
+    /// one before (reports less than `min_gap` apart keep the growth as it was).
+    pub fn note_report(&mut self, report: LoadReport, min_gap: Nanos) {
+        self.report = Some(report);
+        self.own_at_report = self.own_in_report();
+        let others = (report.rate - self.own_at_report).max(0.0);
+        match self.others_seen {
+            Some((before, at)) if report.at.saturating_sub(at) >= min_gap.max(1) => {
+                let dt = report.at.saturating_sub(at) as f64 / 1e9;
+                self.others_growth = ((others - before) / dt).max(0.0);
+                self.others_seen = Some((others, report.at));
+            }
+            Some(_) => {}
+            None => self.others_seen = Some((others, report.at)),
+        }
+    }
+
     pub fn active(&self) -> u32 {
         self.local_active + self.remote_active
     }
@@ -156,6 +191,12 @@ impl Endpoint {
     }
 }
 
+/// How long the other proxies' growth is carried on past a report: two probe intervals (the
+/// next report should have come by then).
+pub fn unseen_horizon(cfg: &Config) -> Nanos {
+    cfg.probe.interval_ms.saturating_mul(2_000_000)
+}
+
 /// The healthy endpoints of one zone and their summed load and capacity.
 #[derive(Debug, Clone, Default)]
 pub struct Zone {
@@ -163,6 +204,9 @@ pub struct Zone {
     pub healthy: Vec<usize>,
     pub load: f64,
     pub capacity: f64,
+    /// Σ of its endpoints' [`Endpoint::others_growth`] whose report is younger than the
+    /// horizon: the other proxies' load expected to arrive per second since the refresh.
+    pub growth: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +217,8 @@ pub struct Cluster {
     pub zones: Vec<Zone>,
     /// When the last discovery snapshot was applied.
     pub snapshot_at: Option<Nanos>,
+    /// When the zone sums were last recomputed ([`Self::refresh`]).
+    pub refreshed_at: Nanos,
     /// The fleet picture as of the last refresh; `None`: local view.
     pub fleet: Option<FleetSummary>,
     /// This VM's load estimate over its streams on the cluster, and the part of it that is
@@ -189,6 +235,7 @@ impl Cluster {
             by_address: HashMap::new(),
             zones: Vec::new(),
             snapshot_at: None,
+            refreshed_at: 0,
             fleet: None,
             own_load: 0.0,
             own_unknown: 0.0,
@@ -326,7 +373,10 @@ impl Cluster {
             z.healthy.clear();
             z.load = 0.0;
             z.capacity = 0.0;
+            z.growth = 0.0;
         }
+        let horizon = unseen_horizon(cfg);
+        self.refreshed_at = now;
         for (i, e) in self.endpoints.iter_mut().enumerate() {
             e.refresh_capacity(cfg, now);
             if !e.eligible() {
@@ -344,8 +394,11 @@ impl Cluster {
             };
             if let Some(z) = self.zones.get_mut(zi) {
                 z.healthy.push(i);
-                z.load += e.load();
+                z.load += e.load() + e.unseen(now, horizon);
                 z.capacity += e.capacity;
+                if e.report.is_some_and(|r| now.saturating_sub(r.at) < horizon) {
+                    z.growth += e.others_growth;
+                }
             }
         }
         self.zones.retain(|z| !z.healthy.is_empty());

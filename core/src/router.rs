@@ -16,7 +16,7 @@ use hashbrown::HashMap;
 
 use super::config::{Config, LoadSignal};
 use super::discovery::ClusterSnapshot;
-use super::endpoints::Cluster;
+use super::endpoints::{self, Cluster};
 use super::ewma::prior_weight;
 use super::fleet::{self, LoadReport, View};
 use super::orca::OrcaReport;
@@ -355,6 +355,10 @@ impl Router {
         } else {
             c.known_share()
         };
+        let lead = now
+            .saturating_sub(c.refreshed_at)
+            .min(endpoints::unseen_horizon(&self.cfg)) as f64
+            / 1e9;
         Some(zone::choose(
             &c.zones,
             &self.local_zone,
@@ -362,6 +366,7 @@ impl Router {
             known,
             e,
             self.peers as f64 * e,
+            lead,
             &mut self.rng,
         ))
     }
@@ -405,7 +410,7 @@ impl Router {
             return Some(decision);
         }
         let candidates = candidates(c, choice);
-        let scorer = Scorer::new(c, now, e, &orca);
+        let scorer = Scorer::new(c, now, e, &orca, endpoints::unseen_horizon(&self.cfg));
         let (a, b) = pick(candidates.len(), choices, &mut self.rng, |k| {
             candidates
                 .get(k)
@@ -705,13 +710,13 @@ impl Router {
         let Some(c) = self.clusters.iter_mut().find(|c| c.name == cluster) else {
             return;
         };
+        let min_gap = self.cfg.probe.interval_ms.saturating_mul(500_000);
         for (address, r) in reports {
             let Some(e) = c.index_of(address).and_then(|j| c.endpoint_mut(j)) else {
                 continue;
             };
             if e.report.is_none_or(|old| old.at <= r.at) {
-                e.report = Some(*r);
-                e.own_at_report = e.own_in_report();
+                e.note_report(*r, min_gap);
             }
         }
         c.refresh(&self.cfg, now);
@@ -719,14 +724,19 @@ impl Router {
 
     /// Pods to probe now, (cluster index, address): healthy endpoints whose last probe is
     /// oldest, zones interleaved by size ([`fleet::probe_order`]), at most `probe.max_per_tick`
-    /// over all clusters, none more often than `probe.interval_ms`. They are marked as probed
-    /// now.
+    /// over all clusters, none more often than `probe.interval_ms` less a tenth of a tick (a
+    /// timer that fires a little early must not skip the pods probed one interval ago). They
+    /// are marked as probed now.
     pub fn due_probes(&mut self, now: Nanos) -> Vec<(ClusterIdx, String)> {
         let p = &self.cfg.probe;
         if !p.enabled {
             return Vec::new();
         }
-        let interval = p.interval_ms.saturating_mul(1_000_000);
+        let early = self.cfg.tick_ms.min(p.interval_ms) / 10;
+        let interval = p
+            .interval_ms
+            .saturating_sub(early)
+            .saturating_mul(1_000_000);
         let mut left = p.max_per_tick;
         let mut out = Vec::new();
         for (ci, c) in self.clusters.iter_mut().enumerate() {
@@ -997,6 +1007,7 @@ struct OrcaBlend {
 /// `(1−β)·score + β·u_j/ū_orca` when β > 0 and both are known.
 struct Scorer {
     now: Nanos,
+    horizon: Nanos,
     e: f64,
     mean: f64,
     orca_weight: f64,
@@ -1005,7 +1016,7 @@ struct Scorer {
 }
 
 impl Scorer {
-    fn new(c: &Cluster, now: Nanos, e: f64, orca: &OrcaBlend) -> Self {
+    fn new(c: &Cluster, now: Nanos, e: f64, orca: &OrcaBlend, horizon: Nanos) -> Self {
         let (load, capacity) = c.totals();
         let mean = if capacity > 0.0 {
             (load + e) / capacity
@@ -1019,6 +1030,7 @@ impl Scorer {
         };
         Scorer {
             now,
+            horizon,
             e,
             mean,
             orca_weight: orca.weight,
@@ -1032,7 +1044,7 @@ impl Scorer {
             return f64::INFINITY;
         };
         let own = if ep.capacity > 0.0 {
-            (ep.load() + self.e) / ep.capacity
+            (ep.load() + ep.unseen(self.now, self.horizon) + self.e) / ep.capacity
         } else {
             f64::INFINITY
         };
@@ -1288,6 +1300,42 @@ mod tests {
     }
 
     #[test]
+    fn other_proxies_streams_not_yet_reported_count_at_their_recent_growth() {
+        // e1's other proxies went from 0 to 100 in a second (a ramp); e2 and e3 hold 150.
+        let mut r = three_pods(17);
+        for (at, e1) in [(S, 0.0), (2 * S, 100.0)] {
+            let reports = [
+                ("e1:1".to_owned(), report(e1, Some(e1 / 400.0), at)),
+                ("e2:1".to_owned(), report(150.0, Some(150.0 / 400.0), at)),
+                ("e3:1".to_owned(), report(150.0, Some(150.0 / 400.0), at)),
+            ];
+            r.apply_reports(at, "pods", &reports);
+        }
+        // Right at the report e1 is the least loaded; 0.8 s later it is expected at 180.
+        assert_eq!(spread(&mut r, 2 * S, 1, 1).get("e1:1"), Some(&1));
+        let later = spread(&mut r, 2 * S + 8 * S / 10, 2, 4);
+        assert_eq!(later.get("e1:1"), None, "{later:?}");
+        // Never more than two probe intervals ahead of the report.
+        let c = &r.clusters()[0];
+        let e1 = c.endpoint(c.index_of("e1:1").unwrap()).unwrap();
+        assert!(
+            (e1.others_growth - 100.0).abs() < 1e-9,
+            "{}",
+            e1.others_growth
+        );
+        assert!((e1.unseen(10 * S, 2 * S) - 200.0).abs() < 1e-9);
+        // A report that shows less than before stops the growth (departures are not guessed).
+        r.apply_reports(
+            3 * S,
+            "pods",
+            &[("e1:1".to_owned(), report(60.0, Some(0.15), 3 * S))],
+        );
+        let c = &r.clusters()[0];
+        let e1 = c.endpoint(c.index_of("e1:1").unwrap()).unwrap();
+        assert_eq!(e1.unseen(3 * S + S / 2, 2 * S), 0.0);
+    }
+
+    #[test]
     fn a_silent_pod_is_assumed_at_the_mean_not_idle() {
         let mut r = three_pods(13);
         let reports = [
@@ -1340,6 +1388,10 @@ mod tests {
         );
         assert!(r.due_probes(S + S / 2).is_empty());
         assert_eq!(r.due_probes(3 * S).len(), 2);
+        // A tick that fires a few ms early still probes the pods probed one interval ago.
+        let early = 4 * S - 5_000_000;
+        assert_eq!(r.due_probes(early).len(), 2);
+        assert_eq!(r.due_probes(early + S / 2).len(), 1);
         let off = cfg(r#"{"clusters":["pods"],"probe":{"enabled":false}}"#);
         let mut r = Router::new(off, "", 1);
         r.apply_snapshot(0, &snapshot(&[("e1:1", "", true)]));

@@ -76,7 +76,9 @@ pub enum ZoneChoice {
 /// [`crate::endpoints::Cluster::known_share`]); θ and the slack are scaled by `κ = min(1, 2k)`.
 /// `expected`: the new stream's expected rate, counted in the mean it is compared with.
 /// `peer_burst`: what the other workers are assumed to add with this placement (see
-/// [`crate::router::Router::set_peers`]), also counted in the mean.
+/// [`crate::router::Router::set_peers`]), also counted in the mean. `lead`: seconds since the
+/// zones' sums were made; each zone's load counts its `growth` over them.
+#[allow(clippy::too_many_arguments)]
 pub fn choose(
     zones: &[Zone],
     local: &str,
@@ -84,6 +86,7 @@ pub fn choose(
     known: f64,
     expected: f64,
     peer_burst: f64,
+    lead: f64,
     rng: &mut Rng,
 ) -> ZoneChoice {
     if zones.is_empty() {
@@ -95,9 +98,10 @@ pub fn choose(
     else {
         return ZoneChoice::Any(Reason::NoLocal);
     };
+    let load_of = |z: &Zone| z.load + z.growth * lead.max(0.0);
     let (load, capacity) = zones
         .iter()
-        .fold((0.0, 0.0), |(l, c), z| (l + z.load, c + z.capacity));
+        .fold((0.0, 0.0), |(l, c), z| (l + load_of(z), c + z.capacity));
     let (expected, peer_burst) = (expected.max(0.0), peer_burst.max(0.0));
     // κ: full tolerance once half of the load is known.
     let trust = (2.0 * known).clamp(0.0, 1.0);
@@ -123,35 +127,15 @@ pub fn choose(
     } else {
         0.0
     };
-    if lz.load + crossing <= limit * lz.capacity + trust * expected {
+    if load_of(lz) + crossing <= limit * lz.capacity + trust * expected {
         return ZoneChoice::Zone(li, Reason::Local);
     }
-    let headroom = |z: &Zone| (limit * z.capacity - z.load).max(0.0);
-    let total: f64 = zones
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != li)
-        .map(|(_, z)| headroom(z))
-        .sum();
-    if total > 0.0 {
-        let mut x = rng.next_f64() * total;
-        let mut last = li;
-        for (i, z) in zones.iter().enumerate().filter(|(i, _)| *i != li) {
-            let h = headroom(z);
-            if h <= 0.0 {
-                continue;
-            }
-            last = i;
-            if x < h {
-                return ZoneChoice::Zone(i, Reason::Spill);
-            }
-            x -= h;
-        }
-        return ZoneChoice::Zone(last, Reason::Spill);
+    if let Some(i) = draw_by_headroom(zones, li, limit, lead, rng) {
+        return ZoneChoice::Zone(i, Reason::Spill);
     }
     let per_capacity = |z: &Zone| {
         if z.capacity > 0.0 {
-            z.load / z.capacity
+            load_of(z) / z.capacity
         } else {
             f64::INFINITY
         }
@@ -166,6 +150,37 @@ pub fn choose(
     ZoneChoice::Zone(least, Reason::Spill)
 }
 
+/// A zone other than `local` drawn with probability proportional to its headroom
+/// `max(0, line · C_z − L_z)`; `None` when no other zone has any.
+fn draw_by_headroom(
+    zones: &[Zone],
+    local: usize,
+    line: f64,
+    lead: f64,
+    rng: &mut Rng,
+) -> Option<usize> {
+    let headroom = |z: &Zone| (line * z.capacity - z.load - z.growth * lead.max(0.0)).max(0.0);
+    let others = || zones.iter().enumerate().filter(|(i, _)| *i != local);
+    let total: f64 = others().map(|(_, z)| headroom(z)).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut x = rng.next_f64() * total;
+    let mut last = None;
+    for (i, z) in others() {
+        let h = headroom(z);
+        if h <= 0.0 {
+            continue;
+        }
+        last = Some(i);
+        if x < h {
+            return Some(i);
+        }
+        x -= h;
+    }
+    last
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +193,37 @@ mod tests {
             healthy: vec![0],
             load,
             capacity,
+            growth: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_zone_counts_its_growth_since_the_sums_were_made() {
+        let mut rng = Rng::new(3);
+        let mut zs = [
+            zone("a", 100.0, 1.0),
+            zone("b", 100.0, 1.0),
+            zone("c", 100.0, 1.0),
+        ];
+        zs[0].growth = 100.0;
+        // Even at the sums: local. A second later `a` is expected at 200 of a mean 134: spill.
+        assert_eq!(
+            choose(&zs, "a", 0.1, 1.0, 1.0, 0.0, 0.0, &mut rng),
+            ZoneChoice::Zone(0, Reason::Local)
+        );
+        assert!(matches!(
+            choose(&zs, "a", 0.1, 1.0, 1.0, 0.0, 1.0, &mut rng),
+            ZoneChoice::Zone(_, Reason::Spill)
+        ));
+        // A growing remote zone takes no spill past its line: b is expected at 300.
+        zs[0].growth = 0.0;
+        zs[0].load = 250.0;
+        zs[1].growth = 200.0;
+        for _ in 0..20 {
+            assert_eq!(
+                choose(&zs, "a", 0.1, 1.0, 1.0, 0.0, 1.0, &mut rng),
+                ZoneChoice::Zone(2, Reason::Spill)
+            );
         }
     }
 
@@ -190,23 +236,23 @@ mod tests {
             zone("c", 8.0, 1.0),
         ];
         assert_eq!(
-            choose(&zs, "a", 0.2, 1.0, 0.0, 0.0, &mut rng),
+            choose(&zs, "a", 0.2, 1.0, 0.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Zone(0, Reason::Local)
         );
         assert_eq!(
-            choose(&zs, "c", 0.0, 1.0, 0.0, 0.0, &mut rng),
+            choose(&zs, "c", 0.0, 1.0, 0.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Zone(2, Reason::Local)
         );
         assert_eq!(
-            choose(&[], "a", 0.1, 1.0, 0.0, 0.0, &mut rng),
+            choose(&[], "a", 0.1, 1.0, 0.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Any(Reason::Fallback)
         );
         assert_eq!(
-            choose(&zs, "", 0.1, 1.0, 0.0, 0.0, &mut rng),
+            choose(&zs, "", 0.1, 1.0, 0.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Any(Reason::NoLocal)
         );
         assert_eq!(
-            choose(&zs, "d", 0.1, 1.0, 0.0, 0.0, &mut rng),
+            choose(&zs, "d", 0.1, 1.0, 0.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Any(Reason::NoLocal)
         );
     }
@@ -222,7 +268,7 @@ mod tests {
         ];
         let mut counts = [0; 3];
         for _ in 0..8000 {
-            match choose(&zs, "a", 0.1, 1.0, 0.0, 0.0, &mut rng) {
+            match choose(&zs, "a", 0.1, 1.0, 0.0, 0.0, 0.0, &mut rng) {
                 ZoneChoice::Zone(i, Reason::Spill) => counts[i] += 1,
                 other => panic!("{other:?}"),
             }
@@ -241,14 +287,14 @@ mod tests {
             zone("b", 30.0, 3.0),
             zone("c", 29.97, 3.0),
         ];
-        let got = choose(&zs, "a", 0.0, 1.0, 0.0, 0.0, &mut rng);
+        let got = choose(&zs, "a", 0.0, 1.0, 0.0, 0.0, 0.0, &mut rng);
         assert!(
             matches!(got, ZoneChoice::Zone(1 | 2, Reason::Spill)),
             "{got:?}"
         );
         let zs = [zone("a", 20.0, 1.0), zone("b", 40.0, 1.0)];
         assert_eq!(
-            choose(&zs, "a", 0.0, 1.0, 0.0, 0.0, &mut rng),
+            choose(&zs, "a", 0.0, 1.0, 0.0, 0.0, 0.0, &mut rng),
             ZoneChoice::Zone(0, Reason::Local)
         );
     }
@@ -264,7 +310,7 @@ mod tests {
         let mut local = 0.0;
         for _ in 0..n {
             let unit = 1.0 + peers;
-            match choose(&zs, "a", 0.1, known, 1.0, peers, rng) {
+            match choose(&zs, "a", 0.1, known, 1.0, peers, 0.0, rng) {
                 ZoneChoice::Zone(i, _) => {
                     zs[i].load += unit;
                     if i == 0 {
