@@ -149,11 +149,29 @@ impl Endpoint {
     }
 
     /// A new report arrived: the other proxies' part of it, and how fast it grew since the
-    /// one before (reports less than `min_gap` apart keep the growth as it was).
-    pub fn note_report(&mut self, report: LoadReport, min_gap: Nanos) {
+    /// one before (reports less than `min_gap` apart keep the growth as it was). `own_young`:
+    /// how many of this VM's streams here are still unknown (Σ of their priors' weights).
+    ///
+    /// What the report holds beyond this Envoy's estimate is the other proxies' streams, and
+    /// also what this Envoy's young streams send beyond their priors. When the pod says how
+    /// many streams it has, that residual is shared between the two by their numbers: a pod
+    /// with only this Envoy's streams shows no other proxy growing there.
+    pub fn note_report(&mut self, report: LoadReport, min_gap: Nanos, own_young: f64) {
         self.report = Some(report);
         self.own_at_report = self.own_in_report();
-        let others = (report.rate - self.own_at_report).max(0.0);
+        let residual = (report.rate - self.own_at_report).max(0.0);
+        let others = match report.streams {
+            Some(n) => {
+                let theirs = (n - f64::from(self.active())).max(0.0);
+                let young = own_young.max(0.0);
+                if theirs + young > 0.0 {
+                    residual * theirs / (theirs + young)
+                } else {
+                    0.0
+                }
+            }
+            None => residual,
+        };
         match self.others_seen {
             Some((before, at)) if report.at.saturating_sub(at) >= min_gap.max(1) => {
                 let dt = report.at.saturating_sub(at) as f64 / 1e9;

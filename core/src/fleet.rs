@@ -22,10 +22,16 @@
 //! draws its `pick.choices` candidates among the zone's pods with a fresh report (Prequal's pool
 //! of probed replicas), when there are at least two.
 //!
-//! The load a placement sees is `own_j + max(0, F_j − own_j(report))`: the report's part beyond
-//! what this Envoy had on j when it arrived is the other proxies' share, and this Envoy's own
-//! streams count as they are now (a reconnect storm does not see its old streams twice; with a
-//! single Envoy the view is exact). A reporter counts its young streams at their fading prior
+//! The load a placement sees is `own_j + max(0, F_j − own_j(report)) + g_j · min(age, 2·interval)`:
+//! the report's part beyond what this Envoy had on j when it arrived is the other proxies'
+//! share, and this Envoy's own streams count as they are now (a reconnect storm does not see
+//! its old streams twice; with a single Envoy the view is exact). `g_j ≥ 0` is how fast the
+//! other proxies' share grew between j's last two reports: what they placed since the report
+//! is not in it yet, and during a ramp each proxy would otherwise see its own new streams at
+//! once and the others' a report later. With the pod's stream count N, the other proxies'
+//! share of a report is `max(0, F_j − own_j) · o/(o + y)`, `o = N − n_j` (n_j: this Envoy's
+//! streams on j) and y this Envoy's young streams there (Σ of their priors' weights): the
+//! residual is also what young streams send beyond their priors. A reporter counts its young streams at their fading prior
 //! (`prior · e^(−age/τ)`, as the filter does), so the streams that other proxies just placed are
 //! in `F_j`. Capacities are then multiplied by slow start and penalties as before. With no fresh
 //! report in a cluster, the cluster uses the local view (this Envoy's own streams only).
@@ -41,6 +47,7 @@ pub const MIN_UTILIZATION: f64 = 0.02;
 /// Reports above these are rejected as implausible.
 pub const MAX_UTILIZATION: f64 = 100.0;
 pub const MAX_RATE: f64 = 1e12;
+pub const MAX_STREAMS: f64 = 1e9;
 /// Named metrics of a report.
 pub const STREAMS_METRIC: &str = "streams";
 pub const BYTES_METRIC: &str = "bytes_per_second";
@@ -72,6 +79,8 @@ pub struct LoadReport {
     pub rate: f64,
     /// Load / capacity, when the pod knows its capacity.
     pub utilization: Option<f64>,
+    /// Active streams into the pod (`named_metrics.streams`), when it says.
+    pub streams: Option<f64>,
     /// When the report was received.
     pub at: Nanos,
 }
@@ -114,16 +123,21 @@ impl LoadReport {
             LoadSignal::Bytes => report.named_metric(BYTES_METRIC),
         };
         let utilization = report.utilization();
+        let streams = report.named_metric(STREAMS_METRIC);
         let Some(rate) = rate else {
             return Err(ReportError::Implausible);
         };
         // ORCA parsing already refused NaN, infinities and negatives.
-        if rate > MAX_RATE || utilization.is_some_and(|u| u > MAX_UTILIZATION) {
+        if rate > MAX_RATE
+            || utilization.is_some_and(|u| u > MAX_UTILIZATION)
+            || streams.is_some_and(|n| n > MAX_STREAMS)
+        {
             return Err(ReportError::Implausible);
         }
         Ok(LoadReport {
             rate,
             utilization,
+            streams,
             at: now,
         })
     }
@@ -278,7 +292,7 @@ pub fn probe_order(position: usize, n: usize, salt: u64) -> f64 {
 
 /// Shared-data record of the reports one prober received: `(address, rate, utilization or -1,
 /// at)` per entry. Layout: `u32 count`, then per entry `u16 len, address, f64 rate,
-/// f64 utilization, u64 at` (little endian).
+/// f64 utilization, f64 streams, u64 at` (little endian; −1: not reported).
 pub fn encode_reports<'a>(reports: impl Iterator<Item = (&'a str, &'a LoadReport)>) -> Vec<u8> {
     let mut out = vec![0u8; 4];
     let mut n: u32 = 0;
@@ -290,6 +304,7 @@ pub fn encode_reports<'a>(reports: impl Iterator<Item = (&'a str, &'a LoadReport
         out.extend_from_slice(address.as_bytes());
         out.extend_from_slice(&r.rate.to_le_bytes());
         out.extend_from_slice(&r.utilization.unwrap_or(-1.0).to_le_bytes());
+        out.extend_from_slice(&r.streams.unwrap_or(-1.0).to_le_bytes());
         out.extend_from_slice(&r.at.to_le_bytes());
         n += 1;
     }
@@ -316,8 +331,9 @@ pub fn decode_reports(bytes: &[u8]) -> Option<Vec<(String, LoadReport)>> {
             .to_owned();
         let rate = f64::from_le_bytes(take(8)?.try_into().ok()?);
         let utilization = f64::from_le_bytes(take(8)?.try_into().ok()?);
+        let streams = f64::from_le_bytes(take(8)?.try_into().ok()?);
         let at = u64::from_le_bytes(take(8)?.try_into().ok()?);
-        if !(rate.is_finite() && rate >= 0.0 && utilization.is_finite()) {
+        if !(rate.is_finite() && rate >= 0.0 && utilization.is_finite() && streams.is_finite()) {
             return None;
         }
         out.push((
@@ -325,6 +341,7 @@ pub fn decode_reports(bytes: &[u8]) -> Option<Vec<(String, LoadReport)>> {
             LoadReport {
                 rate,
                 utilization: (utilization >= 0.0).then_some(utilization),
+                streams: (streams >= 0.0).then_some(streams),
                 at,
             },
         ));
@@ -343,6 +360,7 @@ mod tests {
         LoadReport {
             rate,
             utilization,
+            streams: None,
             at: 0,
         }
     }
@@ -367,6 +385,7 @@ mod tests {
             LoadReport {
                 rate: 812.0,
                 utilization: Some(0.812),
+                streams: Some(40.0),
                 at: 7
             }
         );
@@ -393,6 +412,14 @@ mod tests {
         assert_eq!(
             parse("TEXT rps_fractional=5, application_utilization=1000"),
             Err(ReportError::Implausible)
+        );
+        assert_eq!(
+            parse("TEXT rps_fractional=5, named_metrics.streams=1e10"),
+            Err(ReportError::Implausible)
+        );
+        assert_eq!(
+            parse("TEXT rps_fractional=5, named_metrics.streams=-1"),
+            Err(ReportError::Malformed)
         );
         assert_eq!(
             parse("TEXT rps_fractional=NaN"),
@@ -487,11 +514,13 @@ mod tests {
         let a = LoadReport {
             rate: 12.5,
             utilization: Some(0.25),
+            streams: Some(3.0),
             at: 42,
         };
         let b = LoadReport {
             rate: 3.0,
             utilization: None,
+            streams: None,
             at: 43,
         };
         let bytes = encode_reports([("10.0.0.1:80", &a), ("10.0.0.2:80", &b)].into_iter());

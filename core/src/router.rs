@@ -707,16 +707,34 @@ impl Router {
     /// Load reports the pods of `cluster` answered probes with: (address, report).
     /// Unknown addresses are ignored; an older report never replaces a newer one.
     pub fn apply_reports(&mut self, now: Nanos, cluster: &str, reports: &[(String, LoadReport)]) {
-        let Some(c) = self.clusters.iter_mut().find(|c| c.name == cluster) else {
+        let Some(ci) = self.clusters.iter().position(|c| c.name == cluster) else {
             return;
         };
+        // This VM's young streams per endpoint (Σ of their priors' weights).
+        let tau = self.tau_secs();
+        let mut young = vec![0.0; self.clusters.get(ci).map_or(0, |c| c.endpoints.len())];
+        for (_, s) in self.streams.iter() {
+            if s.cluster.0 != ci || s.move_planned {
+                continue;
+            }
+            if let Some(slot) = s.endpoint.and_then(|j| young.get_mut(j)) {
+                *slot += prior_weight(now.saturating_sub(s.started), tau);
+            }
+        }
         let min_gap = self.cfg.probe.interval_ms.saturating_mul(500_000);
+        let Some(c) = self.clusters.get_mut(ci) else {
+            return;
+        };
         for (address, r) in reports {
-            let Some(e) = c.index_of(address).and_then(|j| c.endpoint_mut(j)) else {
+            let Some(j) = c.index_of(address) else {
+                continue;
+            };
+            let own_young = young.get(j).copied().unwrap_or(0.0);
+            let Some(e) = c.endpoint_mut(j) else {
                 continue;
             };
             if e.report.is_none_or(|old| old.at <= r.at) {
-                e.note_report(*r, min_gap);
+                e.note_report(*r, min_gap, own_young);
             }
         }
         c.refresh(&self.cfg, now);
@@ -1172,6 +1190,7 @@ mod tests {
         LoadReport {
             rate,
             utilization,
+            streams: None,
             at,
         }
     }
@@ -1333,6 +1352,61 @@ mod tests {
         let c = &r.clusters()[0];
         let e1 = c.endpoint(c.index_of("e1:1").unwrap()).unwrap();
         assert_eq!(e1.unseen(3 * S + S / 2, 2 * S), 0.0);
+    }
+
+    #[test]
+    fn a_pod_with_only_this_envoys_streams_shows_no_other_proxy_growing() {
+        // This Envoy's young streams send 4× their prior: each report holds more than it
+        // expects, and more each second as it places more. With the pods' stream counts that
+        // residual is its own; without them it reads as other proxies' growth.
+        for counted in [true, false] {
+            let mut r = three_pods(19);
+            for (k, at) in [S, 2 * S].into_iter().enumerate() {
+                spread(&mut r, at, 1 + 3 * k as u64, 3);
+                let c = &r.clusters()[0];
+                let reports: Vec<(String, LoadReport)> = (c.endpoints.iter())
+                    .map(|e| {
+                        let n = f64::from(e.active());
+                        let mut rep = report(40.0 * n, None, at);
+                        rep.streams = counted.then_some(n);
+                        (e.address.clone(), rep)
+                    })
+                    .collect();
+                r.apply_reports(at, "pods", &reports);
+            }
+            let c = &r.clusters()[0];
+            let growth: f64 = c.endpoints.iter().map(|e| e.others_growth).sum();
+            if counted {
+                assert_eq!(growth, 0.0);
+            } else {
+                assert!(growth > 50.0, "{growth}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_residual_is_shared_by_stream_numbers() {
+        // One young stream of this Envoy and three of other proxies on e1: of the 100 beyond
+        // its estimate, three quarters are theirs.
+        let mut r = three_pods(23);
+        let d = r.place(S, 1, "rt", "pods").unwrap();
+        let a = d.primary.unwrap();
+        let mut rep = report(110.0, None, S);
+        rep.streams = Some(4.0);
+        r.apply_reports(S, "pods", &[(a.clone(), rep)]);
+        let mut rep = report(210.0, None, 2 * S);
+        rep.streams = Some(4.0);
+        r.apply_reports(2 * S, "pods", &[(a.clone(), rep)]);
+        let c = &r.clusters()[0];
+        let e = c.endpoint(c.index_of(&a).unwrap()).unwrap();
+        // Residuals 100 then 200 (the stream still counts 10): theirs 3 / (3 + young ≈ 1).
+        let young = (-1.0f64 / (r.config().load.tau_ms as f64 / 1000.0)).exp();
+        let expected = 200.0 * 3.0 / (3.0 + young) - 100.0 * 3.0 / 4.0;
+        assert!(
+            (e.others_growth - expected).abs() < 1.0,
+            "{} vs {expected}",
+            e.others_growth
+        );
     }
 
     #[test]

@@ -456,7 +456,13 @@ impl Policy for Streamlb {
             r.tick(now);
             remember(&mut self.memory[i / self.workers], r.take_rate_updates());
         }
-        self.probe(w, now, loads);
+        let mut streams = vec![0u32; loads.len()];
+        for j in assign.iter().flatten() {
+            if let Some(n) = streams.get_mut(*j) {
+                *n += 1;
+            }
+        }
+        self.probe(w, now, loads, &streams);
         let group = if self.global_view {
             self.routers.len()
         } else {
@@ -539,7 +545,7 @@ fn remember(memory: &mut HashMap<u64, (f64, Option<u32>)>, updates: Vec<Remember
 impl Streamlb {
     /// Pods update their own load estimate; each proxy's first worker probes the pods due, and
     /// every worker of the proxy gets the answers (shared data in Envoy).
-    fn probe(&mut self, w: &World, now: Nanos, loads: &[f64]) {
+    fn probe(&mut self, w: &World, now: Nanos, loads: &[f64], streams: &[u32]) {
         let alpha = 1.0 - (-1.0 / self.tau_s).exp();
         for ((r, y), &l) in self.reported.iter_mut().zip(&mut self.young).zip(loads) {
             *r += alpha * (l - *r);
@@ -565,6 +571,7 @@ impl Streamlb {
                 let report = LoadReport {
                     rate,
                     utilization: (c > 0.0).then(|| rate / c),
+                    streams: streams.get(j).map(|&n| f64::from(n)),
                     at: now,
                 };
                 reports.push((address, report));

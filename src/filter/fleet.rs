@@ -6,7 +6,7 @@
 //!   `endpoint-load-metrics` header is the pod's load report. Probes run on the tick, off the
 //!   request path: a stream open never waits for one.
 //! - **Sharing**: the prober publishes the fresh reports of each cluster in shared data
-//!   (`streamlb.fleet.<cluster>`); every other VM applies them on its tick.
+//!   (`streamlb.fleet.v2.<cluster>`); every other VM applies them on its tick.
 //! - **Answering** (reporter role): a probe that reaches streamlb on a pod's inbound proxy is
 //!   answered locally with what that Envoy measured over every stream into the pod.
 

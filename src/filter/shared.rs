@@ -12,7 +12,7 @@
 //! | `streamlb.config.generation` | u64 generation, u64 hash of the configuration text | CAS, on a configuration's first tick |
 //! | `streamlb.rate_memory.secret` | the key of the rate memory's hash | once per Envoy |
 //! | `streamlb.rate.<bucket>` | one bucket of the rate memory (`rate_memory`) | CAS, when rates are remembered |
-//! | `streamlb.fleet.<cluster>` | the pods' fresh load reports (`fleet`) | by the prober |
+//! | `streamlb.fleet.v2.<cluster>` | the pods' fresh load reports (`fleet`) | by the prober |
 
 use super::host::{Host, HostError};
 
@@ -27,9 +27,10 @@ pub const GENERATION_KEY: &str = "streamlb.config.generation";
 /// The rate memory's hash key (one per Envoy).
 pub const SECRET_KEY: &str = "streamlb.rate_memory.secret";
 
-/// A cluster's published load reports.
+/// A cluster's published load reports (v2: with the pods' stream counts; a VM of an older
+/// build reads none of them rather than misreading them).
 pub fn reports_key(cluster: &str) -> String {
-    format!("streamlb.fleet.{cluster}")
+    format!("streamlb.fleet.v2.{cluster}")
 }
 
 /// Attempts of one compare-and-swap update before it is given up (and counted lost).
