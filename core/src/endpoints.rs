@@ -243,6 +243,9 @@ pub struct Cluster {
     /// priors of streams of unknown rate (kept by the router).
     pub own_load: f64,
     pub own_unknown: f64,
+    /// The fleet's mean rate per stream, `Σ R / Σ N` over the fresh reports that give a
+    /// stream count: the expected rate of a new stream before this VM has learned one.
+    pub fleet_stream_rate: Option<f64>,
 }
 
 impl Cluster {
@@ -257,6 +260,7 @@ impl Cluster {
             fleet: None,
             own_load: 0.0,
             own_unknown: 0.0,
+            fleet_stream_rate: None,
         }
     }
 
@@ -353,15 +357,22 @@ impl Cluster {
         }));
         // Per zone: (Σ reported load, Σ capacity) of the pods with a fresh report.
         let mut zone_sums: HashMap<&str, (f64, f64)> = HashMap::new();
+        let (mut counted_rate, mut streams) = (0.0, 0.0);
         if let Some(summary) = self.fleet {
             for e in self.endpoints.iter().filter(|e| e.eligible()) {
                 if let Some(r) = fresh(e) {
                     let acc = zone_sums.entry(e.zone.as_str()).or_default();
                     acc.0 += r.rate;
                     acc.1 += summary.capacity(e.weight, Some(&r));
+                    if let Some(n) = r.streams {
+                        counted_rate += r.rate;
+                        streams += n;
+                    }
                 }
             }
         }
+        self.fleet_stream_rate =
+            (streams >= 1.0 && counted_rate > 0.0).then(|| counted_rate / streams);
         let zone_utilization: HashMap<String, f64> = zone_sums
             .into_iter()
             .filter(|(_, (_, c))| *c > 0.0)

@@ -233,9 +233,11 @@ impl Router {
         }
     }
 
-    /// Expected rate of a new stream on (cluster, route): the learned mean rate per stream.
+    /// Expected rate of a new stream on (cluster, route): the learned mean rate per stream,
+    /// else the fleet's (the pods' reports), else `load.default_stream_rate`.
     pub fn expected_rate(&self, cluster: ClusterIdx, route: RouteIdx) -> f64 {
         self.learned_rate(cluster, route)
+            .or_else(|| self.clusters.get(cluster.0)?.fleet_stream_rate)
             .unwrap_or(self.cfg.load.default_stream_rate)
     }
 
@@ -1407,6 +1409,29 @@ mod tests {
             "{} vs {expected}",
             e.others_growth
         );
+    }
+
+    #[test]
+    fn before_it_learns_a_rate_a_new_stream_is_expected_at_the_fleets_mean_per_stream() {
+        let mut r = three_pods(29);
+        assert_eq!(r.place(S, 1, "rt", "pods").unwrap().expected_rate, 10.0);
+        let mut e1 = report(120.0, None, S);
+        e1.streams = Some(3.0);
+        let mut e2 = report(80.0, None, S);
+        e2.streams = Some(1.0);
+        // e3 gives no stream count: its rate is not in the mean.
+        let e3 = report(50.0, None, S);
+        let reports = [
+            ("e1:1".to_owned(), e1),
+            ("e2:1".to_owned(), e2),
+            ("e3:1".to_owned(), e3),
+        ];
+        r.apply_reports(S, "pods", &reports);
+        assert_eq!(r.place(S, 2, "rt", "pods").unwrap().expected_rate, 50.0);
+        // Reports that count no stream leave the default.
+        let mut r = three_pods(29);
+        r.apply_reports(S, "pods", &[("e3:1".to_owned(), e3)]);
+        assert_eq!(r.place(S, 1, "rt", "pods").unwrap().expected_rate, 10.0);
     }
 
     #[test]
