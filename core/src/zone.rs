@@ -98,7 +98,7 @@ pub fn choose(
     else {
         return ZoneChoice::Any(Reason::NoLocal);
     };
-    let load_of = |z: &Zone| z.load + z.growth * lead.max(0.0);
+    let load_of = |z: &Zone| load_at(z, lead);
     let (load, capacity) = zones
         .iter()
         .fold((0.0, 0.0), |(l, c), z| (l + load_of(z), c + z.capacity));
@@ -150,6 +150,11 @@ pub fn choose(
     ZoneChoice::Zone(least, Reason::Spill)
 }
 
+/// A zone's load `lead` seconds after its sums were made: its growth counted over them.
+fn load_at(z: &Zone, lead: f64) -> f64 {
+    z.load + z.growth * lead.max(0.0)
+}
+
 /// A zone other than `local` drawn with probability proportional to its headroom
 /// `max(0, line · C_z − L_z)`; `None` when no other zone has any.
 fn draw_by_headroom(
@@ -159,7 +164,7 @@ fn draw_by_headroom(
     lead: f64,
     rng: &mut Rng,
 ) -> Option<usize> {
-    let headroom = |z: &Zone| (line * z.capacity - z.load - z.growth * lead.max(0.0)).max(0.0);
+    let headroom = |z: &Zone| (line * z.capacity - load_at(z, lead)).max(0.0);
     let others = || zones.iter().enumerate().filter(|(i, _)| *i != local);
     let total: f64 = others().map(|(_, z)| headroom(z)).sum();
     if total <= 0.0 {
