@@ -6,8 +6,9 @@
 
 Policies: `none` (no wasm filter), `floor` (bench/floor: a Rust proxy-wasm filter that receives
 every callback and returns), `floor_bodies` (the same, reading every body chunk), `floor_calls`
-(the floor making 18 header reads per request: streamlb's host calls per unary call),
-`floor_<kind>_100` (100 header, property or shared-data reads per request: one call's cost), `streamlb`
+(the floor making 18 host calls per unary call, as streamlb does: 16 header reads and a body read
+each way),
+`floor_<kind>_100` (100 header, property, shared-data or whole-header-map reads per request: one call's cost), `streamlb`
 (the filter, default configuration: placement, rebalance in shadow, probes), `streamlb_shadow`
 (`mode: shadow`: no header set), `streamlb_baseline` (another build, `--baseline-wasm`: before/after).
 Every Envoy has the same bootstrap (envoy/envoy.yaml.tmpl) but for the wasm filter.
@@ -292,9 +293,16 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
         # `clients` calls every 1/per_client s, where each call queues behind the others and
         # latency shows the CPU per call times the burst (seen: +0.7 ms p50 for +42 µs/call).
         # `--rate` excludes `-D`: the run is `-n` calls long and warm-up calls are dropped below.
-        total = round(args.unary_rate * (args.unary_warmup + args.unary_window))
-        argv = [h2load, url, "-d", str(body), "-c", str(clients), "-m", "1", "--rps", f"{per_client:g}",
-                "-n", str(total), "--rate", "1", "--rate-period", f"{max(1, round(1000 / args.unary_rate))}ms",
+        if args.unary_load == "closed":
+            # Closed loop: each connection keeps `--unary-streams` calls in flight, so Envoy handles
+            # many calls per wake-up and its CPU per call is mostly per-call work (less noise).
+            load = ["-c", str(clients), "-m", str(args.unary_streams),
+                    "-D", f"{args.unary_warmup + args.unary_window:g}"]
+        else:
+            total = round(args.unary_rate * (args.unary_warmup + args.unary_window))
+            load = ["-c", str(clients), "-m", "1", "--rps", f"{per_client:g}", "-n", str(total),
+                    "--rate", "1", "--rate-period", f"{max(1, round(1000 / args.unary_rate))}ms"]
+        argv = [h2load, url, "-d", str(body), *load,
                 "-H", "content-type: application/grpc", "-H", "te: trailers",
                 "-H", "x-device-id: h2load", "--log-file", str(log_file)]
         started_us = time.time() * 1e6
@@ -326,7 +334,8 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
 
 
 def part_unary(args, policies: list[str], workdir: Path, pin_cpu: bool) -> dict:
-    log(f"unary: {args.unary_rate} calls/s from {args.unary_clients} h2load clients, {args.rounds} rounds, "
+    log(f"unary ({args.unary_load}): {args.unary_rate} calls/s or {args.unary_streams} in flight per connection, "
+        f"{args.unary_clients} h2load clients, {args.rounds} rounds, "
         f"window {args.unary_window} s; load {loadavg()}")
     out = interleaved_rounds(
         args, policies, workdir / "pods-unary",
@@ -483,8 +492,11 @@ def markdown(out: dict) -> str:
         lines.append("")
     un = out.get("unary")
     if un:
-        lines += [f"## Unary calls ({out['args']['unary_rate']} calls/s, h2load, {out['args']['unary_clients']} connections; "
-                  f"window {out['args']['unary_window']} s)", "",
+        a = out["args"]
+        load = (f"closed loop: {a['unary_clients']} connections × {a['unary_streams']} calls in flight"
+                if a.get("unary_load") == "closed"
+                else f"{a['unary_rate']} calls/s, {a['unary_clients']} connections opened 1/rate s apart")
+        lines += [f"## Unary calls (h2load, {load}; window {a['unary_window']} s)", "",
                   f"1-minute load average: start {un['load_start']}, end {un['load_end']}.", "",
                   "| policy | Envoy µs/call median [min–max] | p50 ms (median) | p99 ms median [min–max] |", "|---|---|---|---|"]
         for p, s in un["summary"]["policies"].items():
@@ -532,6 +544,10 @@ def main() -> int:
     ap.add_argument("--unary-clients", type=int, default=10)
     ap.add_argument("--unary-warmup", type=float, default=3.0)
     ap.add_argument("--unary-window", type=float, default=15.0)
+    ap.add_argument("--unary-load", choices=["paced", "closed"], default="paced",
+                    help="paced: --unary-rate calls/s, one in flight per connection (latency); closed: "
+                         "--unary-streams in flight per connection, as fast as it goes (CPU per call)")
+    ap.add_argument("--unary-streams", type=int, default=8, help="calls in flight per connection (closed)")
     ap.add_argument("--memory-endpoints", default="1000,10000")
     ap.add_argument("--memory-settle", type=float, default=3.0)
     ap.add_argument("--fill-devices", type=int, default=100_000)

@@ -125,11 +125,11 @@ DISCOVERY_STAT = "wasmcustom.streamlb_discovery_polls_ok_total"
 # The proxy-wasm floor (bench/floor): a no-op Rust filter, and the same reading every body chunk.
 # Envoy's placement is the cluster's fallback (least_request), as with no filter.
 # floor_calls: the floor making as many host calls per unary call as streamlb does
-# (`a_unary_call_makes_few_host_calls` in src/filter/tests), as header reads.
+# (`a_unary_call_makes_few_host_calls` in src/filter/tests): a body read each way, the rest header reads.
 # floor_<kind>_100: 100 host calls of one kind per request, to measure what one costs.
-FLOOR_CONFIG = {"floor": {}, "floor_bodies": {"read_bodies": True}, "floor_calls": {"header_reads": 18},
+FLOOR_CONFIG = {"floor": {}, "floor_bodies": {"read_bodies": True}, "floor_calls": {"header_reads": 16, "read_bodies": True},
                 "floor_headers_100": {"header_reads": 100}, "floor_properties_100": {"property_reads": 100},
-                "floor_shared_100": {"shared_reads": 100}}
+                "floor_shared_100": {"shared_reads": 100}, "floor_maps_100": {"map_reads": 100}}
 
 
 def floor_wasm() -> Path:

@@ -4,7 +4,8 @@
 //! call and one copy into the VM, as streamlb's message counting may do), and drops it. With
 //! `{"header_reads": N}` it reads the request's `content-type` header N times at the request
 //! headers, with `{"property_reads": N}` the `xds.route_name` property, with
-//! `{"shared_reads": N}` a 768-byte shared-data value (a rate-memory bucket's size): what one
+//! `{"shared_reads": N}` a 768-byte shared-data value (a rate-memory bucket's size), with
+//! `{"map_reads": N}` the whole request header map in one call: what one
 //! host call of each kind costs, measured with N large (each returns bytes into the VM).
 //! Built through the same SDK and entry points as streamlb, so the difference between the two is
 //! streamlb's own work.
@@ -23,6 +24,7 @@ struct Reads {
     headers: usize,
     properties: usize,
     shared: usize,
+    maps: usize,
 }
 
 #[derive(Default)]
@@ -46,6 +48,7 @@ impl RootContext for Root {
             headers: number(&config, "header_reads"),
             properties: number(&config, "property_reads"),
             shared: number(&config, "shared_reads"),
+            maps: number(&config, "map_reads"),
         };
         if self.reads.shared > 0 {
             let _ = hostcalls::set_shared_data(SHARED_KEY, Some(&[7u8; 768]), None);
@@ -63,6 +66,25 @@ impl RootContext for Root {
             reads: self.reads,
             bytes: 0,
         }))
+    }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+}
+
+/// The request header map in one host call, as serialized bytes (as streamlb reads it; the
+/// SDK's `get_map_bytes` would also split it into one allocation per header).
+fn request_header_map_len() -> usize {
+    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: out-pointers outlive the call; the host allocated `size` bytes at `data` (through
+    // the SDK's `proxy_on_memory_allocate`), which the Vec takes and frees.
+    unsafe {
+        if proxy_get_header_map_pairs(0, &mut data, &mut size) != 0 || data.is_null() {
+            return 0;
+        }
+        Vec::from_raw_parts(data, size, size).len()
     }
 }
 
@@ -123,6 +145,9 @@ impl HttpContext for Floor {
             if let Ok(Some(v)) = hostcalls::get_property(vec!["xds", "route_name"]) {
                 self.bytes = self.bytes.wrapping_add(v.len());
             }
+        }
+        for _ in 0..self.reads.maps {
+            self.bytes = self.bytes.wrapping_add(request_header_map_len());
         }
         for _ in 0..self.reads.shared {
             if let Ok((Some(v), _)) = hostcalls::get_shared_data(SHARED_KEY) {
