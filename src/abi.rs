@@ -39,6 +39,7 @@ extern "C" {
         data: *mut *mut u8,
         size: *mut usize,
     ) -> u32;
+    fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32;
     fn proxy_replace_header_map_value(
         map: u32,
         key: *const u8,
@@ -166,6 +167,19 @@ pub fn header(map: u32, name: &str) -> HostResult<Option<Vec<u8>>> {
         OK => Ok(Some(unsafe { owned(data, size) })),
         NOT_FOUND => Ok(None),
         s => Err(error("get_header", s)),
+    }
+}
+
+/// The whole header map, serialized (see `HeaderPairs`).
+pub fn headers(map: u32) -> HostResult<Vec<u8>> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: out-pointers outlive the call.
+    let status = unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) };
+    match status {
+        // SAFETY: the host allocated `size` bytes at `data` (or left it null: no headers).
+        OK => Ok(unsafe { owned(data, size) }),
+        NOT_FOUND => Ok(Vec::new()),
+        s => Err(error("get_header_map_pairs", s)),
     }
 }
 

@@ -11,7 +11,9 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, Status};
 
 use crate::abi;
-use crate::filter::host::{Body, HeaderMap, Host, HostError, HostResult, LogLevel, MetricKind};
+use crate::filter::host::{
+    Body, HeaderMap, HeaderPairs, Host, HostError, HostResult, LogLevel, MetricKind,
+};
 use crate::filter::stream::{BodyAction, HeadersAction, StreamFilter};
 use crate::filter::vm::Vm;
 use streamlb_core::Nanos;
@@ -77,6 +79,10 @@ impl Host for EnvoyHost {
 
     fn header(&self, map: HeaderMap, name: &str) -> HostResult<Option<Vec<u8>>> {
         abi::header(map_type(map), name)
+    }
+
+    fn headers(&self, map: HeaderMap) -> HostResult<HeaderPairs> {
+        abi::headers(map_type(map)).map(HeaderPairs::from_bytes)
     }
 
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> HostResult<()> {

@@ -110,6 +110,9 @@ pub struct Router {
     rate_updates: Vec<RateUpdate>,
     /// Other workers of this proxy placing streams at the same time (see [`Router::set_peers`]).
     peers: usize,
+    /// Per route: streams in a row that ended as short, successful unary exchanges (see
+    /// [`Router::is_unary_route`]).
+    unary_streak: Vec<u32>,
 }
 
 /// A measured rate to remember, with the stream's (cluster, route) for its cap.
@@ -159,6 +162,8 @@ pub struct Source {
 /// Seconds a stream must run before its rate is worth remembering, and between two updates.
 const REMEMBER_AFTER: Nanos = 2_000_000_000;
 const REMEMBER_EVERY: Nanos = 10_000_000_000;
+/// A route whose last this-many streams were short unary exchanges is a unary route.
+pub const UNARY_ROUTE_STREAK: u32 = 32;
 
 impl Router {
     /// `local_zone`: from config, else the node's locality (the caller resolves it).
@@ -179,6 +184,26 @@ impl Router {
             counters: Counters::default(),
             rate_updates: Vec::new(),
             peers: 0,
+            unary_streak: Vec::new(),
+        }
+    }
+
+    /// Whether `route` is a unary route: its last [`UNARY_ROUTE_STREAK`] streams ended
+    /// successfully within 2 s with at most one message each way, and none of its open streams
+    /// has carried more. New streams there skip what only lasting streams need: the rate memory
+    /// (it holds only streams that ran ≥ 2 s) and the first-byte time (the exchange is timed
+    /// whole). One streaming exchange on the route, ended or seen on the tick, ends it.
+    pub fn is_unary_route(&mut self, route: &str) -> bool {
+        let ri = self.routes.intern(route);
+        self.unary_streak.get(ri.0).copied().unwrap_or(0) >= UNARY_ROUTE_STREAK
+    }
+
+    fn set_unary_streak(streaks: &mut Vec<u32>, route: RouteIdx, f: impl Fn(u32) -> u32) {
+        if streaks.len() <= route.0 {
+            streaks.resize(route.0 + 1, 0);
+        }
+        if let Some(n) = streaks.get_mut(route.0) {
+            *n = f(*n);
         }
     }
 
@@ -514,6 +539,15 @@ impl Router {
     pub fn on_end(&mut self, now: Nanos, id: u64, outcome: Outcome) -> Option<EndedStream> {
         let s = self.streams.remove(id)?;
         self.forget(&s);
+        let streaming =
+            s.messages.iter().any(|&m| m > 1) || now.saturating_sub(s.started) >= REMEMBER_AFTER;
+        match (streaming, outcome) {
+            (true, _) => Self::set_unary_streak(&mut self.unary_streak, s.route, |_| 0),
+            (false, Outcome::Ok) => {
+                Self::set_unary_streak(&mut self.unary_streak, s.route, |n| n.saturating_add(1))
+            }
+            (false, _) => {} // a short failure says nothing about the route
+        }
         if let Some(key) = s
             .key
             .filter(|_| now.saturating_sub(s.started) >= REMEMBER_AFTER)
@@ -600,6 +634,9 @@ impl Router {
             if dt > 0.0 {
                 s.rate.update(s.unticked, dt, tau);
                 s.unticked = 0.0;
+            }
+            if age >= REMEMBER_AFTER || s.messages.iter().any(|&m| m > 1) {
+                Self::set_unary_streak(&mut self.unary_streak, s.route, |_| 0);
             }
             let w = prior_weight(age, tau);
             s.pending = s.prior * w;
@@ -1495,6 +1532,40 @@ mod tests {
         let mut r = Router::new(off, "", 1);
         r.apply_snapshot(0, &snapshot(&[("e1:1", "", true)]));
         assert!(r.due_probes(S).is_empty());
+    }
+
+    #[test]
+    fn a_route_is_unary_until_it_streams() {
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 3);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        let mut id = 0;
+        let mut exchange = |r: &mut Router, t: Nanos, msgs: u64, outcome: Outcome| {
+            id += 1;
+            r.place(t, id, "rt", "pods");
+            r.on_data(id, Direction::Upstream, msgs, 10 * msgs);
+            r.on_data(id, Direction::Downstream, 1, 10);
+            r.on_end(t + S / 100, id, outcome);
+        };
+        for n in 0..UNARY_ROUTE_STREAK {
+            assert!(!r.is_unary_route("rt"), "after {n} unary exchanges");
+            exchange(&mut r, S, 1, Outcome::Ok);
+            // Short failures neither count nor reset.
+            exchange(&mut r, S, 1, Outcome::Failed);
+        }
+        assert!(r.is_unary_route("rt"));
+        assert!(!r.is_unary_route("other-route"));
+        // One streaming exchange ends: lookups again, and the streak starts over.
+        exchange(&mut r, 2 * S, 2, Outcome::Ok);
+        assert!(!r.is_unary_route("rt"));
+        for _ in 0..UNARY_ROUTE_STREAK {
+            exchange(&mut r, 3 * S, 1, Outcome::Ok);
+        }
+        assert!(r.is_unary_route("rt"));
+        // An open stream seen streaming on the tick turns them back on before it ends.
+        r.place(4 * S, 1000, "rt", "pods");
+        r.on_data(1000, Direction::Upstream, 3, 30);
+        r.tick(5 * S);
+        assert!(!r.is_unary_route("rt"));
     }
 
     #[test]

@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """A gRPC client that is not ours: grpcio (C-core) opening ONE bidi Telemetry.Stream.
 
+With --unary it makes K unary Telemetry.Send calls instead and prints
+  {"unary": K, "statuses": {"OK": n, "UNAVAILABLE": m, ...}}
+(exit code 0 when every call ended OK).
+
 Generates stubs from lab/proto/telemetry.proto at run time (grpcio-tools) into a temp dir,
 sends K readings with header x-device-id, reads the acks and prints one JSON line:
   {"pod": x-pod, "headers": {initial metadata}, "trailers": {trailing metadata},
@@ -8,7 +12,7 @@ sends K readings with header x-device-id, reads the acks and prints one JSON lin
 Exit code 0 when the call ended OK and every reading was acked, else 1.
 
   python3 lab/py/device.py --target 127.0.0.1:PORT [--count K] [--device-id ID]
-      [--header NAME:VALUE]... [--interval-ms MS] [--payload BYTES] [--timeout S]
+      [--header NAME:VALUE]... [--interval-ms MS] [--payload BYTES] [--timeout S] [--unary]
 """
 
 import argparse
@@ -52,6 +56,7 @@ def main():
     parser.add_argument("--interval-ms", type=float, default=0.0, help="pause between readings")
     parser.add_argument("--payload", type=int, default=16, help="payload bytes per reading")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of the call (s)")
+    parser.add_argument("--unary", action="store_true", help="K unary Send calls instead of one stream")
     args = parser.parse_args()
 
     metadata = [("x-device-id", args.device_id)]
@@ -63,6 +68,9 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="streamlb-py-") as out_dir:
         pb2, pb2_grpc = load_stubs(out_dir)
+
+        if args.unary:
+            return unary_calls(args, pb2, pb2_grpc, metadata)
 
         yielded = [0]
 
@@ -104,6 +112,26 @@ def main():
         print(json.dumps(result), flush=True)
         ok = result["status"] == "OK" and result["acked"] == args.count
         return 0 if ok else 1
+
+
+def unary_calls(args, pb2, pb2_grpc, metadata):
+    """K unary calls on one channel; prints the count of each final status."""
+    statuses = {}
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb2_grpc.TelemetryStub(channel)
+        for seq in range(args.count):
+            reading = pb2.Reading(device_id=args.device_id, seq=seq, sent_unix_nanos=time.time_ns(),
+                                  payload=b"\x5a" * args.payload)
+            try:
+                stub.Send(reading, metadata=metadata, timeout=args.timeout)
+                code = "OK"
+            except grpc.RpcError as error:
+                code = error.code().name
+            statuses[code] = statuses.get(code, 0) + 1
+            if args.interval_ms > 0:
+                time.sleep(args.interval_ms / 1000.0)
+    print(json.dumps({"unary": args.count, "statuses": statuses}), flush=True)
+    return 0 if statuses.get("OK", 0) == args.count else 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
 
 use hashbrown::HashMap;
 
-use super::host::{parse_number, HeaderMap, Host};
+use super::host::{parse_number, HeaderMap, HeaderPairs, Host};
 use super::shared::reports_key;
 use super::stats::{FleetStats, ProbeResult};
 use streamlb_core::fleet::{self, LoadReport, ReportError};
@@ -181,18 +181,17 @@ fn read_report(host: &dyn Host, router: &Router, now: Nanos) -> Result<LoadRepor
 
 /// Reporter role: a request for `reporter.path` is a load probe, answered here with this
 /// Envoy's figures (it never reaches the app). Returns whether it was one.
-pub fn answer_probe(host: &dyn Host, vm: &mut super::vm::Vm) -> bool {
+pub fn answer_probe(host: &dyn Host, vm: &mut super::vm::Vm, headers: &HeaderPairs) -> bool {
     let Some(cfg) = &vm.config().reporter else {
         return false;
     };
-    let path = host.header(HeaderMap::Request, ":path").ok().flatten();
-    let path = path.as_deref().unwrap_or_default();
+    let path = headers.get(":path").unwrap_or_default();
     let route = path.split(|&b| b == b'?').next().unwrap_or_default();
     if route != cfg.path.as_bytes() {
         return false;
     }
-    let get = matches!(host.header(HeaderMap::Request, ":method"), Ok(Some(m)) if m == b"GET");
-    let marked = matches!(host.header(HeaderMap::Request, PROBE_HEADER), Ok(Some(_)));
+    let get = headers.get(":method") == Some(b"GET");
+    let marked = headers.get(PROBE_HEADER).is_some();
     let result = if !marked {
         // Not from a streamlb prober (a client, through a gateway that does not strip the
         // marker): no figures, and nothing reaches the app.

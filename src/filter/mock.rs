@@ -7,7 +7,9 @@ use std::rc::Rc;
 
 use hashbrown::{HashMap, HashSet};
 
-use super::host::{Body, HeaderMap, Host, HostError, HostResult, LogLevel, MetricKind};
+use super::host::{
+    Body, HeaderMap, HeaderPairs, Host, HostError, HostResult, LogLevel, MetricKind,
+};
 use streamlb_core::Nanos;
 
 pub type SharedStore = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
@@ -122,6 +124,18 @@ impl Host for MockHost {
     fn header(&self, map: HeaderMap, name: &str) -> HostResult<Option<Vec<u8>>> {
         self.check("header")?;
         Ok(self.get_bytes(map, name))
+    }
+
+    fn headers(&self, map: HeaderMap) -> HostResult<HeaderPairs> {
+        self.check("headers")?;
+        let h = self.headers.borrow();
+        let mut pairs: Vec<(&[u8], &[u8])> = h
+            .iter()
+            .filter(|((m, _), _)| *m == map)
+            .map(|((_, name), value)| (name.as_bytes(), value.as_slice()))
+            .collect();
+        pairs.sort();
+        Ok(HeaderPairs::encode(pairs))
     }
 
     fn set_header(&self, map: HeaderMap, name: &str, value: Option<&str>) -> HostResult<()> {

@@ -12,7 +12,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use super::fleet::answer_probe;
-use super::host::{parse_number, string_property, Body, HeaderMap, Host};
+use super::fleet::PROBE_HEADER;
+use super::host::{parse_number, string_property, Body, HeaderMap, HeaderPairs, Host};
 use super::stats::{
     MoveHow, SkipReason, StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US,
 };
@@ -49,6 +50,8 @@ pub struct StreamFilter {
     /// real upstream).
     cross_zone: bool,
     first_byte_seen: bool,
+    /// Record the time to the response headers (not on a unary route).
+    time_first_byte: bool,
     /// This filter ended the stream to rebalance it.
     moved: bool,
     ended: bool,
@@ -90,6 +93,7 @@ impl StreamFilter {
             started: 0,
             cross_zone: false,
             first_byte_seen: false,
+            time_first_byte: true,
             moved: false,
             ended: false,
             reported: false,
@@ -106,27 +110,27 @@ impl StreamFilter {
             return HeadersAction::Continue;
         };
         let vm = &mut *vm;
-        strip_endpoint_header(host, vm);
+        let headers = request_headers(host, vm);
+        strip_endpoint_header(host, vm, &headers);
         if vm.config().reporter.is_some() {
-            if answer_probe(host, vm) {
+            if answer_probe(host, vm, &headers) {
                 return HeadersAction::Answered;
             }
-            self.detect_grpc(host);
+            self.detect_grpc(&headers);
             self.reported = true;
             vm.reporter.on_open();
             if !self.grpc {
                 vm.reporter.on_data(1, 0); // a non-gRPC request counts as one message
             }
         }
-        self.place(host, vm);
+        self.place(host, vm, &headers);
         HeadersAction::Continue
     }
 
-    fn detect_grpc(&mut self, host: &dyn Host) {
-        self.grpc = matches!(
-            host.header(HeaderMap::Request, "content-type"),
-            Ok(Some(ct)) if ct.starts_with(b"application/grpc")
-        );
+    fn detect_grpc(&mut self, headers: &HeaderPairs) {
+        self.grpc = headers
+            .get("content-type")
+            .is_some_and(|ct| ct.starts_with(b"application/grpc"));
         if self.grpc {
             self.up = FrameCounter::grpc();
             self.down = FrameCounter::grpc();
@@ -134,7 +138,7 @@ impl StreamFilter {
     }
 
     /// Placement of a stream covered by the config: decide, name the pod, count the start.
-    fn place(&mut self, host: &dyn Host, vm: &mut Vm) {
+    fn place(&mut self, host: &dyn Host, vm: &mut Vm, headers: &HeaderPairs) {
         let (route, cluster) = match (
             string_property(host, &["xds", "route_name"]),
             string_property(host, &["xds", "cluster_name"]),
@@ -151,9 +155,16 @@ impl StreamFilter {
             Err(e) => return vm.host_error(host, "get_current_time", &e),
         };
         if !self.reported {
-            self.detect_grpc(host);
+            self.detect_grpc(headers);
         }
-        let source = source_of(host, vm, now);
+        // On a unary route: no rate-memory read, and the exchange is timed whole.
+        let unary_route = vm.router.is_unary_route(&route);
+        self.time_first_byte = !unary_route;
+        let source = if unary_route {
+            None
+        } else {
+            source_of(host, vm, now, headers)
+        };
         let Some(decision) = vm.router.place_from(now, self.id, &route, &cluster, source) else {
             return;
         };
@@ -318,17 +329,25 @@ impl StreamFilter {
             return;
         };
         let vm = &mut *vm;
-        self.http_status = host
-            .header(HeaderMap::Response, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| parse_number(&s));
+        if !self.grpc {
+            // gRPC's outcome is its grpc-status; the HTTP status is read at the end only when
+            // there is none (one host call fewer per stream).
+            self.http_status = host
+                .header(HeaderMap::Response, ":status")
+                .ok()
+                .flatten()
+                .and_then(|s| parse_number(&s));
+        }
         if end_of_stream {
             if let Ok(Some(s)) = host.header(HeaderMap::Response, "grpc-status") {
                 self.grpc_status = parse_number(&s);
             }
         }
-        let now = host.now().unwrap_or(0);
+        let now = if self.time_first_byte || uses_orca(vm) {
+            host.now().unwrap_or(0)
+        } else {
+            self.started // not timed: the stream's start stands in (first seen of an endpoint)
+        };
         match string_property(host, &["upstream", "address"]) {
             Ok(Some(address)) => {
                 // The zone property is read only for an endpoint discovery has no zone for.
@@ -358,8 +377,8 @@ impl StreamFilter {
                     .or_default() += 1;
             }
         }
-        if !self.first_byte_seen {
-            self.first_byte_seen = true;
+        let first_byte = !std::mem::replace(&mut self.first_byte_seen, true);
+        if first_byte && self.time_first_byte {
             let micros = now.saturating_sub(self.started) / 1000;
             let r = vm
                 .stats
@@ -438,6 +457,10 @@ impl StreamFilter {
         };
         let vm = &mut *vm;
         let now = host.now().unwrap_or(0);
+        if !self.moved && self.grpc_status.is_none() && self.http_status.is_none() {
+            // A gRPC stream that ended without a grpc-status (reset, or not a gRPC answer).
+            self.http_status = response_code(host);
+        }
         let outcome = if self.moved {
             penalty::Outcome::Cancelled // we ended it: not the endpoint's fault
         } else {
@@ -453,34 +476,66 @@ impl StreamFilter {
         stats.active_delta -= 1;
         *stats.ended.entry(class).or_default() += 1;
         let micros = now.saturating_sub(self.started) / 1000;
+        // Disjoint: a unary exchange's time is its latency, a stream's its duration.
         let unary = !self.grpc || (self.up.messages() <= 1 && self.down.messages() <= 1);
-        let mut result = vm
+        let histogram = if unary {
+            REQUEST_LATENCY_US
+        } else {
+            DURATION_US
+        };
+        let result = vm
             .stats
-            .sample(host, &vm.router, DURATION_US, (ci, ri), micros);
-        if unary && result.is_ok() {
-            result = vm
-                .stats
-                .sample(host, &vm.router, REQUEST_LATENCY_US, (ci, ri), micros);
-        }
+            .sample(host, &vm.router, histogram, (ci, ri), micros);
         if let Err(e) = result {
             vm.host_error(host, "histogram", &e);
         }
     }
 }
 
-/// A client must never choose its own pod: remove whatever it sent, always.
-fn strip_endpoint_header(host: &dyn Host, vm: &mut Vm) {
-    let header = vm.config().endpoint_header.clone();
-    match host.header(HeaderMap::Request, &header) {
-        Ok(Some(_)) => {
-            vm.stats.health.endpoint_headers_stripped += 1;
-            if let Err(e) = host.set_header(HeaderMap::Request, &header, None) {
-                vm.host_error(host, "remove endpoint header", &e);
-            }
+/// The request headers, in one host call. If that fails (logged and counted), the few this
+/// filter reads, one call each.
+fn request_headers(host: &dyn Host, vm: &mut Vm) -> HeaderPairs {
+    match host.headers(HeaderMap::Request) {
+        Ok(headers) => headers,
+        Err(e) => {
+            vm.host_error(host, "get request headers", &e);
+            let cfg = vm.config();
+            let names = [
+                cfg.endpoint_header.as_str(),
+                "content-type",
+                cfg.rate_memory.header.as_str(),
+                ":path",
+                ":method",
+                PROBE_HEADER,
+            ];
+            let found: Vec<(&str, Vec<u8>)> = names
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .filter_map(|n| Some((n, host.header(HeaderMap::Request, n).ok()??)))
+                .collect();
+            HeaderPairs::encode(found.iter().map(|(n, v)| (n.as_bytes(), v.as_slice())))
         }
-        Ok(None) => {}
-        Err(e) => vm.host_error(host, "get request header", &e),
     }
+}
+
+/// A client must never choose its own pod: remove whatever it sent, always.
+fn strip_endpoint_header(host: &dyn Host, vm: &mut Vm, headers: &HeaderPairs) {
+    let header = &vm.config().endpoint_header;
+    if headers.get(header).is_none() {
+        return;
+    }
+    let result = host.set_header(HeaderMap::Request, header, None);
+    vm.stats.health.endpoint_headers_stripped += 1;
+    if let Err(e) = result {
+        vm.host_error(host, "remove endpoint header", &e);
+    }
+}
+
+/// The HTTP status of the response sent downstream (`response.code`, an 8-byte integer).
+fn response_code(host: &dyn Host) -> Option<u32> {
+    let bytes = host.property(&["response", "code"]).ok()??;
+    let word: [u8; 8] = bytes.as_slice().try_into().ok()?;
+    u32::try_from(i64::from_le_bytes(word)).ok()
 }
 
 /// The ORCA report in `map`: the text header, else the binary one gRPC servers send. `Ok(None)`
@@ -532,14 +587,14 @@ fn on_orca_report(host: &dyn Host, vm: &mut Vm, map: HeaderMap, now: Option<Nano
 
 /// The stream's source for the rate memory: the configured header's value, else (if allowed)
 /// the downstream IP; with its remembered rate when the shared memory has one.
-fn source_of(host: &dyn Host, vm: &mut Vm, now: Nanos) -> Option<Source> {
+fn source_of(host: &dyn Host, vm: &mut Vm, now: Nanos, headers: &HeaderPairs) -> Option<Source> {
     let cfg = &vm.config().rate_memory;
     if cfg.header.is_empty() {
         return None;
     }
     // Any bytes: a non-UTF-8 id is hashed as it is.
-    let key = match host.header(HeaderMap::Request, &cfg.header) {
-        Ok(Some(v)) if !v.is_empty() => v,
+    let key = match headers.get(&cfg.header) {
+        Some(v) if !v.is_empty() => v.to_vec(),
         _ if cfg.fallback_to_source_ip => {
             let address = string_property(host, &["source", "address"])
                 .ok()

@@ -106,7 +106,7 @@ def test_envoy_exports_the_filter_stats_with_labels(tmp_path, wasm):
     with envoy:
         envoy.start_process()
         assert envoy.wait_for_counter("wasmcustom.streamlb_discovery_polls_ok_total", 2, timeout=20), envoy.log_text()[-3000:]
-        # A few requests on the telemetry route (no pod listens: 503s) give route, cluster,
+        # A few requests on the telemetry route (no pod listens: 503s; unary exchanges) give route, cluster,
         # direction, reason and status_class labelled stats.
         for _ in range(3):
             request = urllib.request.Request(
@@ -120,7 +120,7 @@ def test_envoy_exports_the_filter_stats_with_labels(tmp_path, wasm):
                 pass
         assert envoy.wait_for_counter("wasmcustom.streamlb_route_streams_total.route=.=telemetry;.;cluster=.=pods;.;", 3)
         deadline = time.monotonic() + 15
-        while "streamlb_route_duration_us_bucket" not in (text := envoy.prometheus()) and time.monotonic() < deadline:
+        while "streamlb_route_request_latency_us_bucket" not in (text := envoy.prometheus()) and time.monotonic() < deadline:
             time.sleep(0.5)
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     # Only what the matcher includes: the filter's stats, not Envoy's own cluster stats.
@@ -130,7 +130,7 @@ def test_envoy_exports_the_filter_stats_with_labels(tmp_path, wasm):
     for label in ("route", "cluster", "direction", "reason", "status_class", "view"):
         assert any(f'{label}="' in line for line in labelled), f"no {label} label:\n" + "\n".join(labelled)
     # The template's microsecond buckets, up to 4 h.
-    assert any(line.startswith("streamlb_route_duration_us_bucket") and 'le="14400000000"' in line for line in labelled)
+    assert any(line.startswith("streamlb_route_request_latency_us_bucket") and 'le="14400000000"' in line for line in labelled)
     # Every exported name is a stat the filter defines: no tag left folded into a name.
     source = "".join(p.read_text() for p in (REPO / "src" / "filter").glob("*.rs"))
     defined = set(re.findall(r'"(streamlb_[a-z0-9_]+)"', source))

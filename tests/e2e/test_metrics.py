@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -122,3 +123,47 @@ def test_known_traffic_appears_with_labels_and_prometheus_rate_is_true(loaded):
                  "streamlb_discovery_polls_ok_total", "streamlb_host_errors_total"]:
         assert prom_samples(text, name), f"{name} missing"
     assert prom_samples(text, "streamlb_host_errors_total")[0][1] == 0
+
+
+def unary_calls(envoy: harness.Envoy, count: int) -> dict:
+    """`count` unary Telemetry/Send calls through grpcio (lab/py/device.py --unary)."""
+    out = subprocess.run(
+        [str(harness.REPO / ".venv" / "bin" / "python"), str(harness.REPO / "lab" / "py" / "device.py"),
+         "--target", envoy.listen_addr, "--count", str(count), "--unary", "--timeout", "5"],
+        capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_unary_calls_are_timed_as_requests_and_classed_by_grpc_status(pods):
+    """Unary exchanges land in request_latency (not duration); a pod answering UNAVAILABLE
+    (trailers-only) is a server error. Past 32 calls the route is unary (no rate-memory read,
+    no first-byte time): every call is still counted and timed."""
+    calls = 60
+    with harness.Envoy(pods, filter_config=CONFIG) as envoy:
+        assert envoy.wait_for_counter("wasmcustom.streamlb_discovery_polls_ok_total"), envoy.log_text()[-2000:]
+        time.sleep(1.5)
+        ok = unary_calls(envoy, calls)
+        assert ok["statuses"] == {"OK": calls}, ok
+        names = [p["name"] for p in pods.stats()["pods"]]
+        for name in names:
+            pods.stop(name)
+        failed = unary_calls(envoy, 10)
+        assert failed["statuses"] == {"UNAVAILABLE": 10}, failed
+        deadline = time.monotonic() + 15
+        rc = {"route": "telemetry", "cluster": "pods"}
+        while True:
+            text = envoy.prometheus()
+            latency = prom_samples(text, "streamlb_route_request_latency_us_count")
+            ended = {l["status_class"]: v for l, v in prom_samples(text, "streamlb_route_streams_ended_total")}
+            if (latency == [(rc, calls + 10)] and ended.get("server_error") == 10) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert ended == {"ok": calls, "server_error": 10}, ended
+        assert latency == [(rc, calls + 10)], latency
+        assert prom_samples(text, "streamlb_route_duration_us_count") in ([], [(rc, 0)])
+        # Time to the response headers is recorded until the route is unary (32 successful
+        # unary calls on the worker that served them; the failed calls may go to another).
+        first_byte = dict((tuple(sorted(l.items())), v) for l, v in
+                          prom_samples(text, "streamlb_route_first_byte_us_count"))
+        assert 32 <= first_byte.get(tuple(sorted(rc.items())), 0) <= 42, first_byte
+        assert prom_samples(text, "streamlb_host_errors_total")[0][1] == 0

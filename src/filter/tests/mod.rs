@@ -12,6 +12,7 @@ use crate::filter::mock::{MockHost, SharedStore};
 use crate::filter::shared::{LEASE_KEY, LOAD_KEY, SNAPSHOT_KEY};
 use crate::filter::stream::{BodyAction, StreamFilter, REBALANCE_MESSAGE};
 use crate::filter::vm::Vm;
+use streamlb_core::router::UNARY_ROUTE_STREAK;
 use streamlb_core::streams::Direction;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -980,25 +981,114 @@ fn a_unary_call_makes_few_host_calls() {
     let v = vm(&h, r#"{"clusters":["pods"],"local_zone":"a"}"#);
     discover(&h, &v);
     unary_call(&h, &v, 1, "0", false); // defines the route's histograms
-    h.host_calls.borrow_mut().clear();
-    unary_call(&h, &v, 2, "0", false);
-    let mut by_method: Vec<_> = h.host_calls.take().into_iter().collect();
-    by_method.sort();
-    let total: usize = by_method.iter().map(|(_, n)| n).sum();
-    println!("host calls per unary call: {total} {by_method:?}");
-    // Request: endpoint header (strip), route and cluster, clock, content-type, device id, its
-    // remembered rate, the endpoint header set; a body read each way; response: :status,
-    // clock, upstream address (its zone is known from discovery), first-byte histogram;
-    // trailers: grpc-status; end: clock, duration and request-latency histograms.
-    assert_eq!(total, 18, "{by_method:?}");
+    let calls = |id: u64| {
+        h.host_calls.borrow_mut().clear();
+        unary_call(&h, &v, id, "0", false);
+        let mut by_method: Vec<_> = h.host_calls.take().into_iter().collect();
+        by_method.sort();
+        let total: usize = by_method.iter().map(|(_, n)| n).sum();
+        println!("host calls per unary call: {total} {by_method:?}");
+        (total, by_method)
+    };
+    // Request: the header map (endpoint header to strip, content-type, device id), route and
+    // cluster, clock, the device's remembered rate, the endpoint header set; a body read each
+    // way; response: clock, upstream address (its zone is known from discovery), first-byte
+    // histogram; trailers: grpc-status; end: clock, request-latency histogram.
+    let (total, by_method) = calls(2);
+    assert_eq!(total, 14, "{by_method:?}");
+    for id in 3..3 + u64::from(UNARY_ROUTE_STREAK) {
+        unary_call(&h, &v, id, "0", false);
+    }
+    // On a unary route: no rate-memory read, no clock or first-byte sample at the response.
+    let (total, by_method) = calls(100);
+    assert_eq!(total, 11, "{by_method:?}");
+    let count = |m: &str| {
+        by_method
+            .iter()
+            .find(|(k, _)| *k == m)
+            .map_or(0, |(_, n)| *n)
+    };
+    assert_eq!(
+        (count("shared_get"), count("now"), count("record_metric")),
+        (0, 2, 1)
+    );
     v.borrow_mut().flush(&h);
     let rc = "route=.=telemetry;.;cluster=.=pods;.;";
     assert_eq!(
         h.metric(&format!("streamlb_route_request_latency_us.{rc}")),
         2_000
     );
+    assert_eq!(h.metric(&format!("streamlb_route_duration_us.{rc}")), 0);
     let ok = format!("streamlb_route_streams_ended_total.{rc}status_class=.=ok;.;");
-    assert_eq!(h.metric(&ok), 2);
+    assert_eq!(h.metric(&ok), 3 + i64::from(UNARY_ROUTE_STREAK));
+}
+
+/// A gRPC stream's outcome is its grpc-status, so `:status` is not read at the response
+/// headers; a stream that ends without one is classed by the HTTP status Envoy sent
+/// (`response.code`, read at the end), or as a reset when there was no response.
+#[test]
+fn a_grpc_stream_without_a_grpc_status_is_classed_by_the_http_status_at_its_end() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["pods"],"local_zone":"a"}"#);
+    discover(&h, &v);
+    let ended = |code: Option<i64>, id: u64| {
+        h.headers.borrow_mut().clear();
+        h.properties.borrow_mut().remove("response.code");
+        h.set_request_header("content-type", "application/grpc");
+        let mut s = StreamFilter::new(v.clone(), id);
+        s.on_request_headers(&h);
+        h.set_header_bytes(HeaderMap::Response, ":status", b"200");
+        s.on_response_headers(&h, false);
+        if let Some(code) = code {
+            let bytes = code.to_le_bytes().to_vec();
+            h.properties
+                .borrow_mut()
+                .insert("response.code".into(), bytes);
+        }
+        s.on_done(&h);
+    };
+    ended(Some(503), 1);
+    ended(Some(503), 2);
+    ended(None, 3);
+    h.host_calls.borrow_mut().clear();
+    unary_call(&h, &v, 4, "0", false);
+    let statuses = h.host_calls.borrow().get("header").copied();
+    assert_eq!(statuses, Some(1), "only grpc-status is read");
+    v.borrow_mut().flush(&h);
+    let rc = "route=.=telemetry;.;cluster=.=pods;.;";
+    let class = |c: &str| {
+        h.metric(&format!(
+            "streamlb_route_streams_ended_total.{rc}status_class=.={c};.;"
+        ))
+    };
+    assert_eq!(class("server_error"), 2);
+    assert_eq!(class("reset"), 1);
+    assert_eq!(class("ok"), 1);
+}
+
+/// If the host cannot give the request headers in one call, the filter still strips a
+/// client's endpoint header and recognises gRPC, reading them one by one.
+#[test]
+fn without_the_request_header_map_the_filter_still_strips_and_counts() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["pods"],"mode":"shadow"}"#);
+    discover(&h, &v);
+    h.failing.borrow_mut().insert("headers");
+    h.set_request_header(HEADER, "10.0.0.2:8080");
+    h.set_request_header("content-type", "application/grpc");
+    let mut s = StreamFilter::new(v.clone(), 1);
+    s.on_request_headers(&h);
+    assert!(s.is_tracked());
+    assert_eq!(h.get(HeaderMap::Request, HEADER), None, "stripped");
+    let frames = grpc_frames(&[10, 10]);
+    send(&h, &mut s, &frames);
+    v.borrow_mut().flush(&h);
+    assert_eq!(h.metric("streamlb_endpoint_header_stripped_total"), 1);
+    assert_eq!(h.metric("streamlb_host_errors_total"), 1);
+    let up = "streamlb_route_messages_total.route=.=telemetry;.;cluster=.=pods;.;direction=.=upstream;.;";
+    assert_eq!(h.metric(up), 2, "counted as gRPC messages");
 }
 
 #[test]
