@@ -175,10 +175,17 @@ fn uncovered_traffic_passes_untouched_and_shadow_never_sets_the_header() {
     let store = SharedStore::default();
     let h = host(&store);
     let v = vm(&h, r#"{"clusters":["other"]}"#);
+    h.host_calls.borrow_mut().clear();
     let mut s = StreamFilter::new(v, 1);
     s.on_request_headers(&h);
+    s.on_request_body(&h, 10);
+    s.on_response_headers(&h, false);
+    s.on_done(&h);
     assert!(!s.is_tracked());
     assert_eq!(h.get(HeaderMap::Request, HEADER), None);
+    // Another cluster's stream costs two host calls: the header map and the cluster name.
+    let calls: usize = h.host_calls.borrow().values().sum();
+    assert_eq!(calls, 2, "{:?}", h.host_calls.borrow());
 
     let v = vm(&h, r#"{"clusters":["pods"],"mode":"shadow"}"#);
     discover(&h, &v);
