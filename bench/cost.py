@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Cost benchmark: what streamlb adds to Envoy, against no filter and the proxy-wasm floor.
 
-    bench/cost.py [--rounds 5] [--parts cpu,unary,memory] [--policies none,floor,floor_bodies,streamlb]
-                  [--streams 100] [--rate 100] [--window 20] [--out-dir build/bench-cost]
+    bench/cost.py [--rounds 5] [--parts cpu,unary_cpu,unary,memory] [--policies none,floor,floor_bodies,streamlb]
+                  [--streams 100] [--rate 1000] [--window 10] [--out-dir build/bench-cost]
 
 Policies: `none` (no wasm filter), `floor` (bench/floor: a Rust proxy-wasm filter that receives
 every callback and returns), `floor_bodies` (the same, reading every body chunk), `floor_calls`
@@ -17,9 +17,12 @@ Parts:
 - cpu: per message. One Envoy (`--concurrency 1`) pinned to CPU 1, `lab pods` and `lab devices`
   (bidi streams, one reading up and its ack down per message) on CPU 0. Envoy CPU
   (utime+stime of /proc/<pid>/stat) over the measured window / messages the pods received in it.
-- unary: per call. `h2load` sends unary gRPC calls (Telemetry/Send) at a fixed rate from
-  connections opened 1/rate s apart (so calls interleave, not in lockstep bursts); Envoy CPU
-  per call, and latency p50/p99 from h2load's per-request log after the warm-up.
+  Default 100 streams × 1,000 msgs/s: Envoy near a full core, where the figure varies least.
+- unary_cpu: per call, at saturation. `h2load` keeps `--unary-streams` unary gRPC calls
+  (Telemetry/Send) in flight on each of `--unary-cpu-clients` connections; Envoy CPU per call.
+- unary: per call, paced (latency). `h2load` sends calls at a fixed rate from connections opened
+  1/rate s apart (so calls interleave, not in lockstep bursts); Envoy CPU per call, and latency
+  p50/p99 from h2load's per-request log after the warm-up.
 - memory: Envoy VmRSS with 1,000 and 10,000 endpoints (a STATIC cluster of 127.0.0.1 ports,
   no health checks, nothing listening), and after 100,000 distinct devices streamed through
   streamlb with and without rate memory (capacity 100,000).
@@ -276,7 +279,7 @@ def quantile(sorted_v: list[float], q: float) -> float | None:
     return sorted_v[min(len(sorted_v) - 1, int(q * len(sorted_v)))]
 
 
-def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
+def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool, closed: bool) -> dict:
     body = workdir / "reading.grpc"
     grpc_body(body)
     h2load = shutil.which("h2load")
@@ -284,7 +287,7 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
         raise RuntimeError("h2load missing (Debian package nghttp2-client; `make bench-cost` installs it)")
     with envoy_for(policy, pods, workdir / "envoy", pin_cpu) as envoy:
         pid = envoy.proc.pid
-        clients = args.unary_clients
+        clients = args.unary_cpu_clients if closed else args.unary_clients
         per_client = args.unary_rate / clients
         url = f"http://{envoy.listen_addr}{UNARY_PATH}"
         log_file = workdir / "h2load.log"
@@ -293,7 +296,7 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
         # `clients` calls every 1/per_client s, where each call queues behind the others and
         # latency shows the CPU per call times the burst (seen: +0.7 ms p50 for +42 µs/call).
         # `--rate` excludes `-D`: the run is `-n` calls long and warm-up calls are dropped below.
-        if args.unary_load == "closed":
+        if closed:
             # Closed loop: each connection keeps `--unary-streams` calls in flight, so Envoy handles
             # many calls per wake-up and its CPU per call is mostly per-call work (less noise).
             load = ["-c", str(clients), "-m", str(args.unary_streams),
@@ -333,15 +336,21 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool) -> dict:
     }
 
 
-def part_unary(args, policies: list[str], workdir: Path, pin_cpu: bool) -> dict:
-    log(f"unary ({args.unary_load}): {args.unary_rate} calls/s or {args.unary_streams} in flight per connection, "
-        f"{args.unary_clients} h2load clients, {args.rounds} rounds, "
+def part_unary(args, policies: list[str], workdir: Path, pin_cpu: bool, closed: bool) -> dict:
+    """closed: `unary_cpu` (CPU per call at saturation); else `unary` (paced: latency)."""
+    load = "closed" if closed else "paced"
+    clients = args.unary_cpu_clients if closed else args.unary_clients
+    log(f"unary ({load}): {f'{args.unary_streams} in flight per connection' if closed else f'{args.unary_rate} calls/s'}, "
+        f"{clients} h2load clients, {args.rounds} rounds, "
         f"window {args.unary_window} s; load {loadavg()}")
     out = interleaved_rounds(
         args, policies, workdir / "pods-unary",
-        lambda p, pods, k, t: unary_round(p, pods, args, bench.mkdir(workdir / f"unary-{k}-{p}-{t}"), pin_cpu),
+        lambda p, pods, k, t: unary_round(p, pods, args, bench.mkdir(workdir / f"unary-{load}-{k}-{p}-{t}"),
+                                          pin_cpu, closed),
         lambda r: (f"{fmt(r['us_per_call'])} µs/call at {r['calls_per_s']:.0f} calls/s, "
                    f"p50 {fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms, failed {r['failed']}"))
+    out["load"] = load
+    out["clients"] = clients
     out["summary"] = summarise(out["rounds"], policies, "us_per_call")
     out["summary"]["p99_ms"] = {p: spread([r["policies"].get(p, {}).get("p99_ms") for r in out["rounds"]])
                                 for p in policies}
@@ -490,12 +499,15 @@ def markdown(out: dict) -> str:
         if ratios:
             lines += ["", "Ratios of medians to `none`: " + ", ".join(ratios) + "."]
         lines.append("")
-    un = out.get("unary")
-    if un:
+    for un in (out.get("unary_cpu"), out.get("unary")):
+        if not un:
+            continue
         a = out["args"]
-        load = (f"closed loop: {a['unary_clients']} connections × {a['unary_streams']} calls in flight"
-                if a.get("unary_load") == "closed"
-                else f"{a['unary_rate']} calls/s, {a['unary_clients']} connections opened 1/rate s apart")
+        clients = un.get("clients", a["unary_clients"])
+        load = (f"closed loop: {clients} connections × {a['unary_streams']} calls in flight; Envoy CPU per call "
+                "at saturation, latencies are a saturated proxy's queueing"
+                if un.get("load", a.get("unary_load")) == "closed"
+                else f"{a['unary_rate']} calls/s, {clients} connections opened 1/rate s apart")
         lines += [f"## Unary calls (h2load, {load}; window {a['unary_window']} s)", "",
                   f"1-minute load average: start {un['load_start']}, end {un['load_end']}.", "",
                   "| policy | Envoy µs/call median [min–max] | p50 ms (median) | p99 ms median [min–max] |", "|---|---|---|---|"]
@@ -532,22 +544,22 @@ def ratio_lines(policies: dict, base: str) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="cpu,unary,memory")
+    ap.add_argument("--parts", default="cpu,unary_cpu,unary,memory")
     ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--streams", type=int, default=100)
-    ap.add_argument("--rate", type=float, default=100.0, help="msgs/s per stream")
+    # 100,000 msgs/s offered: Envoy's one worker runs near a full core, where its CPU per
+    # message varies least (sd of a paired difference ≈ 0.3 µs, against ≈ 3.5 at 10,000).
+    ap.add_argument("--rate", type=float, default=1000.0, help="msgs/s per stream")
     ap.add_argument("--payload", type=int, default=64)
-    ap.add_argument("--warmup", type=float, default=4.0)
-    ap.add_argument("--window", type=float, default=20.0)
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--window", type=float, default=10.0)
     ap.add_argument("--unary-rate", type=float, default=1000.0)
     ap.add_argument("--unary-clients", type=int, default=10)
     ap.add_argument("--unary-warmup", type=float, default=3.0)
     ap.add_argument("--unary-window", type=float, default=15.0)
-    ap.add_argument("--unary-load", choices=["paced", "closed"], default="paced",
-                    help="paced: --unary-rate calls/s, one in flight per connection (latency); closed: "
-                         "--unary-streams in flight per connection, as fast as it goes (CPU per call)")
-    ap.add_argument("--unary-streams", type=int, default=8, help="calls in flight per connection (closed)")
+    ap.add_argument("--unary-cpu-clients", type=int, default=4, help="connections of the unary_cpu part")
+    ap.add_argument("--unary-streams", type=int, default=8, help="calls in flight per connection (unary_cpu)")
     ap.add_argument("--memory-endpoints", default="1000,10000")
     ap.add_argument("--memory-settle", type=float, default=3.0)
     ap.add_argument("--fill-devices", type=int, default=100_000)
@@ -564,7 +576,7 @@ def main() -> int:
         merged: dict = {}
         for f in args.render:
             run_ = json.loads(Path(f).read_text())
-            for key in ("cpu", "unary", "memory"):
+            for key in ("cpu", "unary_cpu", "unary", "memory"):
                 if key in run_:
                     merged[key] = run_[key]
                     if key != "memory":  # summaries again, with today's pairs
@@ -610,8 +622,10 @@ def main() -> int:
     try:
         if "cpu" in parts:
             out["cpu"] = part_cpu(args, policies, workdir, pin_cpu)
+        if "unary_cpu" in parts:
+            out["unary_cpu"] = part_unary(args, policies, workdir, pin_cpu, closed=True)
         if "unary" in parts:
-            out["unary"] = part_unary(args, policies, workdir, pin_cpu)
+            out["unary"] = part_unary(args, policies, workdir, pin_cpu, closed=False)
         if "memory" in parts:
             out["memory"] = part_memory(args, policies, workdir)
     finally:
