@@ -68,9 +68,6 @@ pub struct Endpoint {
     /// not in the report yet (see [`Self::unseen`]).
     pub others_growth: f64,
     pub others_seen: Option<(f64, Nanos)>,
-    /// The other proxies' stream count at the last report (when the pod reports its streams),
-    /// and the last report at which it rose.
-    pub others_count: Option<(f64, Nanos)>,
     /// This Envoy's own load on the endpoint when its report arrived (what of the report is not
     /// the other proxies').
     pub own_at_report: f64,
@@ -111,7 +108,6 @@ impl Endpoint {
             reported: false,
             others_growth: 0.0,
             others_seen: None,
-            others_count: None,
             own_at_report: 0.0,
             aside: 0.0,
             ended: [0.0; 2],
@@ -160,31 +156,13 @@ impl Endpoint {
     /// also what this Envoy's young streams send beyond their priors. When the pod says how
     /// many streams it has, that residual is shared between the two by their numbers: a pod
     /// with only this Envoy's streams shows no other proxy growing there.
-    ///
-    /// With stream counts, growth also needs the other proxies to have opened streams here
-    /// within `rise_window`: their load still rises while the pod's measure catches up with
-    /// new streams, but once their number has stood still that long a rise is measurement
-    /// noise, and counting only its positive half would read a steady pod as filling.
-    pub fn note_report(
-        &mut self,
-        report: LoadReport,
-        min_gap: Nanos,
-        rise_window: Nanos,
-        own_young: f64,
-    ) {
+    pub fn note_report(&mut self, report: LoadReport, min_gap: Nanos, own_young: f64) {
         self.report = Some(report);
         self.own_at_report = self.own_in_report();
         let residual = (report.rate - self.own_at_report).max(0.0);
-        let mut recently_opened = true;
         let others = match report.streams {
             Some(n) => {
                 let theirs = (n - f64::from(self.active())).max(0.0);
-                let rose_at = match self.others_count {
-                    Some((before, at)) if theirs <= before => at,
-                    _ => report.at, // the first count, or more streams than before
-                };
-                self.others_count = Some((theirs, rose_at));
-                recently_opened = report.at.saturating_sub(rose_at) <= rise_window;
                 let young = own_young.max(0.0);
                 if theirs + young > 0.0 {
                     residual * theirs / (theirs + young)
@@ -197,11 +175,7 @@ impl Endpoint {
         match self.others_seen {
             Some((before, at)) if report.at.saturating_sub(at) >= min_gap.max(1) => {
                 let dt = report.at.saturating_sub(at) as f64 / 1e9;
-                self.others_growth = if recently_opened {
-                    ((others - before) / dt).max(0.0)
-                } else {
-                    0.0
-                };
+                self.others_growth = ((others - before) / dt).max(0.0);
                 self.others_seen = Some((others, report.at));
             }
             Some(_) => {}
