@@ -198,13 +198,12 @@ impl Router {
         self.unary_streak.get(ri.0).copied().unwrap_or(0) >= UNARY_ROUTE_STREAK
     }
 
-    fn set_unary_streak(streaks: &mut Vec<u32>, route: RouteIdx, f: impl Fn(u32) -> u32) {
+    /// `route`'s entry in `streaks`, added at 0 when new.
+    fn unary_streak(streaks: &mut Vec<u32>, route: RouteIdx) -> Option<&mut u32> {
         if streaks.len() <= route.0 {
             streaks.resize(route.0 + 1, 0);
         }
-        if let Some(n) = streaks.get_mut(route.0) {
-            *n = f(*n);
-        }
+        streaks.get_mut(route.0)
     }
 
     pub fn config(&self) -> &Config {
@@ -539,14 +538,12 @@ impl Router {
     pub fn on_end(&mut self, now: Nanos, id: u64, outcome: Outcome) -> Option<EndedStream> {
         let s = self.streams.remove(id)?;
         self.forget(&s);
-        let streaming =
-            s.messages.iter().any(|&m| m > 1) || now.saturating_sub(s.started) >= REMEMBER_AFTER;
-        match (streaming, outcome) {
-            (true, _) => Self::set_unary_streak(&mut self.unary_streak, s.route, |_| 0),
-            (false, Outcome::Ok) => {
-                Self::set_unary_streak(&mut self.unary_streak, s.route, |n| n.saturating_add(1))
+        if let Some(n) = Self::unary_streak(&mut self.unary_streak, s.route) {
+            match (s.is_streaming(now, REMEMBER_AFTER), outcome) {
+                (true, _) => *n = 0,
+                (false, Outcome::Ok) => *n = n.saturating_add(1),
+                (false, _) => {} // a short failure says nothing about the route
             }
-            (false, _) => {} // a short failure says nothing about the route
         }
         if let Some(key) = s
             .key
@@ -635,8 +632,10 @@ impl Router {
                 s.rate.update(s.unticked, dt, tau);
                 s.unticked = 0.0;
             }
-            if age >= REMEMBER_AFTER || s.messages.iter().any(|&m| m > 1) {
-                Self::set_unary_streak(&mut self.unary_streak, s.route, |_| 0);
+            if s.is_streaming(now, REMEMBER_AFTER) {
+                if let Some(n) = Self::unary_streak(&mut self.unary_streak, s.route) {
+                    *n = 0;
+                }
             }
             let w = prior_weight(age, tau);
             s.pending = s.prior * w;

@@ -95,6 +95,11 @@ impl Stream {
         }
     }
 
+    /// More than one message either way, or running for `after`: not a short unary exchange.
+    pub fn is_streaming(&self, now: Nanos, after: Nanos) -> bool {
+        self.messages.iter().any(|&m| m > 1) || now.saturating_sub(self.started) >= after
+    }
+
     /// Measured rate, bias-corrected for the EWMA's start at 0: `ewma / (1 − e^(−age/τ))`.
     pub fn measured_rate(&self, now: Nanos, tau_secs: f64) -> f64 {
         let learned = 1.0 - super::ewma::prior_weight(now.saturating_sub(self.started), tau_secs);

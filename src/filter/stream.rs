@@ -11,8 +11,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::fleet::answer_probe;
-use super::fleet::PROBE_HEADER;
+use super::fleet::{answer_probe, PROBE_HEADER};
 use super::host::{parse_number, string_property, Body, HeaderMap, HeaderPairs, Host};
 use super::stats::{
     MoveHow, SkipReason, StatusClass, DURATION_US, FIRST_BYTE_US, REQUEST_LATENCY_US,
