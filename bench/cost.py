@@ -7,7 +7,8 @@
 Policies: `none` (no wasm filter), `floor` (bench/floor: a Rust proxy-wasm filter that receives
 every callback and returns), `floor_bodies` (the same, reading every body chunk), `floor_calls`
 (the floor making 18 host calls per unary call, as streamlb does: 16 header reads and a body read
-each way),
+each way), `floor_streamlb_calls` (the floor making exactly the host calls streamlb makes for a
+unary call on a unary route, naming the pods in turn: streamlb minus it is streamlb's own work),
 `floor_<kind>_100` (100 header, property, shared-data or whole-header-map reads per request: one call's cost), `streamlb`
 (the filter, default configuration: placement, rebalance in shadow, probes), `streamlb_shadow`
 (`mode: shadow`: no header set), `streamlb_baseline` (another build, `--baseline-wasm`: before/after).
@@ -108,6 +109,10 @@ def envoy_for(policy: str, pods, workdir: Path, pin_cpu: bool, filter_extra: dic
     """One Envoy for `policy`. many_streams: the pods cluster's circuit breakers raised (Envoy's
     default of 1,024 concurrent requests would fail the memory part's waves of streams)."""
     kwargs = envoy_kwargs(policy, filter_extra)
+    if (kwargs.get("filter_config") or {}).get("streamlb_calls"):
+        # The floor names the pods in turn, as streamlb spreads calls over them.
+        kwargs["filter_config"] = dict(kwargs["filter_config"],
+                                       endpoints=",".join(p["address"] for p in pods.pods))
     envoy = kit.Envoy(pods, node_zone="a", concurrency=1, workdir=bench.mkdir(workdir), log_level="warn",
                       lb="override_host", health_checks=health_checks, **kwargs)
     # Three distinct ports: picked one by one, two can be the same (seen: the admin gate and the
@@ -130,7 +135,11 @@ def envoy_for(policy: str, pods, workdir: Path, pin_cpu: bool, filter_extra: dic
 
 
 def unary_calls(pods) -> int:
-    return sum(p["kinds"]["unary"]["messages"] for p in pods.stats()["pods"])
+    return sum(unary_calls_by_pod(pods))
+
+
+def unary_calls_by_pod(pods) -> list[int]:
+    return [p["kinds"]["unary"]["messages"] for p in pods.stats()["pods"]]
 
 
 def pod_messages(pods) -> int:
@@ -312,9 +321,12 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool, closed: b
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=kit.die_with_parent if hasattr(kit, "die_with_parent") else None)
         time.sleep(args.unary_warmup + 0.5)
-        c0, m0, w0 = bench.cpu_seconds(pid), unary_calls(pods), time.monotonic()
-        time.sleep(args.unary_window - 1.0)
-        c1, m1, w1 = bench.cpu_seconds(pid), unary_calls(pods), time.monotonic()
+        c0, p0, w0 = bench.cpu_seconds(pid), unary_calls_by_pod(pods), time.monotonic()
+        with perf_record(args, pid, policy):
+            time.sleep(args.unary_window - 1.0)
+        c1, p1, w1 = bench.cpu_seconds(pid), unary_calls_by_pod(pods), time.monotonic()
+        m0, m1 = sum(p0), sum(p1)
+        by_pod = [b - a for a, b in zip(p0, p1)]
         try:
             text, _ = proc.communicate(timeout=args.unary_window + 60)
         except subprocess.TimeoutExpired:
@@ -331,9 +343,30 @@ def unary_round(policy: str, pods, args, workdir: Path, pin_cpu: bool, closed: b
     return {
         "us_per_call": (c1 - c0) / calls * 1e6 if calls > 0 else None,
         "cpu_s": c1 - c0, "calls_per_s": calls_per_s, "window_s": w1 - w0,
+        "pod_shares": [round(n / calls, 3) if calls else None for n in by_pod],
         "p50_ms": quantile(lat, 0.50), "p99_ms": quantile(lat, 0.99), "calls": len(lat), "failed": failed,
         "h2load_tail": "\n".join(text.strip().splitlines()[-12:]),
     }
+
+
+@contextlib.contextmanager
+def perf_record(args, pid: int, policy: str):
+    """With `--perf-dir`: `perf record` samples Envoy over the window (where its CPU goes: the
+    wasm code shows as JIT memory, host calls as Envoy's own). Profiling perturbs the figure."""
+    if not args.perf_dir:
+        yield
+        return
+    out = Path(args.perf_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(list(out.glob(f"{policy}-*.data")))
+    proc = subprocess.Popen(["perf", "record", "-q", "-F", "4999", "-p", str(pid),
+                             "-o", str(out / f"{policy}-{n}.data")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.send_signal(2)
+        proc.wait(timeout=30)
 
 
 def part_unary(args, policies: list[str], workdir: Path, pin_cpu: bool, closed: bool) -> dict:
@@ -348,7 +381,7 @@ def part_unary(args, policies: list[str], workdir: Path, pin_cpu: bool, closed: 
         lambda p, pods, k, t: unary_round(p, pods, args, bench.mkdir(workdir / f"unary-{load}-{k}-{p}-{t}"),
                                           pin_cpu, closed),
         lambda r: (f"{fmt(r['us_per_call'])} µs/call at {r['calls_per_s']:.0f} calls/s, "
-                   f"p50 {fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms, failed {r['failed']}"))
+                   f"p50 {fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms, failed {r['failed']}, pod shares {r.get('pod_shares')}"))
     out["load"] = load
     out["clients"] = clients
     out["summary"] = summarise(out["rounds"], policies, "us_per_call")
@@ -570,6 +603,7 @@ def main() -> int:
     ap.add_argument("--render", nargs="+", metavar="JSON",
                     help="only print the markdown of earlier runs' JSON files (their parts merged)")
     ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--perf-dir", help="record a `perf` profile of Envoy in each unary window here")
     ap.add_argument("--out-dir", default=str(REPO / "build" / "bench-cost"))
     args = ap.parse_args()
     if args.render:

@@ -128,6 +128,9 @@ DISCOVERY_STAT = "wasmcustom.streamlb_discovery_polls_ok_total"
 # (`a_unary_call_makes_few_host_calls` in src/filter/tests): a body read each way, the rest header reads.
 # floor_<kind>_100: 100 host calls of one kind per request, to measure what one costs.
 FLOOR_CONFIG = {"floor": {}, "floor_bodies": {"read_bodies": True}, "floor_calls": {"header_reads": 16, "read_bodies": True},
+                "floor_streamlb_calls": {"streamlb_calls": True, "read_bodies": True},
+                **{f"floor_streamlb_calls_no_{call}": {"streamlb_calls": True, "read_bodies": True, "skip": call}
+                   for call in ("set_header", "upstream_address", "histogram")},
                 "floor_headers_100": {"header_reads": 100}, "floor_properties_100": {"property_reads": 100},
                 "floor_shared_100": {"shared_reads": 100}, "floor_maps_100": {"map_reads": 100}}
 

@@ -7,12 +7,18 @@
 //! `{"shared_reads": N}` a 768-byte shared-data value (a rate-memory bucket's size), with
 //! `{"map_reads": N}` the whole request header map in one call: what one
 //! host call of each kind costs, measured with N large (each returns bytes into the VM).
+//! With `{"streamlb_calls": true, "endpoints": "ip:port,ip:port"}` it makes the host calls streamlb makes
+//! for a unary call on a unary route, and nothing else: the header map, the cluster and route
+//! names, the clock, the endpoint header set to one of `endpoints` in turn (Envoy then matches the route again
+//! and `override_host` picks that pod), the upstream address, the trailers' `grpc-status`, the
+//! clock again and one histogram sample; so streamlb minus this floor is streamlb's own work.
+//! `"skip": "set_header,upstream_address,histogram"` leaves those out (what each costs).
 //! Built through the same SDK and entry points as streamlb, so the difference between the two is
 //! streamlb's own work.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
@@ -31,6 +37,18 @@ struct Reads {
 struct Root {
     read_bodies: bool,
     reads: Reads,
+    /// `streamlb_calls`: the pods to name in the endpoint header, in turn.
+    endpoints: Vec<String>,
+    histogram: Option<u32>,
+    skip: Skip,
+}
+
+/// Calls `streamlb_calls` leaves out.
+#[derive(Default, Clone, Copy)]
+struct Skip {
+    set_header: bool,
+    upstream_address: bool,
+    histogram: bool,
 }
 
 const SHARED_KEY: &str = "streamlb_floor.bucket";
@@ -50,6 +68,20 @@ impl RootContext for Root {
             shared: number(&config, "shared_reads"),
             maps: number(&config, "map_reads"),
         };
+        if compact(&config).contains("\"streamlb_calls\":true") {
+            self.endpoints = string(&config, "endpoints")
+                .map(|e| e.split(',').map(str::to_string).collect())
+                .unwrap_or_default();
+            let skip = string(&config, "skip").unwrap_or_default();
+            let skips = |name: &str| skip.split(',').any(|s| s == name);
+            self.skip = Skip {
+                set_header: skips("set_header"),
+                upstream_address: skips("upstream_address"),
+                histogram: skips("histogram"),
+            };
+            self.histogram =
+                hostcalls::define_metric(MetricType::Histogram, "floor_latency_us").ok();
+        }
         if self.reads.shared > 0 {
             let _ = hostcalls::set_shared_data(SHARED_KEY, Some(&[7u8; 768]), None);
         }
@@ -60,11 +92,18 @@ impl RootContext for Root {
         Some(ContextType::HttpContext)
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Floor {
             read_bodies: self.read_bodies,
             reads: self.reads,
             bytes: 0,
+            endpoint: self
+                .endpoints
+                .get(context_id as usize % self.endpoints.len().max(1))
+                .cloned(),
+            histogram: self.histogram,
+            skip: self.skip,
+            started: 0,
         }))
     }
 }
@@ -100,6 +139,20 @@ fn read_bodies(config: &[u8]) -> bool {
     compact(config).contains("\"read_bodies\":true")
 }
 
+/// The string after `"<key>":` (no escapes).
+fn string(config: &[u8], key: &str) -> Option<String> {
+    let text = compact(config);
+    let (_, rest) = text.split_once(&format!("\"{key}\":\""))?;
+    rest.split_once('"').map(|(v, _)| v.to_string())
+}
+
+fn now_nanos() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// The number after `"<key>":` (0 when absent).
 fn number(config: &[u8], key: &str) -> usize {
     let text = compact(config);
@@ -116,6 +169,10 @@ fn number(config: &[u8], key: &str) -> usize {
 struct Floor {
     read_bodies: bool,
     reads: Reads,
+    endpoint: Option<String>,
+    histogram: Option<u32>,
+    skip: Skip,
+    started: u64,
     /// Bytes read, so the reads are not optimised away.
     bytes: usize,
 }
@@ -154,6 +211,22 @@ impl HttpContext for Floor {
                 self.bytes = self.bytes.wrapping_add(v.len());
             }
         }
+        if let Some(endpoint) = &self.endpoint {
+            self.bytes = self.bytes.wrapping_add(request_header_map_len());
+            for name in ["cluster_name", "route_name"] {
+                if let Ok(Some(v)) = hostcalls::get_property(vec!["xds", name]) {
+                    self.bytes = self.bytes.wrapping_add(v.len());
+                }
+            }
+            self.started = now_nanos();
+            if !self.skip.set_header {
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    "x-gateway-destination-endpoint",
+                    Some(endpoint),
+                );
+            }
+        }
         Action::Continue
     }
 
@@ -167,6 +240,11 @@ impl HttpContext for Floor {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if self.endpoint.is_some() && !self.skip.upstream_address {
+            if let Ok(Some(v)) = hostcalls::get_property(vec!["upstream", "address"]) {
+                self.bytes = self.bytes.wrapping_add(v.len());
+            }
+        }
         Action::Continue
     }
 
@@ -176,20 +254,39 @@ impl HttpContext for Floor {
     }
 
     fn on_http_response_trailers(&mut self, _n: usize) -> Action {
+        if self.endpoint.is_some() {
+            if let Ok(Some(v)) =
+                hostcalls::get_map_value_bytes(MapType::HttpResponseTrailers, "grpc-status")
+            {
+                self.bytes = self.bytes.wrapping_add(v.len());
+            }
+        }
         Action::Continue
     }
 
-    fn on_log(&mut self) {}
+    fn on_log(&mut self) {
+        if let (Some(_), Some(h), false) = (&self.endpoint, self.histogram, self.skip.histogram) {
+            let micros = now_nanos().saturating_sub(self.started) / 1000;
+            let _ = hostcalls::record_metric(h, micros);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{number, read_bodies};
+    use super::{number, read_bodies, string};
 
     #[test]
     fn numbers() {
         assert_eq!(number(br#"{"header_reads": 18}"#, "header_reads"), 18);
         assert_eq!(number(br#"{"read_bodies": true}"#, "header_reads"), 0);
+    }
+
+    #[test]
+    fn strings() {
+        let config = br#"{"streamlb_calls": true, "endpoints": "127.0.0.1:80"}"#;
+        assert_eq!(string(config, "endpoints").as_deref(), Some("127.0.0.1:80"));
+        assert_eq!(string(config, "other"), None);
     }
 
     #[test]
