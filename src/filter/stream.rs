@@ -51,6 +51,10 @@ pub struct StreamFilter {
     first_byte_seen: bool,
     /// Record the time to the response headers (not on a unary route).
     time_first_byte: bool,
+    /// On a unary route the real upstream of a call placed on a named pod is not read at the
+    /// response (one host call fewer); it is read at the end only if the call failed, so the
+    /// penalty lands on the pod that failed (a retry's success is counted on the named pod).
+    upstream_unread: bool,
     /// This filter ended the stream to rebalance it.
     moved: bool,
     ended: bool,
@@ -93,6 +97,7 @@ impl StreamFilter {
             cross_zone: false,
             first_byte_seen: false,
             time_first_byte: true,
+            upstream_unread: false,
             moved: false,
             ended: false,
             reported: false,
@@ -349,21 +354,13 @@ impl StreamFilter {
         } else {
             self.started // not timed: the stream's start stands in (first seen of an endpoint)
         };
-        match string_property(host, &["upstream", "address"]) {
-            Ok(Some(address)) => {
-                // The zone property is read only for an endpoint discovery has no zone for.
-                let zone = || {
-                    string_property(host, &["upstream", "locality", "zone"])
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default()
-                };
-                if let Some(cross) = vm.router.on_upstream(now, self.id, &address, zone) {
-                    self.cross_zone = cross;
-                }
+        let named = (vm.router.streams().get(self.id)).is_some_and(|s| s.endpoint.is_some());
+        if self.time_first_byte || !named {
+            if let Some(cross) = follow_upstream(host, vm, now, self.id) {
+                self.cross_zone = cross;
             }
-            Ok(None) => {}
-            Err(e) => vm.host_error(host, "get_property (upstream)", &e),
+        } else {
+            self.upstream_unread = true;
         }
         if uses_orca(vm) {
             on_orca_report(host, vm, HeaderMap::Response, Some(now), self.id);
@@ -467,6 +464,9 @@ impl StreamFilter {
         } else {
             penalty::classify(self.http_status, self.grpc_status)
         };
+        if std::mem::take(&mut self.upstream_unread) && outcome == penalty::Outcome::Failed {
+            follow_upstream(host, vm, now, self.id);
+        }
         vm.router.on_end(now, self.id, outcome);
         let class = if self.moved {
             StatusClass::Moved // a planned move, not an error
@@ -489,6 +489,28 @@ impl StreamFilter {
             .sample(host, &vm.router, histogram, (ci, ri), micros);
         if let Err(e) = result {
             vm.host_error(host, "histogram", &e);
+        }
+    }
+}
+
+/// The stream's real upstream (`upstream.address`), its load moved there if it is not the pod
+/// named; whether it is in another zone.
+fn follow_upstream(host: &dyn Host, vm: &mut Vm, now: Nanos, id: u64) -> Option<bool> {
+    match string_property(host, &["upstream", "address"]) {
+        Ok(Some(address)) => {
+            // The zone property is read only for an endpoint discovery has no zone for.
+            let zone = || {
+                string_property(host, &["upstream", "locality", "zone"])
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+            };
+            vm.router.on_upstream(now, id, &address, zone)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            vm.host_error(host, "get_property (upstream)", &e);
+            None
         }
     }
 }

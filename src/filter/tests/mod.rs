@@ -1006,9 +1006,10 @@ fn a_unary_call_makes_few_host_calls() {
     for id in 3..3 + u64::from(UNARY_ROUTE_STREAK) {
         unary_call(&h, &v, id, "0", false);
     }
-    // On a unary route: no rate-memory read, no clock or first-byte sample at the response.
+    // On a unary route: no rate-memory read, no clock or first-byte sample at the response,
+    // no upstream address (the call succeeded on the pod named).
     let (total, by_method) = calls(100);
-    assert_eq!(total, 11, "{by_method:?}");
+    assert_eq!(total, 10, "{by_method:?}");
     let count = |m: &str| {
         by_method
             .iter()
@@ -1019,6 +1020,7 @@ fn a_unary_call_makes_few_host_calls() {
         (count("shared_get"), count("now"), count("record_metric")),
         (0, 2, 1)
     );
+    assert_eq!(count("property"), 2, "cluster and route names only");
     v.borrow_mut().flush(&h);
     let rc = "route=.=telemetry;.;cluster=.=pods;.;";
     assert_eq!(
@@ -1028,6 +1030,48 @@ fn a_unary_call_makes_few_host_calls() {
     assert_eq!(h.metric(&format!("streamlb_route_duration_us.{rc}")), 0);
     let ok = format!("streamlb_route_streams_ended_total.{rc}status_class=.=ok;.;");
     assert_eq!(h.metric(&ok), 3 + i64::from(UNARY_ROUTE_STREAK));
+}
+
+/// On a unary route a call's real upstream is read only when the call failed, at its end: the
+/// penalty then lands on the pod that failed, not on the pod named (Envoy retried elsewhere).
+#[test]
+fn a_failed_call_on_a_unary_route_penalises_its_real_upstream() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    let v = vm(&h, r#"{"clusters":["pods"],"local_zone":"a"}"#);
+    discover(&h, &v);
+    for id in 1..=u64::from(UNARY_ROUTE_STREAK) {
+        unary_call(&h, &v, id, "0", false);
+    }
+    let pods = ["10.0.0.1:8080", "10.0.0.2:8080"]; // zone a
+    let penalty = |address: &str| {
+        let v = v.borrow();
+        let c = (v.router.cluster_index("pods")).and_then(|ci| v.router.cluster(ci));
+        let c = c.expect("cluster");
+        let j = c.index_of(address).expect("endpoint");
+        c.endpoint(j)
+            .expect("endpoint")
+            .penalty
+            .value(h.time.get(), 1e9)
+    };
+    h.headers.borrow_mut().clear();
+    h.set_request_header("content-type", "application/grpc");
+    let mut s = StreamFilter::new(v.clone(), 1_000);
+    s.on_request_headers(&h);
+    let named = h.get(HeaderMap::Request, HEADER).expect("named");
+    let named = named.split(',').next().expect("primary").to_string();
+    let other = *pods.iter().find(|a| **a != named).expect("another pod");
+    assert_eq!((penalty(&named), penalty(other)), (0.0, 0.0));
+    // Envoy answered from the other pod (a retry), and the call failed.
+    h.set_property("upstream.address", other);
+    h.set_header_bytes(HeaderMap::Response, ":status", b"200");
+    h.set_header_bytes(HeaderMap::Response, "grpc-status", b"14");
+    h.host_calls.borrow_mut().clear();
+    s.on_response_headers(&h, true);
+    let read_at_response = h.host_calls.borrow().get("property").copied();
+    assert_eq!(read_at_response, None, "no upstream read at the response");
+    s.on_done(&h);
+    assert_eq!((penalty(&named), penalty(other)), (0.0, 1.0));
 }
 
 /// A gRPC stream's outcome is its grpc-status, so `:status` is not read at the response
