@@ -130,7 +130,9 @@ DISCOVERY_STAT = "wasmcustom.streamlb_discovery_polls_ok_total"
 FLOOR_CONFIG = {"floor": {}, "floor_bodies": {"read_bodies": True}, "floor_calls": {"header_reads": 16, "read_bodies": True},
                 "floor_streamlb_calls": {"streamlb_calls": True, "read_bodies": True},
                 **{f"floor_streamlb_calls_no_{call}": {"streamlb_calls": True, "read_bodies": True, "skip": call}
-                   for call in ("set_header", "upstream_address", "histogram")},
+                   for call in ("set_header", "histogram")},
+                "floor_streamlb_calls_upstream_address": {"streamlb_calls": True, "read_bodies": True,
+                                                          "upstream_address": True},
                 "floor_headers_100": {"header_reads": 100}, "floor_properties_100": {"property_reads": 100},
                 "floor_shared_100": {"shared_reads": 100}, "floor_maps_100": {"map_reads": 100}}
 

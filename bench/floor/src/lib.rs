@@ -10,9 +10,10 @@
 //! With `{"streamlb_calls": true, "endpoints": "ip:port,ip:port"}` it makes the host calls streamlb makes
 //! for a unary call on a unary route, and nothing else: the header map, the cluster and route
 //! names, the clock, the endpoint header set to one of `endpoints` in turn (Envoy then matches the route again
-//! and `override_host` picks that pod), the upstream address, the trailers' `grpc-status`, the
-//! clock again and one histogram sample; so streamlb minus this floor is streamlb's own work.
-//! `"skip": "set_header,upstream_address,histogram"` leaves those out (what each costs).
+//! and `override_host` picks that pod), the trailers' `grpc-status`, the clock again and one
+//! histogram sample; so streamlb minus this floor is streamlb's own work. `"skip":
+//! "set_header,histogram"` leaves those out, `"upstream_address": true` adds that property read
+//! at the response headers (what each costs).
 //! Built through the same SDK and entry points as streamlb, so the difference between the two is
 //! streamlb's own work.
 
@@ -40,15 +41,16 @@ struct Root {
     /// `streamlb_calls`: the pods to name in the endpoint header, in turn.
     endpoints: Vec<String>,
     histogram: Option<u32>,
-    skip: Skip,
+    variant: Variant,
 }
 
-/// Calls `streamlb_calls` leaves out.
+/// Changes to the `streamlb_calls` set: a call left out, or one added.
 #[derive(Default, Clone, Copy)]
-struct Skip {
-    set_header: bool,
+struct Variant {
+    no_set_header: bool,
+    no_histogram: bool,
+    /// streamlb reads it on a unary route only when a call failed.
     upstream_address: bool,
-    histogram: bool,
 }
 
 const SHARED_KEY: &str = "streamlb_floor.bucket";
@@ -74,10 +76,10 @@ impl RootContext for Root {
                 .unwrap_or_default();
             let skip = string(&config, "skip").unwrap_or_default();
             let skips = |name: &str| skip.split(',').any(|s| s == name);
-            self.skip = Skip {
-                set_header: skips("set_header"),
-                upstream_address: skips("upstream_address"),
-                histogram: skips("histogram"),
+            self.variant = Variant {
+                no_set_header: skips("set_header"),
+                no_histogram: skips("histogram"),
+                upstream_address: compact(&config).contains("\"upstream_address\":true"),
             };
             self.histogram =
                 hostcalls::define_metric(MetricType::Histogram, "floor_latency_us").ok();
@@ -102,7 +104,7 @@ impl RootContext for Root {
                 .get(context_id as usize % self.endpoints.len().max(1))
                 .cloned(),
             histogram: self.histogram,
-            skip: self.skip,
+            variant: self.variant,
             started: 0,
         }))
     }
@@ -171,7 +173,7 @@ struct Floor {
     reads: Reads,
     endpoint: Option<String>,
     histogram: Option<u32>,
-    skip: Skip,
+    variant: Variant,
     started: u64,
     /// Bytes read, so the reads are not optimised away.
     bytes: usize,
@@ -219,7 +221,7 @@ impl HttpContext for Floor {
                 }
             }
             self.started = now_nanos();
-            if !self.skip.set_header {
+            if !self.variant.no_set_header {
                 let _ = hostcalls::set_map_value(
                     MapType::HttpRequestHeaders,
                     "x-gateway-destination-endpoint",
@@ -240,7 +242,7 @@ impl HttpContext for Floor {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        if self.endpoint.is_some() && !self.skip.upstream_address {
+        if self.endpoint.is_some() && self.variant.upstream_address {
             if let Ok(Some(v)) = hostcalls::get_property(vec!["upstream", "address"]) {
                 self.bytes = self.bytes.wrapping_add(v.len());
             }
@@ -265,7 +267,9 @@ impl HttpContext for Floor {
     }
 
     fn on_log(&mut self) {
-        if let (Some(_), Some(h), false) = (&self.endpoint, self.histogram, self.skip.histogram) {
+        if let (Some(_), Some(h), false) =
+            (&self.endpoint, self.histogram, self.variant.no_histogram)
+        {
             let micros = now_nanos().saturating_sub(self.started) / 1000;
             let _ = hostcalls::record_metric(h, micros);
         }
