@@ -49,11 +49,11 @@ pub struct StreamFilter {
     /// real upstream).
     cross_zone: bool,
     first_byte_seen: bool,
-    /// Record the time to the response headers (not on a unary route).
-    time_first_byte: bool,
-    /// On a unary route the real upstream of a call placed on a named pod is not read at the
-    /// response (one host call fewer); it is read at the end only if the call failed, so the
-    /// penalty lands on the pod that failed (a retry's success is counted on the named pod).
+    /// Placed on a unary route: the exchange is timed whole (no time to first byte), and the
+    /// real upstream of a call placed on a named pod is not read at the response (one host call
+    /// fewer each); it is read at the end only if the call failed, so the penalty lands on the
+    /// pod that failed (a retried call that succeeded counts on the pod named).
+    unary_route: bool,
     upstream_unread: bool,
     /// This filter ended the stream to rebalance it.
     moved: bool,
@@ -96,7 +96,7 @@ impl StreamFilter {
             started: 0,
             cross_zone: false,
             first_byte_seen: false,
-            time_first_byte: true,
+            unary_route: false,
             upstream_unread: false,
             moved: false,
             ended: false,
@@ -164,9 +164,8 @@ impl StreamFilter {
             self.detect_grpc(headers);
         }
         // On a unary route: no rate-memory read, and the exchange is timed whole.
-        let unary_route = vm.router.is_unary_route(&route);
-        self.time_first_byte = !unary_route;
-        let source = if unary_route {
+        self.unary_route = vm.router.is_unary_route(&route);
+        let source = if self.unary_route {
             None
         } else {
             source_of(host, vm, now, headers)
@@ -349,13 +348,13 @@ impl StreamFilter {
                 self.grpc_status = parse_number(&s);
             }
         }
-        let now = if self.time_first_byte || uses_orca(vm) {
+        let now = if !self.unary_route || uses_orca(vm) {
             host.now().unwrap_or(0)
         } else {
             self.started // not timed: the stream's start stands in (first seen of an endpoint)
         };
         let named = (vm.router.streams().get(self.id)).is_some_and(|s| s.endpoint.is_some());
-        if self.time_first_byte || !named {
+        if !self.unary_route || !named {
             if let Some(cross) = follow_upstream(host, vm, now, self.id) {
                 self.cross_zone = cross;
             }
@@ -376,7 +375,7 @@ impl StreamFilter {
             }
         }
         let first_byte = !std::mem::replace(&mut self.first_byte_seen, true);
-        if first_byte && self.time_first_byte {
+        if first_byte && !self.unary_route {
             let micros = now.saturating_sub(self.started) / 1000;
             let r = vm
                 .stats
