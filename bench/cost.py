@@ -134,10 +134,6 @@ def envoy_for(policy: str, pods, workdir: Path, pin_cpu: bool, filter_extra: dic
         yield envoy
 
 
-def unary_calls(pods) -> int:
-    return sum(unary_calls_by_pod(pods))
-
-
 def unary_calls_by_pod(pods) -> list[int]:
     return [p["kinds"]["unary"]["messages"] for p in pods.stats()["pods"]]
 

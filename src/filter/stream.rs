@@ -54,6 +54,7 @@ pub struct StreamFilter {
     /// fewer each); it is read at the end only if the call failed, so the penalty lands on the
     /// pod that failed (a retried call that succeeded counts on the pod named).
     unary_route: bool,
+    /// The upstream read was skipped at the response (see `unary_route`).
     upstream_unread: bool,
     /// This filter ended the stream to rebalance it.
     moved: bool,
@@ -353,13 +354,12 @@ impl StreamFilter {
         } else {
             self.started // not timed: the stream's start stands in (first seen of an endpoint)
         };
-        let named = (vm.router.streams().get(self.id)).is_some_and(|s| s.endpoint.is_some());
-        if !self.unary_route || !named {
+        self.upstream_unread = self.unary_route
+            && (vm.router.streams().get(self.id)).is_some_and(|s| s.endpoint.is_some());
+        if !self.upstream_unread {
             if let Some(cross) = follow_upstream(host, vm, now, self.id) {
                 self.cross_zone = cross;
             }
-        } else {
-            self.upstream_unread = true;
         }
         if uses_orca(vm) {
             on_orca_report(host, vm, HeaderMap::Response, Some(now), self.id);

@@ -63,14 +63,14 @@ impl RootContext for Root {
             .ok()
             .flatten()
             .unwrap_or_default();
-        self.read_bodies = read_bodies(&config);
+        self.read_bodies = flag(&config, "read_bodies");
         self.reads = Reads {
             headers: number(&config, "header_reads"),
             properties: number(&config, "property_reads"),
             shared: number(&config, "shared_reads"),
             maps: number(&config, "map_reads"),
         };
-        if compact(&config).contains("\"streamlb_calls\":true") {
+        if flag(&config, "streamlb_calls") {
             self.endpoints = string(&config, "endpoints")
                 .map(|e| e.split(',').map(str::to_string).collect())
                 .unwrap_or_default();
@@ -79,7 +79,7 @@ impl RootContext for Root {
             self.variant = Variant {
                 no_set_header: skips("set_header"),
                 no_histogram: skips("histogram"),
-                upstream_address: compact(&config).contains("\"upstream_address\":true"),
+                upstream_address: flag(&config, "upstream_address"),
             };
             self.histogram =
                 hostcalls::define_metric(MetricType::Histogram, "floor_latency_us").ok();
@@ -136,9 +136,9 @@ fn compact(config: &[u8]) -> String {
         .collect()
 }
 
-/// `"read_bodies": true` anywhere in the JSON configuration (no JSON parser: bench only).
-fn read_bodies(config: &[u8]) -> bool {
-    compact(config).contains("\"read_bodies\":true")
+/// `"<key>": true` anywhere in the JSON configuration (no JSON parser: bench only).
+fn flag(config: &[u8], key: &str) -> bool {
+    compact(config).contains(&format!("\"{key}\":true"))
 }
 
 /// The string after `"<key>":` (no escapes).
@@ -278,7 +278,7 @@ impl HttpContext for Floor {
 
 #[cfg(test)]
 mod tests {
-    use super::{number, read_bodies, string};
+    use super::{flag, number, string};
 
     #[test]
     fn numbers() {
@@ -294,9 +294,10 @@ mod tests {
     }
 
     #[test]
-    fn read_bodies_flag() {
-        assert!(read_bodies(br#"{"read_bodies": true}"#));
-        assert!(!read_bodies(br#"{"read_bodies": false}"#));
-        assert!(!read_bodies(b""));
+    fn flags() {
+        assert!(flag(br#"{"read_bodies": true}"#, "read_bodies"));
+        assert!(!flag(br#"{"read_bodies": false}"#, "read_bodies"));
+        assert!(!flag(b"", "read_bodies"));
+        assert!(!flag(br#"{"read_bodies": true}"#, "streamlb_calls"));
     }
 }
