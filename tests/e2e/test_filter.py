@@ -129,7 +129,8 @@ def test_skewed_rates_are_balanced_better_than_least_request(make_pods):
     against streamlb's 1.10): the claim is streamlb near the oracle, and not worse than it.
     Placement here is blind to each new stream's rate (no device is remembered yet) and the two
     workers see each other's placements only on the tick: runs of one build on 2026-11-30 gave
-    1.055–1.158 × LPT, one in 8 over 1.15 (least_request ≈ 1.7), so the bound is 1.2 × LPT."""
+    1.055–1.158 × LPT, one in 8 over the 1.15 bound (least_request ≈ 1.7). The bound stays: a
+    failure here is that margin, and a reason to improve placement, not to widen it."""
     pods = make_pods(zones={"a": 6})
     ours, oracle = run_skew(pods, {"filter_config": config(load={"tau_ms": 2000})}, seed=7)
     pods2 = make_pods(zones={"a": 6})
@@ -137,7 +138,7 @@ def test_skewed_rates_are_balanced_better_than_least_request(make_pods):
     print(f"\nper-pod msgs/s, streamlb:      {sorted(round(v) for v in ours.values())}  max/mean {max_over_mean(ours):.3f}")
     print(f"per-pod msgs/s, least_request: {sorted(round(v) for v in theirs.values())}  max/mean {max_over_mean(theirs):.3f}")
     print(f"LPT on the same rates: {oracle:.3f}")
-    assert max_over_mean(ours) <= 1.2 * oracle
+    assert max_over_mean(ours) <= 1.15 * oracle
     assert max_over_mean(ours) < max_over_mean(theirs)
 
 
