@@ -2,7 +2,8 @@
 """Real-Envoy benchmark: every policy on the same scenario and seed, one after the other.
 
     bench/run.py [--scenario bench/scenarios/zipf08-3zones.json] [--policies a,b,c]
-                 [--out-dir bench/results] [--no-pin] [--no-sim]
+                 [--out-dir bench/results] [--no-pin] [--no-sim] [--repeat N]
+                 [--variant 'streamlb_x={"tick_ms": 250}'] [--variant-wasm streamlb_x=old.wasm]
 
 Per policy: fresh `lab pods` (zones, each zone's capacity, ORCA as the scenario says), one
 Envoy per proxy in the scenario (node zone = its zone, --concurrency 1), one `lab devices` per
@@ -142,11 +143,39 @@ def floor_wasm() -> Path:
     return kit.target_dir() / "wasm32-wasip1" / "release" / "streamlb_floor.wasm"
 
 
+# Variants from the command line: streamlb with more overrides, or another build's .wasm.
+VARIANT_WASM: dict[str, Path] = {}
+
+
+def add_variant(spec: str, wasm: bool) -> str:
+    """`NAME=JSON` (overrides on top of streamlb's) or, with `wasm`, `NAME=PATH`; returns NAME."""
+    name, sep, value = spec.partition("=")
+    if not sep or not name.startswith("streamlb_") or not value:
+        raise ValueError(f"expected streamlb_NAME=VALUE, got {spec!r}")
+    if wasm:
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{name}: no such file {path}")
+        VARIANT_WASM[name] = path
+        STREAMLB_OVERRIDES.setdefault(name, ())
+    else:
+        override = json.loads(value)
+        if not isinstance(override, dict):
+            raise ValueError(f"{name}: the overrides must be a JSON object")
+        STREAMLB_OVERRIDES[name] = STREAMLB_OVERRIDES.get(name, ()) + (override,)
+    if name not in ALL_POLICIES:
+        ALL_POLICIES.append(name)
+    return name
+
+
 def envoy_setup(policy: str, scenario_file: Path) -> dict:
     """kit.Envoy kwargs for a policy other than direct."""
     if policy in STREAMLB_OVERRIDES:
         plan = lab_plan(scenario_file, FILTER_DEFAULTS, STREAMLB_OVERRIDES[policy])
-        return {"filter_config": plan["filter_config"], "lb": "override_host"}
+        setup = {"filter_config": plan["filter_config"], "lb": "override_host"}
+        if policy in VARIANT_WASM:
+            setup["wasm"] = VARIANT_WASM[policy]
+        return setup
     if policy in FLOOR_CONFIG:
         return {"filter_config": FLOOR_CONFIG[policy], "lb": "override_host", "wasm": floor_wasm()}
     if policy in PEER_LB:
@@ -451,7 +480,18 @@ def main() -> int:
     ap.add_argument("--no-sim", action="store_true", help="skip `lab sim` on the same scenario")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds (round k: seed + 1000·k), policies interleaved within a round; medians reported")
+    ap.add_argument("--variant", action="append", default=[], metavar="streamlb_NAME=JSON",
+                    help="a policy: streamlb with these config overrides (repeatable; list it in --policies)")
+    ap.add_argument("--variant-wasm", action="append", default=[], metavar="streamlb_NAME=PATH",
+                    help="a policy: streamlb from another build's .wasm (combines with --variant)")
     args = ap.parse_args()
+    try:
+        for spec in args.variant:
+            add_variant(spec, wasm=False)
+        for spec in args.variant_wasm:
+            add_variant(spec, wasm=True)
+    except (ValueError, json.JSONDecodeError) as e:
+        ap.error(f"--variant: {e}")
     sc = json.loads(Path(args.scenario).read_text())
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for p in policies:
