@@ -72,7 +72,12 @@ pub struct ProbeConfig {
     pub authority: String,
     /// Each pod is probed at most this often by one proxy.
     pub interval_ms: u64,
-    /// At most this many probes per tick per proxy.
+    /// The same while this proxy places streams (one placed on a route that is not unary within
+    /// the last `interval_ms`), so the other proxies' placements show in a report sooner. A
+    /// value above `interval_ms` counts as `interval_ms`.
+    pub placing_interval_ms: u64,
+    /// At most this many probes per `tick_ms` per proxy (a token bucket: probes may run between
+    /// ticks, at the placing interval).
     pub max_per_tick: usize,
     pub timeout_ms: u64,
     /// Reports older than this are ignored; a cluster without a fresh report uses the local view.
@@ -100,6 +105,7 @@ impl Default for ProbeConfig {
             path: DEFAULT_LOAD_PATH.into(),
             authority: "streamlb-probe".into(),
             interval_ms: 1000,
+            placing_interval_ms: 250,
             max_per_tick: 64,
             timeout_ms: 250,
             max_age_ms: 5000,
@@ -500,6 +506,12 @@ impl Config {
         path_in("probe.path", &p.path)?;
         non_empty("probe.authority", &p.authority)?;
         int_in("probe.interval_ms", p.interval_ms, 50, 3_600_000)?;
+        int_in(
+            "probe.placing_interval_ms",
+            p.placing_interval_ms,
+            50,
+            3_600_000,
+        )?;
         int_in("probe.max_per_tick", p.max_per_tick as u64, 0, 1000)?;
         int_in("probe.timeout_ms", p.timeout_ms, 10, 10_000)?;
         int_in("probe.max_age_ms", p.max_age_ms, 100, 3_600_000)?;
@@ -674,6 +686,10 @@ mod tests {
             (
                 r#"{"clusters":["p"],"tick_ms":"fast"}"#,
                 "tick_ms: invalid type: string \"fast\"",
+            ),
+            (
+                r#"{"clusters":["p"],"probe":{"placing_interval_ms":10}}"#,
+                "probe.placing_interval_ms: must be in [50, 3600000], got 10",
             ),
             (r#"{"clusters":[""]}"#, "clusters[0]: must not be empty"),
             (

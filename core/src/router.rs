@@ -113,6 +113,11 @@ pub struct Router {
     /// Per route: streams in a row that ended as short, successful unary exchanges (see
     /// [`Router::is_unary_route`]).
     unary_streak: Vec<u32>,
+    /// When this proxy last placed a stream on a route that is not unary (this VM's, or another
+    /// worker's via [`Router::note_placing`]).
+    last_placing: Option<Nanos>,
+    /// Probe budget: tokens and when they were counted (see [`Router::due_probes`]).
+    probe_tokens: (f64, Option<Nanos>),
 }
 
 /// A measured rate to remember, with the stream's (cluster, route) for its cap.
@@ -185,6 +190,8 @@ impl Router {
             rate_updates: Vec::new(),
             peers: 0,
             unary_streak: Vec::new(),
+            last_placing: None,
+            probe_tokens: (0.0, None),
         }
     }
 
@@ -304,6 +311,9 @@ impl Router {
     ) -> Option<Decision> {
         let ci = self.cluster_index(cluster)?;
         let ri = self.routes.intern(route);
+        if self.unary_streak.get(ri.0).copied().unwrap_or(0) < UNARY_ROUTE_STREAK {
+            self.note_placing(now);
+        }
         let remembered = source.and_then(|s| s.rate).is_some();
         let e = self.expected_from(ci, ri, source);
         let choice = self.choose_zone(ci, now, e)?;
@@ -778,22 +788,72 @@ impl Router {
         c.refresh(&self.cfg, now);
     }
 
+    /// This proxy placed a stream on a route that is not unary at `at` (another worker's
+    /// placement, read from shared data, or this VM's own).
+    pub fn note_placing(&mut self, at: Nanos) {
+        self.last_placing = Some(self.last_placing.map_or(at, |t| t.max(at)));
+    }
+
+    /// When this proxy last placed a stream on a route that is not unary, if it has.
+    pub fn last_placing(&self) -> Option<Nanos> {
+        self.last_placing
+    }
+
+    /// Whether this proxy is placing streams: one placed on a route that is not unary within
+    /// the last `probe.interval_ms`.
+    pub fn is_placing(&self, now: Nanos) -> bool {
+        self.last_placing
+            .is_some_and(|t| now.saturating_sub(t) <= self.cfg.probe.interval_ms * 1_000_000)
+    }
+
+    /// The probe interval now: `probe.placing_interval_ms` while placing, else
+    /// `probe.interval_ms` (never above it).
+    pub fn probe_interval_ms(&self, now: Nanos) -> u64 {
+        let p = &self.cfg.probe;
+        if self.is_placing(now) {
+            p.placing_interval_ms.min(p.interval_ms)
+        } else {
+            p.interval_ms
+        }
+    }
+
+    /// The timer period: `tick_ms`, shorter when probes may run at the placing interval.
+    pub fn timer_period_ms(&self) -> u64 {
+        let p = &self.cfg.probe;
+        if p.enabled && !self.clusters.is_empty() {
+            self.cfg.tick_ms.min(p.placing_interval_ms)
+        } else {
+            self.cfg.tick_ms
+        }
+    }
+
     /// Pods to probe now, (cluster index, address): healthy endpoints whose last probe is
-    /// oldest, zones interleaved by size ([`fleet::probe_order`]), at most `probe.max_per_tick`
-    /// over all clusters, none more often than `probe.interval_ms` less a tenth of a tick (a
-    /// timer that fires a little early must not skip the pods probed one interval ago). They
-    /// are marked as probed now.
+    /// oldest, zones interleaved by size ([`fleet::probe_order`]), none more often than the
+    /// [probe interval](Router::probe_interval_ms) less a tenth of the timer period (a timer
+    /// that fires a little early must not skip the pods probed one interval ago). The budget is
+    /// a token bucket: `probe.max_per_tick` tokens per `tick_ms`, holding at most that many (a
+    /// timer that fires early may borrow a tenth, repaid from the next tokens), so a proxy sends
+    /// at most `max_per_tick` probes per tick however often it is asked. They are marked as
+    /// probed now.
     pub fn due_probes(&mut self, now: Nanos) -> Vec<(ClusterIdx, String)> {
         let p = &self.cfg.probe;
         if !p.enabled {
             return Vec::new();
         }
-        let early = self.cfg.tick_ms.min(p.interval_ms) / 10;
-        let interval = p
-            .interval_ms
-            .saturating_sub(early)
-            .saturating_mul(1_000_000);
-        let mut left = p.max_per_tick;
+        let interval_ms = self.probe_interval_ms(now);
+        let early = self.timer_period_ms().min(interval_ms) / 10;
+        let interval = interval_ms.saturating_sub(early).saturating_mul(1_000_000);
+        let most = p.max_per_tick as f64;
+        let (tokens, at) = self.probe_tokens;
+        let tokens = match at {
+            None => most,
+            Some(at) => {
+                let ticks = now.saturating_sub(at) as f64 / (self.cfg.tick_ms as f64 * 1e6);
+                (tokens + ticks * most).min(most)
+            }
+        };
+        // The tokens a timer that fires a tenth early would have had count too.
+        let mut left = (tokens + 0.1 * most).min(most).floor() as usize;
         let mut out = Vec::new();
         for (ci, c) in self.clusters.iter_mut().enumerate() {
             let salt = self.salt ^ (ci as u64).rotate_left(40);
@@ -815,6 +875,8 @@ impl Router {
                 left -= 1;
             }
         }
+        // A debt of at most a tenth is paid from the next tokens.
+        self.probe_tokens = (tokens - out.len() as f64, Some(now));
         out
     }
 
@@ -1531,6 +1593,74 @@ mod tests {
         let mut r = Router::new(off, "", 1);
         r.apply_snapshot(0, &snapshot(&[("e1:1", "", true)]));
         assert!(r.due_probes(S).is_empty());
+    }
+
+    #[test]
+    fn probes_run_at_the_placing_interval_while_streams_are_placed() {
+        let ms = 1_000_000;
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 7);
+        assert_eq!(r.timer_period_ms(), 250);
+        r.apply_snapshot(
+            0,
+            &snapshot(&[("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)]),
+        );
+        assert_eq!(r.due_probes(S).len(), 3);
+        // Idle: each pod once per `interval_ms`.
+        assert!(r.due_probes(S + 300 * ms).is_empty());
+        assert_eq!(r.probe_interval_ms(S + 300 * ms), 1000);
+        // Placing: every `placing_interval_ms` (a timer 10 ms early still probes).
+        r.place(S + 300 * ms, 1, "rt", "pods");
+        assert_eq!(r.probe_interval_ms(S + 300 * ms), 250);
+        assert_eq!(r.due_probes(S + 300 * ms).len(), 3);
+        assert_eq!(r.due_probes(S + 540 * ms).len(), 3);
+        // More than `interval_ms` after the last placement: idle again.
+        assert!(!r.is_placing(S + 1_400 * ms));
+        assert!(r.due_probes(S + 1_400 * ms).is_empty());
+        assert_eq!(r.due_probes(S + 1_540 * ms).len(), 3);
+        // Another worker's placement (from shared data) counts as this proxy's.
+        r.note_placing(S + 1_600 * ms);
+        assert_eq!(r.due_probes(S + 1_800 * ms).len(), 3);
+        // Unary calls are not placements that need fresh reports.
+        let mut id = 10;
+        for _ in 0..UNARY_ROUTE_STREAK {
+            id += 1;
+            r.place(2 * S, id, "unary", "pods");
+            r.on_data(id, Direction::Upstream, 1, 10);
+            r.on_data(id, Direction::Downstream, 1, 10);
+            r.on_end(2 * S, id, Outcome::Ok);
+        }
+        assert!(r.is_unary_route("unary"));
+        r.place(4 * S, 99, "unary", "pods");
+        assert!(!r.is_placing(4 * S));
+        // Without probes the timer keeps `tick_ms`.
+        let off = Router::new(
+            cfg(r#"{"clusters":["pods"],"probe":{"enabled":false}}"#),
+            "",
+            1,
+        );
+        assert_eq!(off.timer_period_ms(), 1000);
+        let slow = r#"{"clusters":["pods"],"probe":{"interval_ms":100,"placing_interval_ms":250}}"#;
+        let mut slow = Router::new(cfg(slow), "", 1);
+        slow.note_placing(0);
+        assert_eq!(slow.probe_interval_ms(0), 100, "never above interval_ms");
+    }
+
+    #[test]
+    fn the_probe_budget_is_per_tick_however_often_probes_are_asked_for() {
+        let ms = 1_000_000;
+        let mut r = Router::new(
+            cfg(
+                r#"{"clusters":["pods"],"probe":{"max_per_tick":4,"interval_ms":50,"placing_interval_ms":50}}"#,
+            ),
+            "",
+            8,
+        );
+        let pods: Vec<String> = (0..20).map(|i| format!("e{i}:1")).collect();
+        let eps: Vec<(&str, &str, bool)> = pods.iter().map(|a| (a.as_str(), "", true)).collect();
+        r.apply_snapshot(0, &snapshot(&eps));
+        // Asked every 50 ms for 10 s: 4 per second (the first second's 4 at once), not 4 a call.
+        let sent: usize = (0..200).map(|k| r.due_probes(S + k * 50 * ms).len()).sum();
+        assert!((40..=44).contains(&sent), "{sent}");
     }
 
     #[test]

@@ -3,10 +3,10 @@
 //! - **Probing**: the VM that holds the discovery lease sends the probes due
 //!   (`Router::due_probes`): a `GET probe.path` dispatched to the placed cluster itself, the pod
 //!   named in the endpoint header that the cluster's `override_host` policy obeys. The answer's
-//!   `endpoint-load-metrics` header is the pod's load report. Probes run on the tick, off the
+//!   `endpoint-load-metrics` header is the pod's load report. Probes run on the timer, off the
 //!   request path: a stream open never waits for one.
 //! - **Sharing**: the prober publishes the fresh reports of each cluster in shared data
-//!   (`streamlb.fleet.v2.<cluster>`); every other VM applies them on its tick.
+//!   (`streamlb.fleet.v2.<cluster>`); every other VM applies them on its timer events.
 //! - **Answering** (reporter role): a probe that reaches streamlb on a pod's inbound proxy is
 //!   answered locally with what that Envoy measured over every stream into the pod.
 

@@ -13,6 +13,7 @@
 //! | `streamlb.rate_memory.secret` | the key of the rate memory's hash | once per Envoy |
 //! | `streamlb.rate.<bucket>` | one bucket of the rate memory (`rate_memory`) | CAS, when rates are remembered |
 //! | `streamlb.fleet.v2.<cluster>` | the pods' fresh load reports (`fleet`) | by the prober |
+//! | `streamlb.placing` | u64: when a worker last placed a stream on a route that is not unary (ns) | by a VM that placed one, at most once per timer event |
 
 use super::host::{Host, HostError};
 
@@ -24,6 +25,9 @@ pub const LOAD_KEY: &str = "streamlb.load";
 pub const BUDGET_KEY: &str = "streamlb.rebalance.budget";
 /// The newest configuration: generation (u64 LE) and hash of its text (u64 LE).
 pub const GENERATION_KEY: &str = "streamlb.config.generation";
+/// When a worker last placed a stream on a route that is not unary (u64 LE, ns): the prober
+/// probes at `probe.placing_interval_ms` meanwhile.
+pub const PLACING_KEY: &str = "streamlb.placing";
 /// The rate memory's hash key (one per Envoy).
 pub const SECRET_KEY: &str = "streamlb.rate_memory.secret";
 

@@ -39,8 +39,8 @@ use hashbrown::{HashMap, HashSet};
 use super::fleet::Prober;
 use super::host::{string_property, Host, HostError, LogLevel};
 use super::shared::{
-    self, Step, UpdateError, BUDGET_KEY, GENERATION_KEY, LEASE_KEY, LOAD_KEY, SECRET_KEY,
-    SNAPSHOT_KEY, VM_SEQ_KEY,
+    self, Step, UpdateError, BUDGET_KEY, GENERATION_KEY, LEASE_KEY, LOAD_KEY, PLACING_KEY,
+    SECRET_KEY, SNAPSHOT_KEY, VM_SEQ_KEY,
 };
 use super::stats::{SkipReason, Stats};
 use streamlb_core::config::{Config, RebalanceMode};
@@ -78,6 +78,13 @@ pub struct Vm {
     generation: u64,
     /// The first tick ran (the root context is live).
     ticked: bool,
+    /// When the next full tick is due: the timer fires more often than `tick_ms` when probes
+    /// may run at `probe.placing_interval_ms`, and the events between ticks only probe.
+    next_tick: Nanos,
+    /// This configuration was the newest one at the last tick.
+    current: bool,
+    /// The latest placement time this VM published to, or read from, the other workers.
+    placing_shared: Nanos,
     /// Envoy deleted this root context (e.g. its listener update was rejected).
     retired: bool,
     /// Standing down: a newer configuration exists (no lease, no polls, no moves).
@@ -103,11 +110,12 @@ impl Vm {
         };
         let now = host.now().unwrap_or(0);
         let id = allocate_vm_id(host, now);
-        host.set_tick_period_ms(cfg.tick_ms)
-            .map_err(|e| format!("cannot set the tick period: {e:?}"))?;
         let seed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now;
+        let router = Router::new(cfg, &local_zone, seed);
+        host.set_tick_period_ms(router.timer_period_ms())
+            .map_err(|e| format!("cannot set the tick period: {e:?}"))?;
         let mut vm = Vm {
-            router: Router::new(cfg, &local_zone, seed),
+            router,
             id,
             stats: Stats::loaded(),
             logged: HashSet::new(),
@@ -122,6 +130,9 @@ impl Vm {
             config_hash: rate_memory::key_hash(&[0, 0], config),
             generation: 0,
             ticked: false,
+            next_tick: 0,
+            current: false,
+            placing_shared: 0,
             retired: false,
             stood_down: false,
             outdated: false,
@@ -260,6 +271,8 @@ impl Vm {
             Ok(t) => t,
             Err(e) => return self.host_error(host, "get_current_time", &e),
         };
+        let between_ticks = self.ticked
+            && now.saturating_add(self.router.timer_period_ms() / 10 * MS) < self.next_tick;
         if !self.ticked {
             self.ticked = true;
             let claimed =
@@ -283,7 +296,13 @@ impl Vm {
                 return self.hand_over(host, now, &newest);
             }
         }
+        if between_ticks {
+            // Between ticks: probes only.
+            return self.fleet_tick(host, now, self.current);
+        }
+        self.next_tick = now + self.router.config().tick_ms * MS;
         let current = !self.superseded(host);
+        self.current = current;
         if current {
             self.stood_down = false;
             self.discovery_tick(host, now);
@@ -598,13 +617,46 @@ impl Vm {
 
     /// The fleet view: the lease holder probes and publishes, the others apply its reports.
     fn fleet_tick(&mut self, host: &dyn Host, now: Nanos, current: bool) {
-        let prober = current && now < self.lease_until && self.router.config().probe.enabled;
+        let enabled = self.router.config().probe.enabled;
+        let prober = current && now < self.lease_until && enabled;
+        if enabled {
+            self.share_placing(host, prober);
+        }
         if prober {
             self.stats.fleet.probed_at = Some(now);
             self.prober
                 .send(host, &mut self.router, &mut self.stats.fleet, now);
         }
         self.prober.share(host, &mut self.router, prober, now);
+    }
+
+    /// Whether this Envoy is placing streams sets the probe interval: each VM publishes its
+    /// latest placement (shared data, at most once per timer event), and the prober reads the
+    /// others'.
+    fn share_placing(&mut self, host: &dyn Host, prober: bool) {
+        if let Some(t) = self
+            .router
+            .last_placing()
+            .filter(|&t| t > self.placing_shared)
+        {
+            self.placing_shared = t;
+            if let Err(e) = host.shared_set(PLACING_KEY, &t.to_le_bytes(), None) {
+                self.host_error(host, "set_shared_data (placing)", &e);
+            }
+        }
+        if !prober {
+            return;
+        }
+        match host.shared_get(PLACING_KEY) {
+            Ok((Some(bytes), _)) => {
+                if let Some(t) = shared::u64_at(&bytes, 0) {
+                    self.placing_shared = self.placing_shared.max(t);
+                    self.router.note_placing(t);
+                }
+            }
+            Ok((None, _)) => {}
+            Err(e) => self.host_error(host, "get_shared_data (placing)", &e),
+        }
     }
 
     /// This VM's reporter figures as shared-view entries.

@@ -248,3 +248,33 @@ def share_of(pods: harness.Pods, name: str, seconds: float) -> float:
     """Pod `name`'s share of all pods' messages over the next `seconds`."""
     rates = pod_rates(pods, seconds)
     return rates[name] / max(1e-9, sum(rates.values()))
+
+
+def test_probes_run_at_the_placing_interval_while_streams_are_placed(make_pods, make_envoy, start_devices):
+    # Lab pods answer probes themselves and count them. Idle: each pod every 2 s; while the
+    # gateway places streams (one every 0.25 s here): every 0.25 s.
+    pods = make_pods(zones={"a": 2})
+    config = gateway_config(tick_ms=1000, probe={"interval_ms": 2000, "placing_interval_ms": 250, "max_age_ms": 5000})
+    gateway = make_envoy(pods, filter_config=config, node_zone="a")
+    wait_for(lambda: counter(gateway, "streamlb_discovery_polls_ok_total") > 0, 15, "discovery")
+
+    def probes_over(seconds: float) -> int:
+        before = pods.pod_stats()
+        time.sleep(seconds)
+        after = pods.pod_stats()
+        return sum(after[p]["probes"] - before[p]["probes"] for p in after)
+
+    idle = probes_over(4)
+    running = start_devices(gateway.listen_addr, streams=20, mean_rate=2, dist="constant", duration=12,
+                            extra_args=["--ramp", "5"])
+    time.sleep(0.5)
+    placing = probes_over(4)
+    time.sleep(2.5)  # the ramp ended 2 s ago: more than interval_ms, idle again
+    settled = probes_over(4)
+    summary = running.wait(60)
+
+    # Idle: 2 pods / 2 s over 4 s ≈ 4; placing: 2 pods / 0.25 s ≈ 32.
+    assert 1 <= idle <= 8, (idle, placing, settled)
+    assert placing >= 16 and placing >= 3 * idle, (idle, placing, settled)
+    assert settled <= 8, (idle, placing, settled)
+    assert summary["totals"]["acked"] == summary["totals"]["sent"], summary["totals"]

@@ -244,3 +244,44 @@ fn the_reporter_answers_marked_get_probes_with_every_stream_it_saw() {
     v1.borrow_mut().flush(&h1);
     assert_eq!(h1.metric("streamlb_reporter_probes_answered_total"), 1);
 }
+
+#[test]
+fn while_any_worker_places_streams_the_prober_probes_between_ticks() {
+    let store = SharedStore::default();
+    let (h1, h2) = (host(&store), host(&store));
+    let config = r#"{"clusters":["pods"]}"#;
+    let (v1, v2) = (vm(&h1, config), vm(&h2, config));
+    // The timer runs at probe.placing_interval_ms; ticks stay at tick_ms.
+    assert_eq!(h1.tick_period_ms.get(), Some(250));
+    discover(&h1, &v1);
+    h1.time.set(11 * SEC);
+    v1.borrow_mut().on_tick(&h1);
+    let first = probes(&h1);
+    assert_eq!(first.len(), 2);
+    for (token, _) in &first {
+        answer(&h1, &v1, *token, "200", Some(b"TEXT rps_fractional=10"));
+    }
+    let probes_ok = "streamlb_probes_total.cluster=.=pods;.;result=.=ok;.;";
+    // Nothing placed: between ticks no pod is due (each once per interval_ms).
+    h1.time.set(11 * SEC + SEC / 2);
+    v1.borrow_mut().on_tick(&h1);
+    assert_eq!(probes(&h1).len(), 2);
+    // The other worker places a stream and publishes that on its timer.
+    h2.time.set(11 * SEC + SEC / 2);
+    v2.borrow_mut().on_tick(&h2);
+    h2.set_request_header("content-type", "application/grpc");
+    let mut s = StreamFilter::new(v2.clone(), 1);
+    s.on_request_headers(&h2);
+    assert!(s.is_tracked());
+    h2.time.set(11 * SEC + 3 * SEC / 4);
+    v2.borrow_mut().on_tick(&h2);
+    // The prober probes again 0.75 s after the last probes, between its ticks.
+    h1.time.set(11 * SEC + 3 * SEC / 4);
+    v1.borrow_mut().on_tick(&h1);
+    assert_eq!(probes(&h1).len(), 4);
+    // Between ticks nothing but probes: the stats are flushed on the tick.
+    assert_eq!(h1.metric(probes_ok), 0);
+    h1.time.set(12 * SEC);
+    v1.borrow_mut().on_tick(&h1);
+    assert_eq!(h1.metric(probes_ok), 2);
+}

@@ -126,8 +126,10 @@ fn workers_learn_how_many_others_place_streams_from_the_shared_view() {
     vms[0].borrow_mut().on_tick(&hosts[0]);
     assert_eq!(vms[0].borrow().router.peers(), 0); // alone in the view so far
     for (h, v) in hosts.iter().zip(&vms) {
+        h.time.set(h.time.get() + SEC); // a tick later
         v.borrow_mut().on_tick(h);
     }
+    hosts[0].time.set(hosts[0].time.get() + SEC);
     vms[0].borrow_mut().on_tick(&hosts[0]);
     // Three slots: two workers and the main thread's VM, which places nothing.
     assert_eq!(vms[0].borrow().router.peers(), 1);
@@ -547,6 +549,7 @@ fn a_reconnecting_device_is_placed_with_its_remembered_rate() {
         v1.borrow_mut().on_tick(&h1);
     }
     s.on_done(&h1);
+    h1.time.set(h1.time.get() + SEC);
     v1.borrow_mut().on_tick(&h1); // writes the rate to shared data
                                   // The device reconnects through the other worker.
     h2.time.set(h1.time.get());
