@@ -47,6 +47,9 @@ pub struct Endpoint {
     pub local_rate: f64,
     pub local_pending: f64,
     pub local_active: u32,
+    /// Σ of the `young` weights of this VM's streams here that are not planned to move,
+    /// against the router's young epoch (kept as streams come, go and move; rebuilt each tick).
+    pub young: f64,
     /// Load and active streams of the other workers of this Envoy (shared view).
     pub remote_load: f64,
     pub remote_active: u32,
@@ -96,6 +99,7 @@ impl Endpoint {
             first_seen,
             local_rate: 0.0,
             local_pending: 0.0,
+            young: 0.0,
             local_active: 0,
             remote_load: 0.0,
             remote_active: 0,
@@ -440,6 +444,13 @@ impl Cluster {
         };
         e.local_pending = (e.local_pending + delta).max(0.0);
         self.add_zone_load(i, delta);
+    }
+
+    /// Add `delta` to endpoint `i`'s young weights (see [`Endpoint::young`]).
+    pub fn add_young(&mut self, i: usize, delta: f64) {
+        if let Some(e) = self.endpoints.get_mut(i) {
+            e.young += delta;
+        }
     }
 
     /// Add `delta` to endpoint `i`'s guessed load of the other workers (and to its zone's sum).

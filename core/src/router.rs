@@ -118,6 +118,8 @@ pub struct Router {
     last_placing: Option<Nanos>,
     /// Probe budget: tokens and when they were counted (see [`Router::due_probes`]).
     probe_tokens: (f64, Option<Nanos>),
+    /// Epoch t0 of the streams' `young` weights: the last tick (or the first placement).
+    young_t0: Option<Nanos>,
 }
 
 /// A measured rate to remember, with the stream's (cluster, route) for its cap.
@@ -192,6 +194,7 @@ impl Router {
             unary_streak: Vec::new(),
             last_placing: None,
             probe_tokens: (0.0, None),
+            young_t0: None,
         }
     }
 
@@ -325,9 +328,11 @@ impl Router {
             .primary
             .as_ref()
             .and_then(|a| self.cluster(ci)?.index_of(a));
+        let young = self.young_weight(now, now);
         let c = self.clusters.get_mut(ci.0)?;
         if let Some(j) = placed_on {
             c.add_stream_load(j, 0.0, e);
+            c.add_young(j, young);
             c.add_peer_guess(j, self.peers as f64 * e);
         } else {
             decision.reason = Reason::Fallback;
@@ -337,6 +342,7 @@ impl Router {
             c.own_unknown += e;
         }
         let mut stream = Stream::new(ci, ri, placed_on, now, e);
+        stream.young = young;
         stream.key = source.map(|s| s.key);
         stream.known_prior = remembered;
         if let Some(old) = self.streams.insert(id, stream) {
@@ -502,10 +508,13 @@ impl Router {
         let j = c.observe_upstream(now, address, zone);
         if s.endpoint != Some(j) {
             let (rate, pending) = s.counted();
+            let young = if s.move_planned { 0.0 } else { s.young };
             if let Some(old) = s.endpoint {
                 c.remove_stream_load(old, rate, pending);
+                c.add_young(old, -young);
             }
             c.add_stream_load(j, rate, pending);
+            c.add_young(j, young);
             s.endpoint = Some(j);
         }
         let zone = c.endpoint(j).map_or("", |e| e.zone.as_str());
@@ -592,8 +601,24 @@ impl Router {
         if let Some(j) = s.endpoint {
             let (rate, pending) = s.counted();
             c.remove_stream_load(j, rate, pending);
+            if !s.move_planned {
+                c.add_young(j, -s.young);
+            }
             c.note_ended(j, s.estimate(), s.move_planned);
         }
+    }
+
+    /// The `young` weight `e^((started − t0)/τ)` of a stream started at `started` against the
+    /// young epoch t0 (set to `now` if there is none yet). The exponent is capped, so weights
+    /// stay finite if the timer stops.
+    fn young_weight(&mut self, now: Nanos, started: Nanos) -> f64 {
+        let t0 = *self.young_t0.get_or_insert(now);
+        let tau = self.tau_secs();
+        if tau <= 0.0 {
+            return 0.0;
+        }
+        let x = (started as f64 - t0 as f64) / NANOS_PER_SEC / tau;
+        x.min(60.0).exp()
     }
 
     /// Mark stream `id` planned to move (or not): a planned stream's load is set aside from
@@ -609,9 +634,10 @@ impl Router {
         if planned {
             s.planned_at = now;
         }
-        let (rate, pending) = (s.rate.value(), s.pending);
+        let (rate, pending, young) = (s.rate.value(), s.pending, s.young);
         if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster.0), s.endpoint) {
             c.set_aside(j, rate, pending, planned);
+            c.add_young(j, if planned { -young } else { young });
         }
     }
 
@@ -621,12 +647,14 @@ impl Router {
         // Before the first tick every stream's count covers its whole life.
         let dt_all = self.last_tick.map_or(Nanos::MAX, |t| now.saturating_sub(t));
         self.last_tick = Some(now);
+        self.young_t0 = Some(now);
         for c in &mut self.clusters {
             c.own_load = 0.0;
             c.own_unknown = 0.0;
             for e in &mut c.endpoints {
                 e.local_rate = 0.0;
                 e.local_pending = 0.0;
+                e.young = 0.0;
                 e.local_active = 0;
                 e.peer_guess = 0.0;
                 e.aside = 0.0;
@@ -649,6 +677,7 @@ impl Router {
             }
             let w = prior_weight(age, tau);
             s.pending = s.prior * w;
+            s.young = w;
             if let Some(c) = self.clusters.get_mut(s.cluster.0) {
                 c.own_load += s.estimate();
                 if !s.known_prior {
@@ -662,6 +691,8 @@ impl Router {
                     e.local_pending += pending;
                     if s.move_planned {
                         e.aside += s.estimate();
+                    } else {
+                        e.young += w;
                     }
                     e.local_active += 1;
                 }
@@ -758,17 +789,13 @@ impl Router {
         let Some(ci) = self.clusters.iter().position(|c| c.name == cluster) else {
             return;
         };
-        // This VM's young streams per endpoint (Σ of their priors' weights).
+        // This VM's young streams per endpoint: Σ of their priors' weights `e^(−age/τ)`, kept
+        // against the epoch t0 as `Σ e^((started − t0)/τ)` (no pass over the streams per report).
         let tau = self.tau_secs();
-        let mut young = vec![0.0; self.clusters.get(ci).map_or(0, |c| c.endpoints.len())];
-        for (_, s) in self.streams.iter() {
-            if s.cluster.0 != ci || s.move_planned {
-                continue;
-            }
-            if let Some(slot) = s.endpoint.and_then(|j| young.get_mut(j)) {
-                *slot += prior_weight(now.saturating_sub(s.started), tau);
-            }
-        }
+        let decay = match self.young_t0 {
+            Some(t0) if tau > 0.0 => (-(now as f64 - t0 as f64) / NANOS_PER_SEC / tau).exp(),
+            _ => 0.0,
+        };
         let min_gap = self.cfg.probe.interval_ms.saturating_mul(500_000);
         let Some(c) = self.clusters.get_mut(ci) else {
             return;
@@ -777,10 +804,10 @@ impl Router {
             let Some(j) = c.index_of(address) else {
                 continue;
             };
-            let own_young = young.get(j).copied().unwrap_or(0.0);
             let Some(e) = c.endpoint_mut(j) else {
                 continue;
             };
+            let own_young = (e.young * decay).max(0.0);
             if e.report.is_none_or(|old| old.at <= r.at) {
                 e.note_report(*r, min_gap, own_young);
             }
@@ -1071,8 +1098,9 @@ impl Router {
         // An adopted stream brings its measured rate: it is not one "open before the first
         // tick" whose whole life the first tick would fold in.
         self.last_tick.get_or_insert(now);
-        let c = self.clusters.get_mut(ci.0)?;
         let mut s = handed.stream;
+        s.young = self.young_weight(now, s.started);
+        let c = self.clusters.get_mut(ci.0)?;
         s.cluster = ci;
         s.route = ri;
         s.endpoint = handed
@@ -1080,6 +1108,7 @@ impl Router {
             .map(|(address, zone)| c.observe_upstream(now, &address, || zone));
         if let Some(j) = s.endpoint {
             c.add_stream_load(j, s.rate.value(), s.pending);
+            c.add_young(j, s.young);
         }
         if let Some(old) = self.streams.insert(handed.id, s) {
             self.forget(&old);
@@ -1661,6 +1690,58 @@ mod tests {
         // Asked every 50 ms for 10 s: 4 per second (the first second's 4 at once), not 4 a call.
         let sent: usize = (0..200).map(|k| r.due_probes(S + k * 50 * ms).len()).sum();
         assert!((40..=44).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn young_weights_are_kept_without_a_pass_over_the_streams() {
+        let ms = 1_000_000;
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"]}"#), "", 9);
+        let eps = [("e1:1", "", true), ("e2:1", "", true), ("e3:1", "", true)];
+        r.apply_snapshot(0, &snapshot(&eps));
+        // What apply_reports used to compute per report: Σ e^(−age/τ) over the streams there.
+        let brute = |r: &Router, now: Nanos| {
+            let mut young = vec![0.0; 3];
+            for (_, s) in r.streams.iter() {
+                if let Some(j) = s.endpoint.filter(|_| !s.move_planned) {
+                    young[j] += prior_weight(now.saturating_sub(s.started), r.tau_secs());
+                }
+            }
+            young
+        };
+        let kept = |r: &Router, now: Nanos| {
+            let t0 = r.young_t0.unwrap_or(now);
+            let decay = (-((now - t0) as f64) / 1e9 / r.tau_secs()).exp();
+            let c = &r.clusters()[0];
+            (0..3)
+                .map(|j| c.endpoint(j).map_or(0.0, |e| e.young * decay))
+                .collect::<Vec<f64>>()
+        };
+        let mut now = S;
+        for id in 0..30u64 {
+            now += 170 * ms;
+            r.place(now, id, "rt", "pods");
+            if id % 4 == 1 {
+                r.on_upstream(now, id, "e3:1", String::new); // Envoy chose another pod
+            }
+            if id % 5 == 2 {
+                r.on_end(now, id - 2, Outcome::Ok);
+            }
+            if id % 7 == 3 {
+                r.set_move_planned(id - 1, true, now);
+            }
+            if id % 11 == 4 {
+                r.set_move_planned(id - 4, false, now);
+            }
+            if id % 6 == 5 {
+                r.tick(now);
+            }
+            let later = now + 90 * ms;
+            let (a, b) = (kept(&r, later), brute(&r, later));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-9, "after {id}: kept {a:?}, brute {b:?}");
+            }
+        }
+        assert!(brute(&r, now).iter().all(|&y| y > 1.0));
     }
 
     #[test]

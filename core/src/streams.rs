@@ -65,6 +65,9 @@ pub struct Stream {
     pub planned_at: Nanos,
     /// Its response has started and resets are not allowed: it cannot be moved.
     pub unmovable: bool,
+    /// Its prior's weight `e^((started − t0)/τ)` against the router's young epoch t0 (see
+    /// [`crate::router::Router::tick`]); what it adds to its endpoint's `young`.
+    pub young: f64,
 }
 
 impl Stream {
@@ -92,6 +95,7 @@ impl Stream {
             move_planned: false,
             planned_at: 0,
             unmovable: false,
+            young: 1.0,
         }
     }
 

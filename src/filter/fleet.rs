@@ -38,6 +38,8 @@ pub struct Prober {
     in_flight: HashMap<u32, InFlight>,
     /// Per cluster: the CAS of the last published record applied.
     applied: HashMap<ClusterIdx, u32>,
+    /// A report arrived since the prober last published them.
+    unpublished: bool,
 }
 
 impl Prober {
@@ -108,6 +110,7 @@ impl Prober {
                 let cluster = router.cluster(p.cluster).map(|c| c.name.clone());
                 if let Some(cluster) = cluster {
                     router.apply_reports(now, &cluster, &[(p.address, report)]);
+                    self.unpublished = true;
                 }
                 stats
                     .latency_us
@@ -120,8 +123,22 @@ impl Prober {
         true
     }
 
-    /// The prober publishes each cluster's fresh reports; the other VMs apply them.
-    pub fn share(&mut self, host: &dyn Host, router: &mut Router, prober: bool, now: Nanos) {
+    /// The prober publishes each cluster's fresh reports (on a tick, and between ticks when a
+    /// report arrived); the other VMs apply them.
+    pub fn share(
+        &mut self,
+        host: &dyn Host,
+        router: &mut Router,
+        prober: bool,
+        tick: bool,
+        now: Nanos,
+    ) {
+        if prober && !tick && !self.unpublished {
+            return;
+        }
+        if prober {
+            self.unpublished = false;
+        }
         let max_age = router.config().probe.max_age_ms * MS;
         for ci in (0..router.clusters().len()).map(ClusterIdx) {
             let Some(c) = router.cluster(ci) else {

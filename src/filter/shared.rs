@@ -12,7 +12,7 @@
 //! | `streamlb.config.generation` | u64 generation, u64 hash of the configuration text | CAS, on a configuration's first tick |
 //! | `streamlb.rate_memory.secret` | the key of the rate memory's hash | once per Envoy |
 //! | `streamlb.rate.<bucket>` | one bucket of the rate memory (`rate_memory`) | CAS, when rates are remembered |
-//! | `streamlb.fleet.v2.<cluster>` | the pods' fresh load reports (`fleet`) | by the prober |
+//! | `streamlb.fleet.v2.<cluster>` | the pods' fresh load reports (`fleet`) | by the prober, on each tick and between ticks when a report arrived |
 //! | `streamlb.placing` | u64: when a worker last placed a stream on a route that is not unary (ns) | by a VM that placed one, at most once per timer event |
 
 use super::host::{Host, HostError};

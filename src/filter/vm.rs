@@ -298,7 +298,7 @@ impl Vm {
         }
         if between_ticks {
             // Between ticks: probes only.
-            return self.fleet_tick(host, now, self.current);
+            return self.fleet_tick(host, now, self.current, false);
         }
         self.next_tick = now + self.router.config().tick_ms * MS;
         let current = !self.superseded(host);
@@ -311,7 +311,7 @@ impl Vm {
         }
         self.read_snapshot(host, now);
         self.router.tick(now);
-        self.fleet_tick(host, now, current);
+        self.fleet_tick(host, now, current, true);
         let tau = self.router.config().load.tau_ms as f64 / 1000.0;
         self.reporter.tick(now, tau);
         self.share_load(host, now);
@@ -616,7 +616,8 @@ impl Vm {
     }
 
     /// The fleet view: the lease holder probes and publishes, the others apply its reports.
-    fn fleet_tick(&mut self, host: &dyn Host, now: Nanos, current: bool) {
+    /// Probes and report sharing: on each tick and, `tick` false, on the timer events between.
+    fn fleet_tick(&mut self, host: &dyn Host, now: Nanos, current: bool, tick: bool) {
         let enabled = self.router.config().probe.enabled;
         let prober = current && now < self.lease_until && enabled;
         if enabled {
@@ -627,7 +628,7 @@ impl Vm {
             self.prober
                 .send(host, &mut self.router, &mut self.stats.fleet, now);
         }
-        self.prober.share(host, &mut self.router, prober, now);
+        self.prober.share(host, &mut self.router, prober, tick, now);
     }
 
     /// Whether this Envoy is placing streams sets the probe interval: each VM publishes its

@@ -1,6 +1,8 @@
 //! Native microbenchmark of the streamlb routing core: cost of a placement (`Router::place` +
-//! `on_upstream` + `on_end`) vs number of endpoints, cost of `tick` per tracked stream, and heap
-//! bytes per tracked stream and per endpoint (counting allocator). Prints a table and one JSON line.
+//! `on_upstream` + `on_end`) vs number of endpoints, cost of `tick` per tracked stream, cost of a
+//! probe event between ticks while placing (`due_probes` every 250 ms, each answer applied on its
+//! own as the filter does), and heap bytes per tracked stream and per endpoint (counting
+//! allocator). Prints a table and one JSON line.
 //!
 //! Heap figures are for a 64-bit build; the filter runs as wasm32 (4-byte pointers and usize),
 //! so its figures are at most these.
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 use streamlb_core::config::Config;
 use streamlb_core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
+use streamlb_core::fleet::LoadReport;
 use streamlb_core::penalty::Outcome;
 use streamlb_core::router::Router;
 use streamlb_core::streams::Direction;
@@ -93,12 +96,13 @@ fn main() {
     let mut rows = Vec::new();
     println!("streamlb core microbenchmark (native, release; {iters} placements per row)");
     println!(
-        "{:>9} {:>6} {:>9} | {:>12} {:>14} | {:>14} {:>16}",
+        "{:>9} {:>6} {:>9} | {:>12} {:>14} {:>15} | {:>14} {:>16}",
         "endpoints",
         "zones",
         "streams",
         "place ns/op",
         "tick ns/stream",
+        "probe event µs",
         "heap B/stream",
         "heap B/endpoint"
     );
@@ -149,11 +153,28 @@ fn main() {
             r.tick(now);
         }
         let tick_ns = start.elapsed().as_nanos() as f64 / (ticks as f64 * streams as f64);
+        // A probe event between ticks while placing: the probes due, each answer applied.
+        let events: u64 = if quick { 20 } else { 200 };
+        let start = Instant::now();
+        for k in 0..events {
+            now += SEC / 4;
+            r.note_placing(now);
+            for (_, address) in r.due_probes(now) {
+                let report = LoadReport {
+                    rate: 100.0 + k as f64,
+                    utilization: Some(0.5),
+                    streams: Some(100.0),
+                    at: now,
+                };
+                r.apply_reports(now, "pods", &[(address, report)]);
+            }
+        }
+        let probe_us = start.elapsed().as_nanos() as f64 / events as f64 / 1000.0;
         println!(
-            "{n:>9} {zones:>6} {streams:>9} | {place_ns:>12.0} {tick_ns:>14.1} | {per_stream:>14.0} {per_endpoint:>16.0}"
+            "{n:>9} {zones:>6} {streams:>9} | {place_ns:>12.0} {tick_ns:>14.1} {probe_us:>15.1} | {per_stream:>14.0} {per_endpoint:>16.0}"
         );
         rows.push(format!(
-            r#"{{"endpoints":{n},"zones":{zones},"streams":{streams},"place_ns":{place_ns:.1},"tick_ns_per_stream":{tick_ns:.2},"heap_bytes_per_stream":{per_stream:.1},"heap_bytes_per_endpoint":{per_endpoint:.1}}}"#
+            r#"{{"endpoints":{n},"zones":{zones},"streams":{streams},"place_ns":{place_ns:.1},"tick_ns_per_stream":{tick_ns:.2},"probe_event_us":{probe_us:.1},"heap_bytes_per_stream":{per_stream:.1},"heap_bytes_per_endpoint":{per_endpoint:.1}}}"#
         ));
     }
     println!("{{\"microbench\":[{}]}}", rows.join(","));

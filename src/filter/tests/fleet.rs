@@ -262,10 +262,20 @@ fn while_any_worker_places_streams_the_prober_probes_between_ticks() {
         answer(&h1, &v1, *token, "200", Some(b"TEXT rps_fractional=10"));
     }
     let probes_ok = "streamlb_probes_total.cluster=.=pods;.;result=.=ok;.;";
-    // Nothing placed: between ticks no pod is due (each once per interval_ms).
+    let published = || {
+        store
+            .borrow()
+            .get(&reports_key("pods"))
+            .map(|(_, cas)| *cas)
+    };
+    let before = published();
+    // Nothing placed: between ticks no pod is due (each once per interval_ms); the reports
+    // that arrived since the tick are published.
     h1.time.set(11 * SEC + SEC / 2);
     v1.borrow_mut().on_tick(&h1);
     assert_eq!(probes(&h1).len(), 2);
+    let after = published();
+    assert_ne!(after, before);
     // The other worker places a stream and publishes that on its timer.
     h2.time.set(11 * SEC + SEC / 2);
     v2.borrow_mut().on_tick(&h2);
@@ -279,6 +289,7 @@ fn while_any_worker_places_streams_the_prober_probes_between_ticks() {
     h1.time.set(11 * SEC + 3 * SEC / 4);
     v1.borrow_mut().on_tick(&h1);
     assert_eq!(probes(&h1).len(), 4);
+    assert_eq!(published(), after, "no new report: nothing published again");
     // Between ticks nothing but probes: the stats are flushed on the tick.
     assert_eq!(h1.metric(probes_ok), 0);
     h1.time.set(12 * SEC);
