@@ -194,7 +194,7 @@ sim: venv build-lab
 	$(LAB) sim --scenario $(SCENARIO) --progress --out build/sim-$(notdir $(SCENARIO)) > /dev/null
 	$(PY) bench/report.py build/sim-$(notdir $(SCENARIO))
 
-## microbench: the core's pick cost vs endpoints and heap per stream/endpoint.
+## microbench: the core's pick, tick and probe-event cost vs endpoints, and heap per stream/endpoint.
 microbench: build-lab
 	$(CARGO_TARGET_DIR)/release/microbench
 
