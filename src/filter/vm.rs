@@ -615,8 +615,8 @@ impl Vm {
         }
     }
 
-    /// The fleet view: the lease holder probes and publishes, the others apply its reports.
-    /// Probes and report sharing: on each tick and, `tick` false, on the timer events between.
+    /// The fleet view: the lease holder probes and publishes, the others apply its reports; on
+    /// each tick and (`tick` false) on the timer events between ticks.
     fn fleet_tick(&mut self, host: &dyn Host, now: Nanos, current: bool, tick: bool) {
         let enabled = self.router.config().probe.enabled;
         let prober = current && now < self.lease_until && enabled;
@@ -632,8 +632,8 @@ impl Vm {
     }
 
     /// Whether this Envoy is placing streams sets the probe interval: each VM publishes its
-    /// latest placement (shared data, at most once per timer event), and the prober reads the
-    /// others'.
+    /// latest placement (shared data, at most once per timer event; the last writer wins, so an
+    /// older time may stand for one event), and the prober reads the others'.
     fn share_placing(&mut self, host: &dyn Host, prober: bool) {
         if let Some(t) = self
             .router
