@@ -29,6 +29,7 @@ use super::config::Config;
 use super::discovery::ClusterSnapshot;
 use super::ewma::Decaying;
 use super::fleet::{FleetSummary, LoadReport};
+use super::streams::Counted;
 use super::{penalty, slow_start, Nanos};
 
 #[derive(Debug, Clone)]
@@ -446,13 +447,6 @@ impl Cluster {
         self.add_zone_load(i, delta);
     }
 
-    /// Add `delta` to endpoint `i`'s young weights (see [`Endpoint::young`]).
-    pub fn add_young(&mut self, i: usize, delta: f64) {
-        if let Some(e) = self.endpoints.get_mut(i) {
-            e.young += delta;
-        }
-    }
-
     /// Add `delta` to endpoint `i`'s guessed load of the other workers (and to its zone's sum).
     pub fn add_peer_guess(&mut self, i: usize, delta: f64) {
         let Some(e) = self.endpoints.get_mut(i) else {
@@ -473,28 +467,30 @@ impl Cluster {
     }
 
     /// Remove a stream's contribution from endpoint `i`.
-    pub fn remove_stream_load(&mut self, i: usize, rate: f64, pending: f64) {
+    pub fn remove_stream_load(&mut self, i: usize, k: Counted) {
         let Some(e) = self.endpoints.get_mut(i) else {
             return;
         };
-        e.local_rate = (e.local_rate - rate).max(0.0);
-        e.local_pending = (e.local_pending - pending).max(0.0);
+        e.local_rate = (e.local_rate - k.rate).max(0.0);
+        e.local_pending = (e.local_pending - k.pending).max(0.0);
+        e.young -= k.young; // exact inverse: read clamped (Router::apply_reports)
         e.local_active = e.local_active.saturating_sub(1);
-        self.add_zone_load(i, -(rate + pending));
+        self.add_zone_load(i, -(k.rate + k.pending));
     }
 
     /// A stream planned to move leaves (`aside`) or rejoins endpoint `i`'s load: it ends at its
     /// next request message, so placements and plans count it as gone. It stays among the
     /// endpoint's active streams until it ends.
-    pub fn set_aside(&mut self, i: usize, rate: f64, pending: f64, aside: bool) {
+    pub fn set_aside(&mut self, i: usize, k: Counted, aside: bool) {
         let Some(e) = self.endpoints.get_mut(i) else {
             return;
         };
         let sign = if aside { -1.0 } else { 1.0 };
-        e.local_rate = (e.local_rate + sign * rate).max(0.0);
-        e.local_pending = (e.local_pending + sign * pending).max(0.0);
-        e.aside = (e.aside - sign * (rate + pending)).max(0.0);
-        self.add_zone_load(i, sign * (rate + pending));
+        e.local_rate = (e.local_rate + sign * k.rate).max(0.0);
+        e.local_pending = (e.local_pending + sign * k.pending).max(0.0);
+        e.young += sign * k.young;
+        e.aside = (e.aside - sign * (k.rate + k.pending)).max(0.0);
+        self.add_zone_load(i, sign * (k.rate + k.pending));
     }
 
     /// A stream of `load` on endpoint `i` ended (`was_aside`: its load was set aside already).
@@ -508,14 +504,15 @@ impl Cluster {
     }
 
     /// Add a stream's contribution to endpoint `i`.
-    pub fn add_stream_load(&mut self, i: usize, rate: f64, pending: f64) {
+    pub fn add_stream_load(&mut self, i: usize, k: Counted) {
         let Some(e) = self.endpoints.get_mut(i) else {
             return;
         };
-        e.local_rate += rate;
-        e.local_pending += pending;
+        e.local_rate += k.rate;
+        e.local_pending += k.pending;
+        e.young += k.young;
         e.local_active += 1;
-        self.add_zone_load(i, rate + pending);
+        self.add_zone_load(i, k.rate + k.pending);
     }
 
     fn add_zone_load(&mut self, i: usize, delta: f64) {
@@ -599,7 +596,14 @@ mod tests {
         assert!(remap.is_empty());
         assert_eq!(c.endpoints.len(), 2);
         assert_eq!(c.endpoint(0).unwrap().first_seen, None); // first snapshot: not new
-        c.add_stream_load(1, 5.0, 1.0);
+        c.add_stream_load(
+            1,
+            Counted {
+                rate: 5.0,
+                pending: 1.0,
+                young: 0.0,
+            },
+        );
         let remap = c.apply_snapshot(
             &cfg,
             10 * S,
@@ -639,8 +643,13 @@ mod tests {
         );
         assert_eq!(c.totals(), (0.0, 5.0));
         c.add_pending(0, 2.0);
-        c.add_stream_load(2, 4.0, 0.5);
-        c.remove_stream_load(2, 1.0, 0.5);
+        let k = |rate, pending| Counted {
+            rate,
+            pending,
+            young: 0.0,
+        };
+        c.add_stream_load(2, k(4.0, 0.5));
+        c.remove_stream_load(2, k(1.0, 0.5));
         let a = c.zones.iter().find(|z| z.name == "a").unwrap();
         assert_eq!((a.load, a.capacity, a.healthy.len()), (2.0, 4.0, 2));
         assert_eq!(c.totals().0, 5.0);

@@ -750,7 +750,7 @@ mod tests {
             for &r in *rates {
                 let mut s = Stream::new(ClusterIdx(0), RouteIdx(0), Some(j), 0, r);
                 s.pending = r;
-                c.add_stream_load(j, 0.0, r);
+                c.add_stream_load(j, s.counted());
                 t.insert(id, s);
                 id += 1;
             }
@@ -783,7 +783,7 @@ mod tests {
             for &r in *rates {
                 let mut s = Stream::new(ClusterIdx(0), RouteIdx(0), Some(j), 0, r);
                 s.pending = r;
-                c.add_stream_load(j, 0.0, r);
+                c.add_stream_load(j, s.counted());
                 t.insert(t.len() as u64, s);
             }
         }
@@ -858,8 +858,8 @@ mod tests {
     fn carry_out(c: &mut Cluster, t: &mut StreamTable, plan: &Plan) {
         for m in &plan.moves {
             if let Some(s) = t.get_mut(m.stream) {
-                c.remove_stream_load(m.from, 0.0, s.pending);
-                c.add_stream_load(m.to_room_on, 0.0, s.pending);
+                c.remove_stream_load(m.from, s.counted());
+                c.add_stream_load(m.to_room_on, s.counted());
                 s.endpoint = Some(m.to_room_on);
             }
         }
@@ -1103,7 +1103,7 @@ mod tests {
         for (_, s) in t.iter_mut().filter(|(_, s)| s.prior == 4.0) {
             s.move_planned = true;
             if let Some(j) = s.endpoint {
-                c.set_aside(j, s.rate.value(), s.pending, true);
+                c.set_aside(j, s.load(), true);
             }
         }
         assert!(plan_home_first(&c, &t, 100 * S).is_empty());

@@ -26,7 +26,7 @@ use super::rate_memory;
 use super::rebalance::{self, MoveWhy, Pace, Plan};
 use super::rng::Rng;
 use super::routes::RouteNames;
-use super::streams::{Direction, Stream, StreamTable};
+use super::streams::{Counted, Direction, Stream, StreamTable};
 use super::zone::{self, Reason, ZoneChoice};
 use super::{ClusterIdx, Nanos, RouteIdx, NANOS_PER_SEC};
 
@@ -331,8 +331,13 @@ impl Router {
         let young = self.young_weight(now, now);
         let c = self.clusters.get_mut(ci.0)?;
         if let Some(j) = placed_on {
-            c.add_stream_load(j, 0.0, e);
-            c.add_young(j, young);
+            c.add_stream_load(
+                j,
+                Counted {
+                    young,
+                    ..Counted::prior(e)
+                },
+            );
             c.add_peer_guess(j, self.peers as f64 * e);
         } else {
             decision.reason = Reason::Fallback;
@@ -507,14 +512,11 @@ impl Router {
         let c = self.clusters.get_mut(s.cluster.0)?;
         let j = c.observe_upstream(now, address, zone);
         if s.endpoint != Some(j) {
-            let (rate, pending) = s.counted();
-            let young = if s.move_planned { 0.0 } else { s.young };
+            let k = s.counted();
             if let Some(old) = s.endpoint {
-                c.remove_stream_load(old, rate, pending);
-                c.add_young(old, -young);
+                c.remove_stream_load(old, k);
             }
-            c.add_stream_load(j, rate, pending);
-            c.add_young(j, young);
+            c.add_stream_load(j, k);
             s.endpoint = Some(j);
         }
         let zone = c.endpoint(j).map_or("", |e| e.zone.as_str());
@@ -599,11 +601,7 @@ impl Router {
             c.own_unknown = (c.own_unknown - s.pending).max(0.0);
         }
         if let Some(j) = s.endpoint {
-            let (rate, pending) = s.counted();
-            c.remove_stream_load(j, rate, pending);
-            if !s.move_planned {
-                c.add_young(j, -s.young);
-            }
+            c.remove_stream_load(j, s.counted());
             c.note_ended(j, s.estimate(), s.move_planned);
         }
     }
@@ -634,10 +632,9 @@ impl Router {
         if planned {
             s.planned_at = now;
         }
-        let (rate, pending, young) = (s.rate.value(), s.pending, s.young);
+        let load = s.load();
         if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster.0), s.endpoint) {
-            c.set_aside(j, rate, pending, planned);
-            c.add_young(j, if planned { -young } else { young });
+            c.set_aside(j, load, planned);
         }
     }
 
@@ -686,13 +683,12 @@ impl Router {
             }
             if let (Some(c), Some(j)) = (self.clusters.get_mut(s.cluster.0), s.endpoint) {
                 if let Some(e) = c.endpoint_mut(j) {
-                    let (rate, pending) = s.counted();
-                    e.local_rate += rate;
-                    e.local_pending += pending;
+                    let k = s.counted();
+                    e.local_rate += k.rate;
+                    e.local_pending += k.pending;
+                    e.young += k.young;
                     if s.move_planned {
                         e.aside += s.estimate();
-                    } else {
-                        e.young += w;
                     }
                     e.local_active += 1;
                 }
@@ -1107,8 +1103,7 @@ impl Router {
             .endpoint
             .map(|(address, zone)| c.observe_upstream(now, &address, || zone));
         if let Some(j) = s.endpoint {
-            c.add_stream_load(j, s.rate.value(), s.pending);
-            c.add_young(j, s.young);
+            c.add_stream_load(j, s.counted());
         }
         if let Some(old) = self.streams.insert(handed.id, s) {
             self.forget(&old);

@@ -118,13 +118,41 @@ impl Stream {
         self.rate.value() + self.pending
     }
 
-    /// (rate EWMA, pending prior) as counted in its endpoint's `local_*`: nothing while it is
-    /// planned to move (its load is set aside).
-    pub fn counted(&self) -> (f64, f64) {
+    /// What it adds to its endpoint's sums: nothing while it is planned to move (its load is
+    /// set aside).
+    pub fn counted(&self) -> Counted {
         if self.move_planned {
-            (0.0, 0.0)
+            Counted::default()
         } else {
-            (self.rate.value(), self.pending)
+            self.load()
+        }
+    }
+
+    /// Its rate EWMA, pending prior and young weight, planned to move or not.
+    pub fn load(&self) -> Counted {
+        Counted {
+            rate: self.rate.value(),
+            pending: self.pending,
+            young: self.young,
+        }
+    }
+}
+
+/// What a stream adds to its endpoint's sums (`local_rate`, `local_pending`, `young`; see
+/// [`crate::endpoints::Cluster::add_stream_load`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counted {
+    pub rate: f64,
+    pub pending: f64,
+    pub young: f64,
+}
+
+impl Counted {
+    /// A stream known only by its prior (placement, tests).
+    pub fn prior(pending: f64) -> Self {
+        Counted {
+            pending,
+            ..Counted::default()
         }
     }
 }
