@@ -205,6 +205,10 @@ impl Router {
     /// whole). One streaming exchange on the route, ended or seen on the tick, ends it.
     pub fn is_unary_route(&mut self, route: &str) -> bool {
         let ri = self.routes.intern(route);
+        self.is_unary(ri)
+    }
+
+    fn is_unary(&self, ri: RouteIdx) -> bool {
         self.unary_streak.get(ri.0).copied().unwrap_or(0) >= UNARY_ROUTE_STREAK
     }
 
@@ -314,7 +318,7 @@ impl Router {
     ) -> Option<Decision> {
         let ci = self.cluster_index(cluster)?;
         let ri = self.routes.intern(route);
-        if self.unary_streak.get(ri.0).copied().unwrap_or(0) < UNARY_ROUTE_STREAK {
+        if !self.is_unary(ri) {
             self.note_placing(now);
         }
         let remembered = source.and_then(|s| s.rate).is_some();
@@ -829,22 +833,25 @@ impl Router {
             .is_some_and(|t| now.saturating_sub(t) <= self.cfg.probe.interval_ms * 1_000_000)
     }
 
-    /// The probe interval now: `probe.placing_interval_ms` while placing, else
-    /// `probe.interval_ms` (never above it).
+    /// The probe interval now: the placing interval while placing, else `probe.interval_ms`.
     pub fn probe_interval_ms(&self, now: Nanos) -> u64 {
-        let p = &self.cfg.probe;
         if self.is_placing(now) {
-            p.placing_interval_ms.min(p.interval_ms)
+            self.placing_interval_ms()
         } else {
-            p.interval_ms
+            self.cfg.probe.interval_ms
         }
+    }
+
+    /// `probe.placing_interval_ms`, never above `probe.interval_ms`.
+    fn placing_interval_ms(&self) -> u64 {
+        let p = &self.cfg.probe;
+        p.placing_interval_ms.min(p.interval_ms)
     }
 
     /// The timer period: `tick_ms`, shorter when probes may run at the placing interval.
     pub fn timer_period_ms(&self) -> u64 {
-        let p = &self.cfg.probe;
-        if p.enabled && !self.clusters.is_empty() {
-            self.cfg.tick_ms.min(p.placing_interval_ms)
+        if self.cfg.probe.enabled && !self.clusters.is_empty() {
+            self.cfg.tick_ms.min(self.placing_interval_ms())
         } else {
             self.cfg.tick_ms
         }
@@ -1667,6 +1674,7 @@ mod tests {
         let mut slow = Router::new(cfg(slow), "", 1);
         slow.note_placing(0);
         assert_eq!(slow.probe_interval_ms(0), 100, "never above interval_ms");
+        assert_eq!(slow.timer_period_ms(), 100);
     }
 
     #[test]
