@@ -128,6 +128,10 @@ def markdown_table(out: dict) -> str:
     if o:
         rows.append(f"| oracle (lower bound / LPT; cross-zone minimum) | {f(o.get('lower_bound'))} / {f(o.get('lpt'))} | | "
                     f"{f(o.get('min_cross_zone'))} | | | | |")
+        if o.get("online_any_pod") is not None:
+            rows.append(f"| online, blind to each new stream's rate (any pod / local zone first) | "
+                        f"{f(o.get('online_any_pod'))} / {f(o.get('online_local_first'))} | | "
+                        f"– / {f(o.get('online_local_first_cross_zone'))} | | | | |")
     sim = out.get("sim")
     if sim:
         rows.append("")

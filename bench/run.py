@@ -531,7 +531,11 @@ def main() -> int:
                     runs[p].append({"policy": p, "error": str(e)[-2000:], "seed": sck["seed"]})
             if round_rates:
                 try:
-                    oracles.append(lab_plan(scenario_file, stream_rates=round_rates)["oracle"])
+                    o = lab_plan(scenario_file, stream_rates=round_rates)["oracle"]
+                    oracles.append(o)
+                    log(f"  oracle of round {k + 1}: LPT {fmt(o['lpt'])}; online any pod {fmt(o['online_any_pod'])}, "
+                        f"local zone first {fmt(o['online_local_first'])} (cross-zone {fmt(o['online_local_first_cross_zone'])}); "
+                        f"cross-zone minimum {fmt(o['min_cross_zone'])}")
                 except RuntimeError as e:
                     log(f"  oracle of round {k + 1} failed: {e}")
     finally:

@@ -3,7 +3,7 @@
 //! and the oracle figures for the streams the devices really ran.
 
 use crate::scenario::{merge, Scenario};
-use crate::sim::{oracle, World};
+use crate::sim::{online_greedy, oracle, World};
 use anyhow::Context;
 use serde_json::{json, Value};
 
@@ -48,7 +48,38 @@ pub fn oracle_for(sc: &Scenario, streams: &[(String, f64)]) -> anyhow::Result<Va
         zones,
     };
     let (lower_bound, lpt, min_cross_zone) = oracle(&world, &vec![true; streams.len()], sc.epsilon);
-    Ok(json!({"lower_bound": lower_bound, "lpt": lpt, "min_cross_zone": min_cross_zone}))
+    let arrivals = arrival_order(sc, &world.dev_proxy);
+    let mean_rate = sc.streams.mean_rate;
+    let any_pod = online_greedy(&world, &arrivals, mean_rate, None);
+    let local_first = online_greedy(&world, &arrivals, mean_rate, Some(sc.epsilon));
+    Ok(json!({
+        "lower_bound": lower_bound, "lpt": lpt, "min_cross_zone": min_cross_zone,
+        "online_any_pod": any_pod.max_over_mean,
+        "online_local_first": local_first.max_over_mean,
+        "online_local_first_cross_zone": local_first.cross_zone,
+    }))
+}
+
+/// Streams (indices into `zone_of`, each stream's client zone) in the order the devices open
+/// them: each zone's k-th of n at `ramp_s · k / n` (one `lab devices` per zone), ties in zone order.
+fn arrival_order(sc: &Scenario, zone_of: &[usize]) -> Vec<usize> {
+    let mut per_zone: std::collections::HashMap<usize, usize> = Default::default();
+    for &z in zone_of {
+        *per_zone.entry(z).or_default() += 1;
+    }
+    let mut seen: std::collections::HashMap<usize, usize> = Default::default();
+    let mut timed: Vec<(f64, usize)> = zone_of
+        .iter()
+        .enumerate()
+        .map(|(d, &z)| {
+            let k = seen.entry(z).or_default();
+            let t = sc.streams.ramp_s * *k as f64 / per_zone[&z] as f64;
+            *k += 1;
+            (t, d)
+        })
+        .collect();
+    timed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    timed.into_iter().map(|(_, d)| d).collect()
 }
 
 /// The plan as JSON: `streams_per_zone` ([zone, count] in client-zone order), `filter_config`
@@ -131,6 +162,38 @@ mod tests {
         // max util 1 against mean 400/600.
         let flat = oracle_for(&scenario([200.0, 200.0]), &streams).unwrap();
         assert_eq!(flat["lpt"], json!(1.5));
+    }
+
+    #[test]
+    fn online_references_place_in_arrival_order_blind_to_the_new_rate() {
+        // Pods a-0, a-1, b-0, all capacity 100; ε 0.1; the scenario's mean rate is 10.
+        let mut sc = scenario([100.0, 100.0]);
+        sc.epsilon = 0.1;
+        let streams: Vec<(String, f64)> = [("a", 10.0), ("a", 10.0), ("a", 30.0), ("a", 10.0)]
+            .iter()
+            .map(|(z, r)| (z.to_string(), *r))
+            .collect();
+        let oracle = oracle_for(&sc, &streams).unwrap();
+        let close = |key: &str, want: f64| {
+            let got = oracle[key].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-9, "{key}: {got}, want {want}");
+        };
+        // Mean load 60/300 = 0.2. Any pod: 10 → a-0, 10 → a-1, 30 → b-0, 10 → a-0: max 0.3.
+        close("online_any_pod", 1.5);
+        // Local first, each new stream counted at 10: the first would put zone a (2/3 of the
+        // capacity) at 0.05 > 1.1 × 10/300, so it goes to b-0; the second stays (a-0); so does
+        // the 30 (a-1; counted at 10: 20/200 ≤ 1.1 × 30/300 — at its real rate it would
+        // spill); the last would put a at 50/200 > 1.1 × 60/300: b-0. Loads 10, 30, 20.
+        close("online_local_first", 1.5);
+        close("online_local_first_cross_zone", 20.0 / 60.0);
+    }
+
+    #[test]
+    fn arrivals_follow_each_zones_ramp() {
+        // Zone a's 3 devices open at 0, 3, 6 s; zone b's one at 0 (ties in zone order).
+        let mut sc = scenario([100.0, 100.0]);
+        sc.streams.ramp_s = 9.0;
+        assert_eq!(arrival_order(&sc, &[0, 0, 0, 1]), vec![0, 3, 1, 2]);
     }
 
     #[test]

@@ -779,6 +779,70 @@ pub fn oracle(w: &World, active: &[bool], eps: f64) -> (f64, f64, f64) {
     (bound, lpt, min_cross)
 }
 
+/// What an online placer reaches (see [`online_greedy`]).
+pub struct Online {
+    pub max_over_mean: f64,
+    pub cross_zone: f64,
+}
+
+/// A reference for placement without moves: streams placed one by one in `arrivals` order,
+/// each knowing every earlier stream's rate exactly but not its own (counted at `mean_rate`).
+/// Without `local_first` each goes to the least-utilised up pod (list scheduling). With
+/// `local_first = Some(ε)` it stays in its client zone, on the zone's least-utilised pod, while
+/// the zone's utilisation with it stays ≤ (1 + ε) × the fleet's; else it goes to the
+/// least-utilised pod of the other zones. Utilisation = load / capacity; ties to the lower index.
+pub fn online_greedy(
+    w: &World,
+    arrivals: &[usize],
+    mean_rate: f64,
+    local_first: Option<f64>,
+) -> Online {
+    let up: Vec<usize> = w.up_pods().collect();
+    let mut load = vec![0.0; w.pod_up.len()];
+    let sum_c: f64 = up.iter().map(|&j| cap(w, j)).sum();
+    let (mut total, mut crossed) = (0.0, 0.0);
+    let least = |load: &[f64], pods: &mut dyn Iterator<Item = usize>| {
+        pods.min_by(|&a, &b| {
+            (load[a] / cap(w, a))
+                .total_cmp(&(load[b] / cap(w, b)))
+                .then(a.cmp(&b))
+        })
+    };
+    for &d in arrivals {
+        let zone = w.proxy_zone[w.dev_proxy[d]];
+        let stays = match local_first {
+            None => true,
+            Some(eps) => {
+                let zone_cap: f64 = w.up_in_zone(zone).map(|j| cap(w, j)).sum();
+                let zone_load: f64 = w.up_in_zone(zone).map(|j| load[j]).sum::<f64>() + mean_rate;
+                let fleet_load: f64 = up.iter().map(|&j| load[j]).sum::<f64>() + mean_rate;
+                zone_cap > 0.0 && zone_load / zone_cap <= (1.0 + eps) * fleet_load / sum_c
+            }
+        };
+        let pick = match (local_first, stays) {
+            (None, _) => least(&load, &mut up.iter().copied()),
+            (Some(_), true) => least(&load, &mut w.up_in_zone(zone)),
+            (Some(_), false) => least(
+                &load,
+                &mut up.iter().copied().filter(|&j| w.pod_zone[j] != zone),
+            )
+            .or_else(|| least(&load, &mut up.iter().copied())),
+        };
+        let Some(j) = pick else { continue };
+        load[j] += w.dev_rate[d];
+        total += w.dev_rate[d];
+        if w.pod_zone[j] != zone {
+            crossed += w.dev_rate[d];
+        }
+    }
+    let mean = if sum_c > 0.0 { total / sum_c } else { 0.0 };
+    let max_u = up.iter().map(|&j| load[j] / cap(w, j)).fold(0.0, f64::max);
+    Online {
+        max_over_mean: if mean > 0.0 { max_u / mean } else { 0.0 },
+        cross_zone: if total > 0.0 { crossed / total } else { 0.0 },
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Event {
     Arrive,

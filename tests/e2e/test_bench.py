@@ -53,6 +53,12 @@ def test_stream_split_filter_config_and_oracle_come_from_lab(bench, scenario_fil
     assert oracle["lpt"] == pytest.approx(1.0 / (300 / 700))
     # Zone a demands everything, holds 1/7 of the capacity: 1 − 1.1/7 must cross.
     assert oracle["min_cross_zone"] == pytest.approx(1 - 1.1 / 7)
+    # Online, blind to each new rate (counted at the mean, 5): any pod fills a-0, b-0, b-1 in
+    # turn; local first spills the first (zone a would exceed 1.1 × the fleet), keeps the second
+    # on a-0 and spills the third to b-1. Both end like LPT, with 2 of 3 streams crossing.
+    assert oracle["online_any_pod"] == pytest.approx(1.0 / (300 / 700))
+    assert oracle["online_local_first"] == pytest.approx(1.0 / (300 / 700))
+    assert oracle["online_local_first_cross_zone"] == pytest.approx(2 / 3)
     with pytest.raises(RuntimeError, match="lab plan failed"):
         bench.lab_plan(scenario_file, stream_rates=[["z", 1]])
 
