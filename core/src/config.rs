@@ -93,6 +93,10 @@ pub struct ReporterConfig {
     /// Messages/s the pod can serve (utilisation = rate / capacity); 0: the app's own ORCA
     /// utilisation when it sends one, else none.
     pub capacity: f64,
+    /// Time constant of the reported rate (EWMA) and of a young stream's fading prior. Short, so
+    /// a stream another proxy just placed shows at its real rate within a second or two; the
+    /// placing filter's `load.tau_ms` smooths per-stream rates and is longer.
+    pub tau_ms: u64,
 }
 
 /// The probe and reporter path.
@@ -118,6 +122,7 @@ impl Default for ReporterConfig {
         ReporterConfig {
             path: DEFAULT_LOAD_PATH.into(),
             capacity: 0.0,
+            tau_ms: 1000,
         }
     }
 }
@@ -527,6 +532,7 @@ impl Config {
         if let Some(r) = &self.reporter {
             path_in("reporter.path", &r.path)?;
             float_in("reporter.capacity", r.capacity, 0.0, 1e12)?;
+            int_in("reporter.tau_ms", r.tau_ms, 100, 3_600_000)?;
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! [`streamlb_core::router::Router`] per proxy worker (workers of one proxy share loads like
 //! Envoy workers do through shared data). `streamlb` probes the pods as the filter does
 //! (`Router::due_probes` each second, a probe lost with probability `PROBE_LOSS`); a pod answers
-//! with its load as a reporter measures it (EWMA with the filter's τ of its true load plus the
+//! with its load as a reporter measures it (EWMA with the reporter's τ of its true load plus the
 //! fading priors of its young streams, and utilisation = load / capacity when the zone has one),
 //! and every worker of the proxy gets the reports. `streamlb_local` is the same without probes (each proxy sees only its own streams);
 //! `streamlb_global_view` shares every proxy's own load with all, an ideal no Envoy has.
@@ -358,7 +358,7 @@ impl Streamlb {
             reported: vec![0.0; w.pod_up.len()],
             young: vec![0.0; w.pod_up.len()],
             prior: 0.0,
-            tau_s: cfg.load.tau_ms as f64 / 1000.0,
+            tau_s: cfg.reporter.clone().unwrap_or_default().tau_ms as f64 / 1000.0,
             rng: Rng::new(seed ^ 0x9b0b),
             probes: (0, 0),
             memory: vec![HashMap::new(); w.proxy_zone.len()],

@@ -246,6 +246,48 @@ fn the_reporter_answers_marked_get_probes_with_every_stream_it_saw() {
 }
 
 #[test]
+fn the_reporter_learns_a_new_stream_at_reporter_tau_not_load_tau() {
+    let store = SharedStore::default();
+    let h = host(&store);
+    // load.tau_ms (the placing side's smoothing) is 5 s; the reporter's own τ is left at 1 s.
+    let v = vm(
+        &h,
+        r#"{"reporter":{},"load":{"tau_ms":5000},"tick_ms":1000}"#,
+    );
+    h.set_request_header(":path", "/streamlb.lab.v1.Telemetry/Stream");
+    h.set_request_header(":method", "POST");
+    h.set_request_header("content-type", "application/grpc");
+    let frame = grpc_frames(&[16]);
+    let open = |id: u64| {
+        let mut s = StreamFilter::new(v.clone(), id);
+        assert_eq!(s.on_request_headers(&h), HeadersAction::Continue);
+        s
+    };
+    let mut streams: Vec<(StreamFilter, usize)> = (0..4).map(|i| (open(i), 10)).collect();
+    let mut t = 10;
+    let mut run = |streams: &mut Vec<(StreamFilter, usize)>, seconds: u64| {
+        for _ in 0..seconds {
+            for (s, rate) in streams.iter_mut() {
+                for _ in 0..*rate {
+                    send(&h, s, &frame);
+                }
+            }
+            t += 1;
+            h.time.set(t * SEC);
+            v.borrow_mut().on_tick(&h);
+        }
+    };
+    run(&mut streams, 30);
+    let rate = || v.borrow().reporter.measured().messages_per_second;
+    assert!((rate() - 40.0).abs() < 1.0, "{}", rate());
+    // A heavy stream (100 messages/s) joins: two seconds later the pod reports ≥ 90 % of
+    // its 140 (with τ = 5 s it would report about 80).
+    streams.push((open(9), 100));
+    run(&mut streams, 2);
+    assert!(rate() >= 0.9 * 140.0, "{}", rate());
+}
+
+#[test]
 fn while_any_worker_places_streams_the_prober_probes_between_ticks() {
     let store = SharedStore::default();
     let (h1, h2) = (host(&store), host(&store));
