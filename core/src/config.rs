@@ -93,9 +93,8 @@ pub struct ReporterConfig {
     /// Messages/s the pod can serve (utilisation = rate / capacity); 0: the app's own ORCA
     /// utilisation when it sends one, else none.
     pub capacity: f64,
-    /// Time constant of the reported rate (EWMA) and of a young stream's fading prior. Short, so
-    /// a stream another proxy just placed shows at its real rate within a second or two; the
-    /// placing filter's `load.tau_ms` smooths per-stream rates and is longer.
+    /// Time constant of the reported rate (EWMA) and of a young stream's fading prior (the
+    /// pod's own setting; the placing side's is `load.tau_ms`).
     pub tau_ms: u64,
 }
 
@@ -122,7 +121,7 @@ impl Default for ReporterConfig {
         ReporterConfig {
             path: DEFAULT_LOAD_PATH.into(),
             capacity: 0.0,
-            tau_ms: 1000,
+            tau_ms: 5000,
         }
     }
 }

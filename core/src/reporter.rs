@@ -1,8 +1,7 @@
 //! The reporter role: what streamlb on a pod's inbound proxy measures of all streams into the
 //! pod, from every placing proxy, to answer their load probes.
 //!
-//! Per VM (Envoy worker), with τ = `reporter.tau_ms` (1 s by default: a heavy stream another
-//! proxy just placed shows at 63 % of its excess over the prior after one second, 86 % after two):
+//! Per VM (Envoy worker), with τ = `reporter.tau_ms` (5 s by default):
 //!
 //! ```text
 //! R = EWMA of messages/s (both directions),  B = EWMA of bytes/s

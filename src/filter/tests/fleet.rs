@@ -249,10 +249,10 @@ fn the_reporter_answers_marked_get_probes_with_every_stream_it_saw() {
 fn the_reporter_learns_a_new_stream_at_reporter_tau_not_load_tau() {
     let store = SharedStore::default();
     let h = host(&store);
-    // load.tau_ms (the placing side's smoothing) is 5 s; the reporter's own τ is left at 1 s.
+    // load.tau_ms (the placing side's smoothing) is 5 s; the reporter's own τ is 1 s.
     let v = vm(
         &h,
-        r#"{"reporter":{},"load":{"tau_ms":5000},"tick_ms":1000}"#,
+        r#"{"reporter":{"tau_ms":1000},"load":{"tau_ms":5000},"tick_ms":1000}"#,
     );
     h.set_request_header(":path", "/streamlb.lab.v1.Telemetry/Stream");
     h.set_request_header(":method", "POST");
