@@ -9,8 +9,10 @@
 //!   (`ū` counts the new stream's expected rate `e`; the `+ κ·e` slack keeps a zone with only a
 //!   few streams from spilling, and gives local streams priority over other zones' spill);
 //! - **spill**: otherwise — a remote zone is drawn with probability proportional to its headroom
-//!   `max(0, (1 + κθ) · ū · C_z − L_z)` (the least loaded one if none has headroom), so only the
-//!   local excess crosses zones and it lands where there is room;
+//!   below the mean, `max(0, ū · C_z − L_z)` (the least loaded one if none has any), so only the
+//!   local excess crosses zones and it lands where there is room. Guests fill a zone only up to
+//!   the mean: its tolerance `κθ` stays for its own clients' streams, so one zone's spill does not
+//!   push another over its line and make that zone spill back (a → b, then b → a);
 //! - **no-local**: the proxy has no zone, or no healthy endpoint in it: all zones are candidates;
 //! - **fallback**: no usable endpoint data at all; Envoy's own policy decides.
 //!
@@ -116,7 +118,7 @@ pub fn choose(
     };
     // Known load gets one stream of slack above the limit: a handful of streams never spills,
     // and the local zone's own streams win over spill from other zones (whose target is the
-    // limit). Unknown priors get none: the stream, and the burst of the other workers it stands
+    // mean). Unknown priors get none: the stream, and the burst of the other workers it stands
     // for, crosses the limit at a random point, which rounds the local share without bias.
     if zones.len() == 1 {
         return ZoneChoice::Zone(li, Reason::Local);
@@ -130,7 +132,7 @@ pub fn choose(
     if load_of(lz) + crossing <= limit * lz.capacity + trust * expected {
         return ZoneChoice::Zone(li, Reason::Local);
     }
-    if let Some(i) = draw_by_headroom(zones, li, limit, lead, rng) {
+    if let Some(i) = draw_by_headroom(zones, li, mean, lead, rng) {
         return ZoneChoice::Zone(i, Reason::Spill);
     }
     let per_capacity = |z: &Zone| {
@@ -279,8 +281,25 @@ mod tests {
             }
         }
         assert_eq!(counts[0], 0);
+        // Mean 20: headroom below it b 10, c 2.
         let share_b = counts[1] as f64 / 8000.0;
-        assert!((share_b - 0.75).abs() < 0.03, "{counts:?}");
+        assert!((share_b - 10.0 / 12.0).abs() < 0.03, "{counts:?}");
+    }
+
+    #[test]
+    fn spill_leaves_other_zones_their_tolerance() {
+        let mut rng = Rng::new(11);
+        // Mean 20, limit 22: b (21) is within its own tolerance but above the mean, so a's
+        // spill goes to c only; b's room up to 22 stays for b's own clients.
+        let zs = [
+            zone("a", 30.0, 1.0),
+            zone("b", 21.0, 1.0),
+            zone("c", 9.0, 1.0),
+        ];
+        for _ in 0..2000 {
+            let got = choose(&zs, "a", 0.1, 1.0, 0.0, 0.0, 0.0, &mut rng);
+            assert_eq!(got, ZoneChoice::Zone(2, Reason::Spill));
+        }
     }
 
     #[test]
