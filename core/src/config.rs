@@ -389,6 +389,16 @@ fn err(path: &str, reason: String) -> ConfigError {
 }
 
 impl Config {
+    /// The reporter role's time constant in seconds (`reporter.tau_ms`, its default when the
+    /// role is off).
+    pub fn reporter_tau_secs(&self) -> f64 {
+        let ms = self
+            .reporter
+            .as_ref()
+            .map_or(ReporterConfig::default().tau_ms, |r| r.tau_ms);
+        ms as f64 / 1000.0
+    }
+
     /// Parse and validate the plugin configuration.
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);

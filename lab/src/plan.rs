@@ -63,18 +63,18 @@ pub fn oracle_for(sc: &Scenario, streams: &[(String, f64)]) -> anyhow::Result<Va
 /// Streams (indices into `zone_of`, each stream's client zone) in the order the devices open
 /// them: each zone's k-th of n at `ramp_s · k / n` (one `lab devices` per zone), ties in zone order.
 fn arrival_order(sc: &Scenario, zone_of: &[usize]) -> Vec<usize> {
-    let mut per_zone: std::collections::HashMap<usize, usize> = Default::default();
+    let zones = zone_of.iter().max().map_or(0, |&z| z + 1);
+    let mut per_zone = vec![0usize; zones];
     for &z in zone_of {
-        *per_zone.entry(z).or_default() += 1;
+        per_zone[z] += 1;
     }
-    let mut seen: std::collections::HashMap<usize, usize> = Default::default();
+    let mut seen = vec![0usize; zones];
     let mut timed: Vec<(f64, usize)> = zone_of
         .iter()
         .enumerate()
         .map(|(d, &z)| {
-            let k = seen.entry(z).or_default();
-            let t = sc.streams.ramp_s * *k as f64 / per_zone[&z] as f64;
-            *k += 1;
+            let t = sc.streams.ramp_s * seen[z] as f64 / per_zone[z] as f64;
+            seen[z] += 1;
             (t, d)
         })
         .collect();

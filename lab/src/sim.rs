@@ -358,7 +358,7 @@ impl Streamlb {
             reported: vec![0.0; w.pod_up.len()],
             young: vec![0.0; w.pod_up.len()],
             prior: 0.0,
-            tau_s: cfg.reporter.clone().unwrap_or_default().tau_ms as f64 / 1000.0,
+            tau_s: cfg.reporter_tau_secs(),
             rng: Rng::new(seed ^ 0x9b0b),
             probes: (0, 0),
             memory: vec![HashMap::new(); w.proxy_zone.len()],
@@ -808,21 +808,19 @@ pub fn online_greedy(
                 .then(a.cmp(&b))
         })
     };
+    // Whether zone z, with the new stream counted at the mean, stays within (1 + ε) × the fleet.
+    let has_room = |load: &[f64], z: usize, eps: f64| {
+        let zone_cap: f64 = w.up_in_zone(z).map(|j| cap(w, j)).sum();
+        let zone_load = w.up_in_zone(z).map(|j| load[j]).sum::<f64>() + mean_rate;
+        let fleet_load = up.iter().map(|&j| load[j]).sum::<f64>() + mean_rate;
+        zone_cap > 0.0 && zone_load / zone_cap <= (1.0 + eps) * fleet_load / sum_c
+    };
     for &d in arrivals {
         let zone = w.proxy_zone[w.dev_proxy[d]];
-        let stays = match local_first {
-            None => true,
-            Some(eps) => {
-                let zone_cap: f64 = w.up_in_zone(zone).map(|j| cap(w, j)).sum();
-                let zone_load: f64 = w.up_in_zone(zone).map(|j| load[j]).sum::<f64>() + mean_rate;
-                let fleet_load: f64 = up.iter().map(|&j| load[j]).sum::<f64>() + mean_rate;
-                zone_cap > 0.0 && zone_load / zone_cap <= (1.0 + eps) * fleet_load / sum_c
-            }
-        };
-        let pick = match (local_first, stays) {
-            (None, _) => least(&load, &mut up.iter().copied()),
-            (Some(_), true) => least(&load, &mut w.up_in_zone(zone)),
-            (Some(_), false) => least(
+        let pick = match local_first {
+            None => least(&load, &mut up.iter().copied()),
+            Some(eps) if has_room(&load, zone, eps) => least(&load, &mut w.up_in_zone(zone)),
+            Some(_) => least(
                 &load,
                 &mut up.iter().copied().filter(|&j| w.pod_zone[j] != zone),
             )

@@ -312,9 +312,8 @@ impl Vm {
         self.read_snapshot(host, now);
         self.router.tick(now);
         self.fleet_tick(host, now, current, true);
-        let cfg = self.router.config();
-        let tau_ms = cfg.reporter.as_ref().map_or(cfg.load.tau_ms, |r| r.tau_ms);
-        self.reporter.tick(now, tau_ms as f64 / 1000.0);
+        self.reporter
+            .tick(now, self.router.config().reporter_tau_secs());
         self.share_load(host, now);
         if current && self.router.config().rebalance.mode != RebalanceMode::Off {
             self.rebalance(host, now);
