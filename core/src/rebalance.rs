@@ -40,8 +40,9 @@
 //! per unit capacity below the spill line, so nothing spills back.
 //!
 //! **Spill spreads evenly** (same switch, same rounds): a proxy's stream on another zone z
-//! moves when a third zone y can take it and stay below that target and a hysteresis margin
-//! (η·m) below z's level; the proxy moves its share (its load on z over `L_z`) of what evens the
+//! moves when a third zone y can take it and stay at most at the mean m (the line up to which
+//! placement spills into a zone: its tolerance stays for its own clients) and a hysteresis
+//! margin (η·m) below z's level; the proxy moves its share (its load on z over `L_z`) of what evens the
 //! two, `x = (L_z·C_y − L_y·C_z) / (C_y + C_z)`. The zone rule re-places each by headroom. Each
 //! move lowers the pair's maximum by a margin, so moves cannot cycle, and the spill of a full
 //! zone ends where the other zones' own demand leaves room, so their streams can come home.
@@ -637,7 +638,7 @@ pub fn plan_zones(
         }
     }
     // Spread: between two other zones z and y, this proxy's share of what evens their levels,
-    // while y, after taking the stream, stays below the target and a hysteresis margin below z.
+    // while y, after taking the stream, stays at most at the mean and a hysteresis margin below z.
     let level = |loads: &[f64], z: usize| {
         let c = caps.get(z).copied().unwrap_or(0.0);
         if c > 0.0 {
@@ -661,7 +662,7 @@ pub fn plan_zones(
         let fits = |y: usize, rate: f64, loads: &[f64]| {
             let cy = caps.get(y).copied().unwrap_or(0.0);
             let after = (loads.get(y).copied().unwrap_or(0.0) + rate) / cy;
-            cy > 0.0 && after <= target && after <= level(loads, z) - cfg.hysteresis * mean
+            cy > 0.0 && after <= mean && after <= level(loads, z) - cfg.hysteresis * mean
         };
         let best = |rate: f64, loads: &[f64]| {
             (remote.iter().copied())
@@ -1112,7 +1113,7 @@ mod tests {
     #[test]
     fn spill_moves_from_a_fuller_zone_to_one_with_more_room() {
         // Zone a (local) is full; this proxy's 10 + 4 sit on zone b, which other proxies fill to
-        // 40; zone c holds 20 of theirs. Mean 100/6, target 1.05 · 16.7 · 2 = 35 per zone.
+        // 40; zone c holds 20 of theirs. Mean 100/6: spread fills a zone up to 33.3.
         let spread = |b_others: f64, c_others: f64| {
             let b: &[&[f64]] = &[&[10.0], &[4.0]];
             let (mut c, t) =
@@ -1130,13 +1131,17 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         // Evening b and c takes 10; this proxy's share (14 of b's 40) is 3.5, which no stream
-        // fits: the smallest still goes, as c stays below the target and a margin below b.
+        // fits: the smallest still goes, as c stays below the mean and a margin below b.
         assert_eq!(
             spread(26.0, 20.0),
             vec![(4.0, MoveWhy::Spread, "c".to_string())]
         );
         // b and c level: nothing moves.
         assert!(spread(16.0, 30.0).is_empty());
+        // c would take the 4 and stay under the target (mean 20.2, target 21.2, c after 20.5)
+        // and a margin below b (22), but above the mean: c's room above it is for c's own
+        // clients, as at placement. Nothing moves.
+        assert!(spread(30.0, 37.0).is_empty());
     }
 
     #[test]
