@@ -43,7 +43,7 @@ RATE ?= 20
 DIST ?= zipf:0.8
 ENVOYS ?= 1
 
-.PHONY: soak scale bench bench-cost bench-apt build-floor sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
+.PHONY: soak scale bench bench-cost bench-vm bench-apt build-floor sim microbench image test-deploy deps apt rust-targets rust-nightly venv wasm-bindgen-cli build build-wasm build-lab lint test-unit \
 	test-unit-native test-unit-wasm test-e2e test-compat fuzz-smoke fuzz fuzz-long test run clean distclean
 
 ## deps: everything the other targets use.
@@ -112,7 +112,7 @@ test-unit-wasm: $(STAMPS)/rust-targets wasm-bindgen-cli apt
 	$(CARGO) test -p streamlb -p streamlb-core --target wasm32-unknown-unknown
 
 ## test-e2e: Envoy + the filter + lab pods/devices, driven by pytest.
-test-e2e: venv build
+test-e2e: venv build build-floor
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e
 
 ## image: the Istio-compatible wasm OCI image (build/image/oci, one layer with /plugin.wasm), its
@@ -187,6 +187,12 @@ bench-apt: apt
 	@tools/ensure_apt.sh $(BENCH_APT_PACKAGES)
 bench-cost: venv build build-floor bench-apt
 	$(PY) bench/cost.py $(COST_ARGS)
+
+## bench-vm: streamlb's own work per unary call in V8 (Node.js), against the floor making the same
+## host calls, on a host written in JavaScript (bench/vm_cost.mjs). `make bench-vm VM_ARGS="--rounds 21"`
+VM_ARGS ?=
+bench-vm: build build-floor | apt
+	node bench/vm_cost.mjs --target-dir $(CARGO_TARGET_DIR) $(VM_ARGS)
 
 ## sim: fleet-scale simulation of SCENARIO over the real routing core and the peers.
 sim: venv build-lab

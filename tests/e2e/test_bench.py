@@ -1,10 +1,11 @@
 """bench/run.py on real processes: what it takes from `lab plan`, and that a policy failing
-mid-run stops every process it started."""
+mid-run stops every process it started. bench/vm_cost.mjs on the built .wasm files under V8."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 
 import pytest
 
@@ -81,3 +82,31 @@ def test_a_failing_policy_stops_every_process_it_started(bench, scenario_file, t
     # ... and none is left.
     assert kit.live_processes() == []
     assert not any(p.running() for p in running_at_failure)
+
+
+def vm_cost(tmp_path, *extra):
+    """bench/vm_cost.mjs --quick on the built streamlb and floor .wasm files: (exit code, stderr,
+    its JSON)."""
+    out = tmp_path / "vm.json"
+    proc = subprocess.run(
+        ["node", str(kit.REPO / "bench" / "vm_cost.mjs"), "--quick", "--target-dir", str(kit.target_dir()),
+         "--json", str(out), *extra],
+        capture_output=True, text=True, timeout=120, cwd=kit.REPO)
+    return proc.returncode, proc.stderr, json.loads(out.read_text())
+
+
+def test_vm_cost_runs_streamlb_and_the_floor_on_v8_through_the_same_host_calls(tmp_path):
+    """The V8 harness drives the real .wasm files: streamlb names a pod on every call (both pods
+    over the run), and the floor that stands for streamlb's host calls makes exactly as many."""
+    code, err, result = vm_cost(tmp_path)
+    assert code == 0, err
+    by_module = {m["module"]: m for m in result["modules"]}
+    assert set(by_module) == {"floor", "floor_bodies", "floor_streamlb_calls", "streamlb"}
+    assert by_module["streamlb"]["host_calls_per_call"] == by_module["floor_streamlb_calls"]["host_calls_per_call"] == 10
+    assert by_module["floor_bodies"]["host_calls_per_call"] == 2
+    assert sorted(result["named"]["streamlb"]) == ["127.0.0.1:40001", "127.0.0.1:40002"]
+    assert all(len(m["us_per_call"]) == result["rounds"] and min(m["us_per_call"]) > 0 for m in result["modules"])
+    # A streamlb that does not steer (shadow mode: one host call fewer) fails both checks.
+    code, err, result = vm_cost(tmp_path, "--streamlb-config", '{"mode": "shadow"}')
+    assert code == 1
+    assert "named a pod on 0 of" in err and "floor_streamlb_calls makes 10 host calls per call, streamlb 9" in err
