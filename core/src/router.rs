@@ -12,6 +12,8 @@
 //! Loads and capacities are the fleet view's when the pods' load reports are fresh
 //! ([`crate::fleet`], applied with [`Router::apply_reports`]), else this Envoy's own.
 
+use std::borrow::Cow;
+
 use hashbrown::HashMap;
 
 use super::config::{Config, LoadSignal};
@@ -48,13 +50,19 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Value for the `override_host` header: `primary[,secondary]`.
-    pub fn header_value(&self) -> Option<String> {
-        let primary = self.primary.as_ref()?;
-        Some(match &self.secondary {
-            Some(s) => format!("{primary},{s}"),
-            None => primary.clone(),
-        })
+    /// Value for the `override_host` header, `primary[,secondary]`, written into `out` (a
+    /// buffer the caller keeps: no allocation per placement). False when there is no primary.
+    pub fn write_header_value(&self, out: &mut String) -> bool {
+        out.clear();
+        let Some(primary) = &self.primary else {
+            return false;
+        };
+        out.push_str(primary);
+        if let Some(s) = &self.secondary {
+            out.push(',');
+            out.push_str(s);
+        }
+        true
     }
 
     /// Value for the debug response header.
@@ -90,6 +98,17 @@ pub struct Counters {
     pub to_zone: HashMap<(ClusterIdx, String), u64>,
     /// (cluster, view) → decisions.
     pub views: HashMap<(ClusterIdx, View), u64>,
+}
+
+/// `(cluster, zone)` borrowed, to look up [`Counters::to_zone`] without an owned `String`
+/// (hashes as the tuple does).
+#[derive(Hash)]
+struct ZoneKey<'a>(ClusterIdx, &'a str);
+
+impl hashbrown::Equivalent<(ClusterIdx, String)> for ZoneKey<'_> {
+    fn equivalent(&self, key: &(ClusterIdx, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
 }
 
 pub struct Router {
@@ -494,11 +513,13 @@ impl Router {
             .or_default() += 1;
         *self.counters.views.entry((ci, decision.view)).or_default() += 1;
         if decision.primary.is_some() {
-            *self
-                .counters
-                .to_zone
-                .entry((ci, decision.zone.clone()))
-                .or_default() += 1;
+            let to_zone = &mut self.counters.to_zone;
+            match to_zone.get_mut(&ZoneKey(ci, &decision.zone)) {
+                Some(n) => *n += 1,
+                None => {
+                    to_zone.insert((ci, decision.zone.clone()), 1);
+                }
+            }
         }
     }
 
@@ -1122,24 +1143,25 @@ impl Router {
 /// The endpoints a placement chooses among: the chosen zone's healthy ones (every zone's for
 /// `Any`); with the fleet view, those whose load was just reported, when there are at least two
 /// (the others' load is only assumed).
-fn candidates(c: &Cluster, choice: ZoneChoice) -> Vec<usize> {
-    let healthy: Vec<usize> = match choice {
+fn candidates(c: &Cluster, choice: ZoneChoice) -> Cow<'_, [usize]> {
+    let healthy: Cow<'_, [usize]> = match choice {
         ZoneChoice::Zone(zi, _) => c
             .zones
             .get(zi)
-            .map(|z| z.healthy.clone())
-            .unwrap_or_default(),
+            .map_or(Cow::Borrowed(&[][..]), |z| Cow::Borrowed(&z.healthy[..])),
         ZoneChoice::Any(_) => c
             .zones
             .iter()
             .flat_map(|z| z.healthy.iter().copied())
             .collect(),
     };
-    let probed: Vec<usize> = (healthy.iter().copied())
-        .filter(|&j| c.endpoint(j).is_some_and(|e| e.reported))
-        .collect();
+    let reported = |j: &usize| c.endpoint(*j).is_some_and(|e| e.reported);
+    if healthy.iter().all(reported) {
+        return healthy;
+    }
+    let probed: Vec<usize> = healthy.iter().copied().filter(reported).collect();
     if probed.len() >= 2 {
-        probed
+        Cow::Owned(probed)
     } else {
         healthy
     }
@@ -1260,14 +1282,20 @@ mod tests {
                 ("10.0.0.3:1", "b", true),
             ]),
         );
+        let mut to_zone: HashMap<(ClusterIdx, String), u64> = HashMap::new();
+        let mut value = String::from("left over");
         for id in 0..200 {
             let d = r.place(S, id, "rt", "pods").unwrap();
             let p = d.primary.clone().unwrap();
             assert_ne!(p, "10.0.0.2:1");
             assert_ne!(d.secondary.as_deref(), Some(p.as_str()));
             assert_ne!(d.secondary.as_deref(), Some("10.0.0.2:1"));
+            assert!(d.write_header_value(&mut value));
+            assert_eq!(value, format!("{p},{}", d.secondary.clone().unwrap()));
+            *to_zone.entry((ClusterIdx(0), d.zone.clone())).or_default() += 1;
         }
         assert!(r.place(S, 999, "rt", "other-cluster").is_none());
+        assert_eq!(r.take_counters().to_zone, to_zone);
     }
 
     #[test]
@@ -1278,7 +1306,10 @@ mod tests {
             1,
         );
         let d = r.place(0, 1, "rt", "pods").unwrap();
-        assert_eq!((d.reason, d.header_value()), (Reason::Fallback, None));
+        assert_eq!(
+            (d.reason, d.write_header_value(&mut String::new())),
+            (Reason::Fallback, false)
+        );
         r.apply_snapshot(0, &snapshot(&[("10.0.0.1:1", "a", true)]));
         assert_eq!(r.place(S, 2, "rt", "pods").unwrap().reason, Reason::Local);
         let d = r.place(6 * S, 3, "rt", "pods").unwrap();

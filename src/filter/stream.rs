@@ -190,12 +190,14 @@ impl StreamFilter {
             vm.router.on_data(self.id, Direction::Upstream, 1, 0);
         }
         if vm.config().mode == Mode::Steer {
-            if let Some(value) = decision.header_value() {
+            let mut value = std::mem::take(&mut vm.endpoint_value);
+            if decision.write_header_value(&mut value) {
                 let header = &vm.config().endpoint_header;
                 if let Err(e) = host.set_header(HeaderMap::Request, header, Some(&value)) {
                     vm.host_error(host, "set endpoint header", &e);
                 }
             }
+            vm.endpoint_value = value;
         }
         if let Some(name) = &vm.config().debug_header {
             self.debug = Some((name.clone(), decision.debug_value()));

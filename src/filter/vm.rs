@@ -95,6 +95,8 @@ pub struct Vm {
     successor: Option<Rc<RefCell<Vm>>>,
     /// Key of the rate memory's hash.
     pub rate_secret: Secret,
+    /// The endpoint header's value, written for each placement (kept: no allocation per call).
+    pub endpoint_value: String,
 }
 
 impl Vm {
@@ -138,6 +140,7 @@ impl Vm {
             outdated: false,
             successor: None,
             rate_secret: [0, 0],
+            endpoint_value: String::new(),
         };
         vm.rate_secret = vm.load_secret(host);
         if let Ok((None, _)) = host.shared_get(BUDGET_KEY) {
