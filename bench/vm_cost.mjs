@@ -507,13 +507,20 @@ const pairs = [
   ["floor_streamlb_calls", "floor_bodies"],
   ["streamlb", "streamlb_baseline"],
 ].filter(([a, b]) => perCall.has(a) && perCall.has(b));
-console.log(`V8 ${process.versions.v8} (Node.js ${process.version}); ${ROUNDS} rounds × ${CALLS} calls, order rotated`);
+console.log(`V8 ${process.versions.v8} (Node.js ${process.version}); ${ROUNDS} rounds × ${CALLS} calls, order rotated\n`);
 console.log("| module | µs per unary call median [min–max] | host calls per call (ticks apart) |");
 console.log("|---|---|---|");
 for (const r of rows) console.log(`| ${r.module} | ${range(r.us_per_call)} | ${r.host_calls_per_call.toFixed(2)} |`);
-console.log("| paired difference | µs per call median [min–max] |");
-console.log("|---|---|");
-for (const [a, b] of pairs) console.log(`| ${a} − ${b} | ${range(diff(a, b))} |`);
+const sd = (xs) => {
+  const m = xs.reduce((a, b) => a + b, 0) / xs.length;
+  return Math.sqrt(xs.reduce((a, x) => a + (x - m) ** 2, 0) / Math.max(1, xs.length - 1));
+};
+console.log("\n| paired difference | µs per call median [min–max] | sd | rounds below 0 |");
+console.log("|---|---|---|---|");
+for (const [a, b] of pairs) {
+  const d = diff(a, b);
+  console.log(`| ${a} − ${b} | ${range(d)} | ${fmt(sd(d))} | ${d.filter((x) => x < 0).length} of ${d.length} |`);
+}
 if (arg("json")) {
   writeFileSync(arg("json"), JSON.stringify({
     v8: process.versions.v8, rounds: ROUNDS, calls: CALLS, modules: rows,

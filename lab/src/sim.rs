@@ -31,7 +31,7 @@ use crate::scenario::Scenario;
 use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::json;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use streamlb_core::config::{Config, RebalanceMode};
 use streamlb_core::discovery::{ClusterSnapshot, DiscoveredEndpoint};
 use streamlb_core::fleet::LoadReport;
@@ -97,6 +97,10 @@ trait Policy {
     /// (sent, unanswered) load probes.
     fn probes(&self) -> (u64, u64) {
         (0, 0)
+    }
+    /// Planned moves by reason (`hot`, `room`, `home`, `spread`) and those the budget skipped.
+    fn moves_by_reason(&self) -> serde_json::Value {
+        serde_json::Value::Null
     }
     /// Devices whose streams the policy ends now to place them again (rebalancing), after
     /// [`Policy::second`].
@@ -311,6 +315,8 @@ struct Streamlb {
     rng: Rng,
     /// Probes sent and lost, over the run.
     probes: (u64, u64),
+    /// Planned moves by reason, and moves the churn budget skipped, over the run.
+    moved: BTreeMap<&'static str, u64>,
     /// Per proxy: device → remembered rate (the filter's rate memory) and a moved device's
     /// destination (held until its next placement), and the churn budget.
     memory: Vec<HashMap<u64, (f64, Option<u32>)>>,
@@ -361,6 +367,7 @@ impl Streamlb {
             tau_s: cfg.reporter_tau_secs(),
             rng: Rng::new(seed ^ 0x9b0b),
             probes: (0, 0),
+            moved: BTreeMap::new(),
             memory: vec![HashMap::new(); w.proxy_zone.len()],
             budgets: vec![Budget::default(); w.proxy_zone.len()],
             tick: cfg.tick_ms.max(1) * 1_000_000,
@@ -498,6 +505,9 @@ impl Policy for Streamlb {
     fn probes(&self) -> (u64, u64) {
         self.probes
     }
+    fn moves_by_reason(&self) -> serde_json::Value {
+        json!(self.moved)
+    }
     fn moves(&mut self, _w: &World, now: Nanos) -> Vec<usize> {
         let cfg = self.routers.first().map(|r| r.config().rebalance.clone());
         let Some(cfg) = cfg.filter(|c| c.mode == RebalanceMode::On) else {
@@ -515,6 +525,11 @@ impl Policy for Streamlb {
                 let plan = self.routers[i].plan_moves(now, allowance);
                 self.budgets[p].spend(now, plan.moves.len());
                 self.routers[i].commit_moves(now, &plan);
+                for m in &plan.moves {
+                    *self.moved.entry(m.why.as_str()).or_default() += 1;
+                }
+                *self.moved.entry("skipped_by_budget").or_default() +=
+                    plan.skipped_budget.iter().sum::<u64>();
                 remember(&mut self.memory[p], self.routers[i].take_rate_updates());
                 moved_ids.extend(plan.moves.iter().map(|m| m.stream));
             }
@@ -1098,6 +1113,7 @@ pub fn run(
                 "median_cross_zone": median(s.iter().map(|x| x.cross_zone).collect()),
                 "fallbacks": pols[pi].fallbacks(),
                 "probes": {"sent": pols[pi].probes().0, "unanswered": pols[pi].probes().1},
+                "moves": pols[pi].moves_by_reason(),
                 "reconverge": reconv,
                 "series": samples[pi],
                 "pod_loads": if keep_pods { json!(pod_series[pi]) } else { serde_json::Value::Null },
