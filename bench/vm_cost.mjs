@@ -17,8 +17,12 @@
 // is streamlb's own work in the VM, which Envoy's CPU figures can only resolve to ±6 µs.
 // Envoy's side of each host call is not here (bench/cost.py measures it).
 //
+// VM_COST_TRACE=1 prints the host calls of one call per module (traced after the warm-up); VM_COST_LOG_LEVEL=0 keeps the
+// modules' logs from that level (default: warnings and errors, which fail the run) and prints them.
+//
 // Prints a table and, with --json, writes every round. Exits non-zero when a module does not
-// behave as expected (streamlb must name a pod in the endpoint header of every call).
+// behave as expected: streamlb must name a pod in the endpoint header of every call, and
+// floor_streamlb_calls make the same host calls as streamlb, in the same order.
 
 import { readFileSync, writeFileSync } from "node:fs";
 import { performance } from "node:perf_hooks";
@@ -63,7 +67,7 @@ if (only) {
 }
 
 // proxy-wasm enums (ABI 0.2.1).
-const OK = 0, NOT_FOUND = 1, BAD_ARGUMENT = 2, CAS_MISMATCH = 8, UNIMPLEMENTED = 12;
+const OK = 0, NOT_FOUND = 1, CAS_MISMATCH = 8, UNIMPLEMENTED = 12;
 const MAP = { REQUEST: 0, REQUEST_TRAILERS: 1, RESPONSE: 2, RESPONSE_TRAILERS: 3, HTTP_CALL_RESPONSE: 6 };
 const BUFFER = { REQUEST_BODY: 0, RESPONSE_BODY: 1, HTTP_CALL_RESPONSE_BODY: 4, VM_CONFIGURATION: 6, PLUGIN_CONFIGURATION: 7 };
 const enc = new TextEncoder();
@@ -182,6 +186,8 @@ class Vm {
     this.logs = [];
     this.hostCalls = 0;
     this.tickHostCalls = 0; // of hostCalls: made in timer ticks (and their HTTP calls' answers)
+    this.trace = null; // host calls by name, when tracing
+    this.calls = 0;
     this.named = new Map(); // pod -> calls named
     this.nextContext = 2;
     this.properties = new Map([
@@ -231,30 +237,30 @@ class Vm {
         if (level >= (process.env.VM_COST_LOG_LEVEL ?? 3)) vm.logs.push(`${level} ${vm.str(ptr, len)}`);
         return OK;
       },
-      proxy_get_current_time_nanoseconds: ((ret) => {
+      proxy_get_current_time_nanoseconds: (ret) => {
         vm.dv().setBigUint64(ret, vm.now, true);
         return OK;
-      }),
+      },
       proxy_set_tick_period_milliseconds: (ms) => {
         vm.tickPeriod = BigInt(ms) * 1_000_000n;
         return OK;
       },
-      proxy_get_buffer_bytes: ((type, start, max, retPtr, retSize) => {
+      proxy_get_buffer_bytes: (type, start, max, retPtr, retSize) => {
         const b = vm.buffers.get(type);
         if (!b) return NOT_FOUND;
         return vm.give(b.subarray(start, start + max), retPtr, retSize);
-      }),
-      proxy_get_header_map_value: ((type, kp, kl, retPtr, retSize) => {
+      },
+      proxy_get_header_map_value: (type, kp, kl, retPtr, retSize) => {
         const v = vm.map(type).get(vm.str(kp, kl));
         return v === undefined ? NOT_FOUND : vm.give(bytesOf(v), retPtr, retSize);
-      }),
-      proxy_get_header_map_pairs: ((type, retPtr, retSize) =>
-        vm.give(vm.map(type).serialized(), retPtr, retSize)),
-      proxy_set_header_map_pairs: ((type, p, l) => {
+      },
+      proxy_get_header_map_pairs: (type, retPtr, retSize) =>
+        vm.give(vm.map(type).serialized(), retPtr, retSize),
+      proxy_set_header_map_pairs: (type, p, l) => {
         vm.maps.set(type, new HeaderMap(parsePairs(vm.mem().slice(p, p + l))));
         return OK;
-      }),
-      proxy_replace_header_map_value: ((type, kp, kl, vp, vl) => {
+      },
+      proxy_replace_header_map_value: (type, kp, kl, vp, vl) => {
         const k = vm.str(kp, kl), v = vm.str(vp, vl);
         vm.map(type).set(k, v);
         if (type === MAP.REQUEST && k === ENDPOINT_HEADER) {
@@ -262,63 +268,63 @@ class Vm {
           vm.named.set(pod, (vm.named.get(pod) || 0) + 1);
         }
         return OK;
-      }),
-      proxy_add_header_map_value: ((type, kp, kl, vp, vl) => {
+      },
+      proxy_add_header_map_value: (type, kp, kl, vp, vl) => {
         vm.map(type).set(vm.str(kp, kl), vm.str(vp, vl));
         return OK;
-      }),
-      proxy_remove_header_map_value: ((type, kp, kl) => {
+      },
+      proxy_remove_header_map_value: (type, kp, kl) => {
         vm.map(type).delete(vm.str(kp, kl));
         return OK;
-      }),
-      proxy_get_property: ((pp, pl, retPtr, retSize) => {
+      },
+      proxy_get_property: (pp, pl, retPtr, retSize) => {
         const path = vm.str(pp, pl).replace(/\0+$/, "");
         const v = vm.properties.get(path);
         return v === undefined ? NOT_FOUND : vm.give(bytesOf(v), retPtr, retSize);
-      }),
-      proxy_set_property: (() => OK),
-      proxy_get_shared_data: ((kp, kl, retPtr, retSize, retCas) => {
+      },
+      proxy_set_property: () => OK,
+      proxy_get_shared_data: (kp, kl, retPtr, retSize, retCas) => {
         const e = vm.shared.get(vm.str(kp, kl));
         if (!e) return NOT_FOUND;
         vm.give(e.value, retPtr, retSize);
         vm.dv().setUint32(retCas, e.cas, true);
         return OK;
-      }),
-      proxy_set_shared_data: ((kp, kl, vp, vl, cas) => {
+      },
+      proxy_set_shared_data: (kp, kl, vp, vl, cas) => {
         const k = vm.str(kp, kl);
         const e = vm.shared.get(k);
         if (cas !== 0 && e && e.cas !== cas) return CAS_MISMATCH;
         vm.shared.set(k, { value: vm.mem().slice(vp, vp + vl), cas: e ? e.cas + 1 : 1 });
         return OK;
-      }),
-      proxy_define_metric: ((type, np, nl, retId) => {
+      },
+      proxy_define_metric: (type, np, nl, retId) => {
         vm.metrics.push({ name: vm.str(np, nl), value: 0n });
         vm.dv().setUint32(retId, vm.metrics.length, true);
         return OK;
-      }),
-      proxy_increment_metric: ((id, delta) => {
+      },
+      proxy_increment_metric: (id, delta) => {
         const m = vm.metrics[id - 1];
         if (!m) return NOT_FOUND;
         m.value += delta;
         return OK;
-      }),
-      proxy_record_metric: ((id, value) => {
+      },
+      proxy_record_metric: (id, value) => {
         const m = vm.metrics[id - 1];
         if (!m) return NOT_FOUND;
         m.value = value;
         return OK;
-      }),
-      proxy_get_metric: (() => UNIMPLEMENTED),
-      proxy_http_call: ((up, ul, hp, hl, bp, bl, tp, tl, timeout, retToken) => {
+      },
+      proxy_get_metric: () => UNIMPLEMENTED,
+      proxy_http_call: (up, ul, hp, hl, bp, bl, tp, tl, timeout, retToken) => {
         const token = vm.nextToken++;
         vm.pendingCalls.push([token, vm.str(up, ul), new Map(parsePairs(vm.mem().slice(hp, hp + hl)))]);
         vm.dv().setUint32(retToken, token, true);
         return OK;
-      }),
-      proxy_send_local_response: (() => OK),
-      proxy_continue_stream: (() => OK),
-      proxy_close_stream: (() => OK),
-      proxy_set_buffer_bytes: (() => OK),
+      },
+      proxy_send_local_response: () => OK,
+      proxy_continue_stream: () => OK,
+      proxy_close_stream: () => OK,
+      proxy_set_buffer_bytes: () => OK,
       proxy_set_effective_context: () => OK,
       proxy_done: () => OK,
       proxy_get_status: () => UNIMPLEMENTED,
@@ -416,6 +422,7 @@ class Vm {
   // One unary gRPC call, as Envoy drives a filter through it.
   call() {
     const x = this.x, id = this.nextContext++;
+    this.calls++;
     this.now += CALL_NS;
     if (this.tickPeriod && this.now >= this.nextTick) this.tick();
     x.proxy_on_context_create(id, 1);
@@ -461,6 +468,12 @@ const vms = modules.map((m) => new Vm(m));
 for (const vm of vms) {
   vm.start();
   for (let i = 0; i < WARMUP; i++) vm.call();
+  // One call traced: its host calls by name, in order.
+  vm.trace = [];
+  vm.call();
+  vm.oneCall = vm.trace;
+  vm.trace = null;
+  if (process.env.VM_COST_TRACE) console.error(`${vm.spec.name}: ${vm.oneCall.join(" ")}`);
 }
 const perCall = new Map(modules.map((m) => [m.name, []]));
 const hostCallsPerCall = new Map();
@@ -479,7 +492,7 @@ for (let r = 0; r < ROUNDS; r++) {
 // Checks: streamlb named a pod on every call, over both pods; nobody logged an error.
 const failures = [];
 for (const vm of vms) {
-  const total = WARMUP + ROUNDS * CALLS;
+  const total = vm.calls;
   const named = [...vm.named.values()].reduce((a, b) => a + b, 0);
   if (vm.spec.steers && (named !== total || vm.named.size !== PODS.length)) {
     failures.push(`${vm.spec.name}: named a pod on ${named} of ${total} calls, over ${vm.named.size} pods`);
@@ -488,10 +501,11 @@ for (const vm of vms) {
   if (errors.length) failures.push(`${vm.spec.name}: logged errors: ${errors.slice(0, 3).join(" | ")}`);
 }
 
-// The subtraction's premise: the floor makes exactly streamlb's host calls.
-const [own, floorCalls] = [hostCallsPerCall.get("streamlb"), hostCallsPerCall.get("floor_streamlb_calls")];
-if (own !== undefined && floorCalls !== undefined && own !== floorCalls) {
-  failures.push(`floor_streamlb_calls makes ${floorCalls} host calls per call, streamlb ${own}: ` +
+// The subtraction's premise: the floor makes exactly streamlb's host calls, in the same order.
+const byName = new Map(vms.map((vm) => [vm.spec.name, vm]));
+const [own, floorCalls] = [byName.get("streamlb"), byName.get("floor_streamlb_calls")];
+if (own && floorCalls && own.oneCall.join(" ") !== floorCalls.oneCall.join(" ")) {
+  failures.push(`floor_streamlb_calls makes [${floorCalls.oneCall}] per call, streamlb [${own.oneCall}]: ` +
     "streamlb − floor_streamlb_calls is not streamlb's own work (bench/floor/src/lib.rs)");
 }
 
@@ -499,6 +513,7 @@ const rows = modules.map((m) => ({
   module: m.name,
   us_per_call: perCall.get(m.name),
   host_calls_per_call: hostCallsPerCall.get(m.name),
+  host_calls_of_one_call: byName.get(m.name).oneCall,
 }));
 const diff = (a, b) => perCall.get(a).map((x, i) => x - perCall.get(b)[i]);
 const pairs = [
@@ -529,7 +544,7 @@ if (arg("json")) {
     failures,
   }, null, 1));
 }
-if (process.env.VM_COST_LOG_LEVEL) for (const vm of vms) console.error(vm.spec.name, vm.logs.slice(0, 20), vm.pendingCalls.length, vm.tickPeriod);
+if (process.env.VM_COST_LOG_LEVEL) for (const vm of vms) console.error(vm.spec.name, vm.logs.slice(0, 20));
 if (failures.length) {
   console.error(failures.join("\n"));
   process.exit(1);

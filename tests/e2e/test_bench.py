@@ -97,16 +97,21 @@ def vm_cost(tmp_path, *extra):
 
 def test_vm_cost_runs_streamlb_and_the_floor_on_v8_through_the_same_host_calls(tmp_path):
     """The V8 harness drives the real .wasm files: streamlb names a pod on every call (both pods
-    over the run), and the floor that stands for streamlb's host calls makes exactly as many."""
+    over the run), and the floor that stands for streamlb's host calls makes the same ones."""
     code, err, result = vm_cost(tmp_path)
     assert code == 0, err
     by_module = {m["module"]: m for m in result["modules"]}
     assert set(by_module) == {"floor", "floor_bodies", "floor_streamlb_calls", "streamlb"}
     assert by_module["streamlb"]["host_calls_per_call"] == by_module["floor_streamlb_calls"]["host_calls_per_call"] == 10
-    assert by_module["floor_bodies"]["host_calls_per_call"] == 2
+    one_call = by_module["streamlb"]["host_calls_of_one_call"]
+    assert one_call == by_module["floor_streamlb_calls"]["host_calls_of_one_call"]
+    assert one_call.count("replace_header_map_value") == 1 and one_call[0] == "get_header_map_pairs"
+    assert by_module["floor_bodies"]["host_calls_of_one_call"] == ["get_buffer_bytes"] * 2
     assert sorted(result["named"]["streamlb"]) == ["127.0.0.1:40001", "127.0.0.1:40002"]
     assert all(len(m["us_per_call"]) == result["rounds"] and min(m["us_per_call"]) > 0 for m in result["modules"])
-    # A streamlb that does not steer (shadow mode: one host call fewer) fails both checks.
+    # A streamlb that does not steer (shadow mode: no endpoint header set) fails both checks.
     code, err, result = vm_cost(tmp_path, "--streamlb-config", '{"mode": "shadow"}')
     assert code == 1
-    assert "named a pod on 0 of" in err and "floor_streamlb_calls makes 10 host calls per call, streamlb 9" in err
+    assert "named a pod on 0 of" in err and "floor_streamlb_calls makes [" in err
+    shadow = next(m for m in result["modules"] if m["module"] == "streamlb")
+    assert "replace_header_map_value" not in shadow["host_calls_of_one_call"]
