@@ -42,10 +42,11 @@
 //! **Spill spreads evenly** (same switch, same rounds): a proxy's stream on another zone z
 //! moves when a third zone y can take it and stay at most at the mean m (the line up to which
 //! placement spills into a zone: its tolerance stays for its own clients) and a hysteresis
-//! margin (η·m) below z's level; the proxy moves its share (its load on z over `L_z`) of what evens the
-//! two, `x = (L_z·C_y − L_y·C_z) / (C_y + C_z)`. The zone rule re-places each by headroom. Each
-//! move lowers the pair's maximum by a margin, so moves cannot cycle, and the spill of a full
-//! zone ends where the other zones' own demand leaves room, so their streams can come home.
+//! margin (η·m) below z's level; the proxy moves its share (its load on z over `L_z`) of what
+//! evens the two, `x = (L_z·C_y − L_y·C_z) / (C_y + C_z)`. The zone rule re-places each by
+//! headroom. Each move lowers the pair's maximum by a margin, so moves cannot cycle, and the
+//! spill of a full zone ends where the other zones' own demand leaves room, so their streams can
+//! come home.
 //!
 //! A moved stream is ended by the filter at a request message boundary; its client reconnects
 //! and the new stream is placed with its remembered rate. A planned move that is not carried
