@@ -533,6 +533,7 @@ def main() -> int:
                 try:
                     o = lab_plan(scenario_file, stream_rates=round_rates)["oracle"]
                     oracles.append(o)
+                    o["seed"] = sck["seed"]
                     log(f"  oracle of round {k + 1}: LPT {fmt(o['lpt'])}; online any pod {fmt(o['online_any_pod'])}, "
                         f"local zone first {fmt(o['online_local_first'])} (cross-zone {fmt(o['online_local_first_cross_zone'])}); "
                         f"cross-zone minimum {fmt(o['min_cross_zone'])}")
@@ -549,7 +550,7 @@ def main() -> int:
                     "placement": ("driver, lab pods and lab devices on CPU 0, every Envoy on CPU 1 (taskset -a)"
                                   if pin_cpus else "not pinned")},
         "rounds": args.repeat,
-        "oracle": {k: median([o[k] for o in oracles]) for k in oracles[0]} if oracles else None,
+        "oracle": {k: median([o[k] for o in oracles]) for k in oracles[0] if k != "seed"} if oracles else None,
         "oracle_rounds": oracles,
         "policies": results,
     }

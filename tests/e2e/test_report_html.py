@@ -122,3 +122,14 @@ def test_bench_report_has_a_real_table_and_draws_its_charts(bench_report, tmp_pa
     for policy in out["policies"]:
         assert f"<td>{policy}</td>" in table.group(0)
     assert_charts_render(page, tmp_path, (1200, 7000), min_colors=3)
+
+
+def test_bench_report_says_how_far_each_policy_is_from_the_online_reference(bench_report):
+    """Rounds are matched to their oracle by seed, not by order."""
+    out = {"policies": {"streamlb": {"rounds": [{"seed": 9, "max_over_mean": 1.2}, {"seed": 8, "max_over_mean": 1.1}]},
+                        "failed": {"rounds": [{"seed": 8, "error": "boom"}]}},
+           "oracle_rounds": [{"seed": 8, "online_any_pod": 1.15}, {"seed": 9, "online_any_pod": 1.17}]}
+    lines = bench_report.against_online(out)
+    assert lines[-1] == ("Pod max/mean minus the online reference (any pod) of the same round: "
+                         "streamlb +0.030 / -0.050 (median -0.010).")
+    assert bench_report.against_online({"policies": out["policies"]}) == []
