@@ -116,6 +116,26 @@ pub struct Plan {
     pub excess_after: Vec<f64>,
 }
 
+/// The per-cluster slot `ci` of one of [`Plan`]'s vectors (grown with zeros as needed: zone
+/// moves and moves off hot endpoints count into the same cluster's slot, whichever runs first).
+fn slot<T: Default + Clone>(v: &mut Vec<T>, ci: ClusterIdx) -> Option<&mut T> {
+    if v.len() <= ci.0 {
+        v.resize(ci.0 + 1, T::default());
+    }
+    v.get_mut(ci.0)
+}
+
+impl Plan {
+    /// Every per-cluster figure of cluster `ci` present (0 until counted), so that a cluster
+    /// with nothing to plan still reports its zeros.
+    fn open(&mut self, ci: ClusterIdx) {
+        slot(&mut self.skipped_budget, ci);
+        slot(&mut self.skipped_no_room, ci);
+        slot(&mut self.excess_before, ci);
+        slot(&mut self.excess_after, ci);
+    }
+}
+
 /// Moves a proxy may still plan now: `all` off endpoints far over the mean (at least 2τ) and
 /// zone moves, `mild` (never more than `all`) off endpoints less far over. Each move planned
 /// spends from both.
@@ -309,19 +329,17 @@ pub fn plan_cluster(
         })
         .collect();
     let (total_load, total_cap) = (loads.iter().sum::<f64>(), caps.iter().sum::<f64>());
-    plan.skipped_budget.push(0);
-    plan.skipped_no_room.push(0);
+    plan.open(ci);
     if eligible.len() < 2 || total_load <= 0.0 || total_cap <= 0.0 {
-        plan.excess_before.push(0.0);
-        plan.excess_after.push(0.0);
         return;
     }
     let mean = total_load / total_cap;
     let hot = (1.0 + cfg.tolerance) * mean;
     let far_over = far_over_line(cfg, mean);
     let target = (1.0 + cfg.tolerance - cfg.hysteresis) * mean;
-    plan.excess_before
-        .push(excess_share(&unplanned, &caps, hot));
+    if let Some(x) = slot(&mut plan.excess_before, ci) {
+        *x = excess_share(&unplanned, &caps, hot);
+    }
     let mut order: Vec<usize> = (0..eligible.len()).collect();
     order.sort_by(|&a, &b| {
         let over = |k: usize| {
@@ -386,7 +404,7 @@ pub fn plan_cluster(
                 Some(d) => vec![(id, rate, k, d, MoveWhy::Hot)],
                 None => {
                     let Some(steps) = room.make_room(&loads, (id, rate, k), bound) else {
-                        if let Some(n) = plan.skipped_no_room.last_mut() {
+                        if let Some(n) = slot(&mut plan.skipped_no_room, ci) {
                             *n += 1;
                         }
                         continue;
@@ -395,7 +413,7 @@ pub fn plan_cluster(
                 }
             };
             if !allowance.spend(steps.len(), load >= far_over * cap) {
-                if let Some(n) = plan.skipped_budget.last_mut() {
+                if let Some(n) = slot(&mut plan.skipped_budget, ci) {
                     *n += 1;
                 }
                 continue;
@@ -418,7 +436,9 @@ pub fn plan_cluster(
             }
         }
     }
-    plan.excess_after.push(excess_share(&loads, &caps, hot));
+    if let Some(x) = slot(&mut plan.excess_after, ci) {
+        *x = excess_share(&loads, &caps, hot);
+    }
 }
 
 /// A draw that comes true with probability `p`, fixed by (what, salt).
@@ -599,7 +619,7 @@ pub fn plan_zones(
             return false;
         };
         if !allowance.spend(1, !far_over_somewhere) {
-            if let Some(n) = plan.skipped_budget.last_mut() {
+            if let Some(n) = slot(&mut plan.skipped_budget, ci) {
                 *n += 1;
             }
             return false;
@@ -1077,6 +1097,15 @@ mod tests {
         // Zone c's pod at 9 is far over the mean 5.6 (line 6.72): the reserved half is its.
         let (c, t) = setup_zoned(&[("a", &[&[4.0], &[4.0]]), ("b", b), ("c", &[&[9.0]])]);
         assert!(plan_with(&c, &t, reserved).is_empty());
+        // The moves the budget stopped count on their cluster, though zone moves are planned
+        // before that cluster's moves off hot endpoints (which used to open its count).
+        let (mut allowance, mut plan) = (reserved, Plan::default());
+        let cfg = RebalanceConfig::default();
+        let theta = Config::default().zone.spill_threshold;
+        let (ci, now) = (ClusterIdx(0), 100 * S);
+        plan_zones(&cfg, theta, ci, &c, "a", &t, now, &mut allowance, &mut plan);
+        assert!(plan.moves.is_empty());
+        assert!(plan.skipped_budget.first().is_some_and(|&n| n > 0), "{plan:?}");
         let moves = plan_with(&c, &t, Allowance::from(2));
         assert_eq!(moves, vec![(1.0, MoveWhy::Home), (1.0, MoveWhy::Home)]);
     }
