@@ -1105,7 +1105,10 @@ mod tests {
         let (ci, now) = (ClusterIdx(0), 100 * S);
         plan_zones(&cfg, theta, ci, &c, "a", &t, now, &mut allowance, &mut plan);
         assert!(plan.moves.is_empty());
-        assert!(plan.skipped_budget.first().is_some_and(|&n| n > 0), "{plan:?}");
+        assert!(
+            plan.skipped_budget.first().is_some_and(|&n| n > 0),
+            "{plan:?}"
+        );
         let moves = plan_with(&c, &t, Allowance::from(2));
         assert_eq!(moves, vec![(1.0, MoveWhy::Home), (1.0, MoveWhy::Home)]);
     }
