@@ -531,9 +531,8 @@ def main() -> int:
                     runs[p].append({"policy": p, "error": str(e)[-2000:], "seed": sck["seed"]})
             if round_rates:
                 try:
-                    o = lab_plan(scenario_file, stream_rates=round_rates)["oracle"]
+                    o = dict(lab_plan(scenario_file, stream_rates=round_rates)["oracle"], seed=sck["seed"])
                     oracles.append(o)
-                    o["seed"] = sck["seed"]
                     log(f"  oracle of round {k + 1}: LPT {fmt(o['lpt'])}; online any pod {fmt(o['online_any_pod'])}, "
                         f"local zone first {fmt(o['online_local_first'])} (cross-zone {fmt(o['online_local_first_cross_zone'])}); "
                         f"cross-zone minimum {fmt(o['min_cross_zone'])}")

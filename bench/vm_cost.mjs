@@ -17,8 +17,9 @@
 // is streamlb's own work in the VM, which Envoy's CPU figures can only resolve to ±6 µs.
 // Envoy's side of each host call is not here (bench/cost.py measures it).
 //
-// VM_COST_TRACE=1 prints the host calls of one call per module (traced after the warm-up); VM_COST_LOG_LEVEL=0 keeps the
-// modules' logs from that level (default: warnings and errors, which fail the run) and prints them.
+// VM_COST_TRACE=1 prints the host calls of one call per module (traced after the warm-up);
+// VM_COST_LOG_LEVEL=0 keeps the modules' logs from that level (default: warnings and errors,
+// which fail the run) and prints them.
 //
 // Prints a table and, with --json, writes every round. Exits non-zero when a module does not
 // behave as expected: streamlb must name a pod in the endpoint header of every call, and
@@ -39,19 +40,19 @@ const ROUNDS = Number(arg("rounds", quick ? 2 : 9));
 const CALLS = Number(arg("calls", quick ? 500 : 20000));
 const WARMUP = Number(arg("warmup", quick ? 200 : 20000));
 const CALL_NS = 70_000n; // virtual time per call
-const TICK_NS = 1_000_000_000n;
 const PODS = ["127.0.0.1:40001", "127.0.0.1:40002"];
 const ENDPOINT_HEADER = "x-gateway-destination-endpoint"; // both modules' default
 
 // bench/cost.py's configuration (defaults otherwise: probes on, rebalancing in shadow), plus
 // --streamlb-config JSON.
 const STREAMLB_CONFIG = { clusters: ["pods"], tick_ms: 1000, ...JSON.parse(arg("streamlb-config", "{}")) };
+const FLOOR = arg("floor", `${wasmDir}/streamlb_floor.wasm`);
 const modules = [
-  { name: "floor", wasm: arg("floor", `${wasmDir}/streamlb_floor.wasm`), config: {} },
-  { name: "floor_bodies", wasm: arg("floor", `${wasmDir}/streamlb_floor.wasm`), config: { read_bodies: true } },
+  { name: "floor", wasm: FLOOR, config: {} },
+  { name: "floor_bodies", wasm: FLOOR, config: { read_bodies: true } },
   {
     name: "floor_streamlb_calls",
-    wasm: arg("floor", `${wasmDir}/streamlb_floor.wasm`),
+    wasm: FLOOR,
     config: { streamlb_calls: true, read_bodies: true, endpoints: PODS.join(",") },
   },
   { name: "streamlb", wasm: arg("streamlb", `${wasmDir}/streamlb.wasm`), config: STREAMLB_CONFIG, steers: true },
@@ -68,7 +69,7 @@ if (only) {
 
 // proxy-wasm enums (ABI 0.2.1).
 const OK = 0, NOT_FOUND = 1, CAS_MISMATCH = 8, UNIMPLEMENTED = 12;
-const MAP = { REQUEST: 0, REQUEST_TRAILERS: 1, RESPONSE: 2, RESPONSE_TRAILERS: 3, HTTP_CALL_RESPONSE: 6 };
+const MAP = { REQUEST: 0, RESPONSE: 2, RESPONSE_TRAILERS: 3, HTTP_CALL_RESPONSE: 6 };
 const BUFFER = { REQUEST_BODY: 0, RESPONSE_BODY: 1, HTTP_CALL_RESPONSE_BODY: 4, VM_CONFIGURATION: 6, PLUGIN_CONFIGURATION: 7 };
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -177,7 +178,7 @@ class Vm {
     this.now = 1_700_000_000_000_000_000n;
     this.nextTick = 0n;
     this.tickPeriod = 0n;
-    this.maps = new Map(); // map type -> Map(name -> value)
+    this.maps = new Map(); // map type -> HeaderMap
     this.buffers = new Map();
     this.shared = new Map(); // key -> { value: Uint8Array, cas }
     this.metrics = [];
@@ -197,13 +198,13 @@ class Vm {
       ["upstream\0address", PODS[0]],
       ["source\0address", "127.0.0.1:50000"],
     ]);
-    const bytes = readFileSync(spec.wasm);
+    const module = new WebAssembly.Module(readFileSync(spec.wasm));
     const imports = { env: this.env(), wasi_snapshot_preview1: this.wasi() };
-    const missing = WebAssembly.Module.imports(new WebAssembly.Module(bytes))
+    const missing = WebAssembly.Module.imports(module)
       .filter((i) => !(i.name in imports[i.module]))
       .map((i) => `${i.module}.${i.name}`);
     if (missing.length) throw new Error(`${spec.name}: imports not provided: ${missing}`);
-    this.instance = new WebAssembly.Instance(new WebAssembly.Module(bytes), imports);
+    this.instance = new WebAssembly.Instance(module, imports);
     this.x = this.instance.exports;
   }
 
@@ -372,10 +373,6 @@ class Vm {
       },
       proc_exit: (code) => {
         throw new Error(`${vm.spec.name}: proc_exit(${code})`);
-      },
-      clock_time_get: (id, precision, ret) => {
-        vm.dv().setBigUint64(ret, vm.now, true);
-        return 0;
       },
     };
   }
