@@ -109,7 +109,7 @@ impl Default for ProbeConfig {
             authority: "streamlb-probe".into(),
             interval_ms: 1000,
             placing_interval_ms: 250,
-            max_per_tick: 64,
+            max_per_tick: 256,
             timeout_ms: 250,
             max_age_ms: 5000,
         }

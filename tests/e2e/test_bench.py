@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -115,3 +116,44 @@ def test_vm_cost_runs_streamlb_and_the_floor_on_v8_through_the_same_host_calls(t
     assert "named a pod on 0 of" in err and "floor_streamlb_calls makes [" in err
     shadow = next(m for m in result["modules"] if m["module"] == "streamlb")
     assert "replace_header_map_value" not in shadow["host_calls_of_one_call"]
+
+
+SWEEP_SCENARIO = {
+    "name": "sweep-test",
+    "seed": 3,
+    "duration_s": 20,
+    "warmup_s": 10,
+    "epsilon": 0.1,
+    "zones": [{"name": z, "pods": 2, "capacity": 600, "orca": True} for z in "abc"],
+    "proxies": {"a": 1, "b": 1, "c": 1},
+    "streams": {"count": 300, "mean_rate": 10, "rate_dist": "constant", "kind": "bidi",
+                "client_zones": {"a": 0.6, "b": 0.2, "c": 0.2}, "ramp_s": 5, "mean_lifetime_s": 0},
+    "streamlb": {},
+}
+
+
+def sweep(tmp_path, *args):
+    (tmp_path / "sweep-test.json").write_text(json.dumps(SWEEP_SCENARIO))
+    argv = [sys.executable, str(kit.REPO / "bench" / "sweep_config.py"),
+            "--lab", str(kit.lab_bin()), "--scenario-dir", str(tmp_path), "--scenarios", "sweep-test",
+            "--policies", "streamlb", "--seeds", "0,1", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+def test_sweep_config_runs_each_variant_with_its_settings_over_seeds(tmp_path):
+    """Each variant's settings reach the simulated filter: a zone rule that keeps its zone up to
+    twice the mean keeps zone a's streams home once rates are known (only the first streams, of
+    unknown rate, spread); one that spills at the mean sends zone a's excess out."""
+    out = tmp_path / "sweep.md"
+    run = sweep(tmp_path, "--variant", 'stay={"zone":{"spill_threshold":1}}',
+                "--variant", 'spill={"zone":{"spill_threshold":0}}', "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| sweep-test")]
+    assert [(r[2].strip(), r[3].strip()) for r in rows] == [("streamlb", "stay"), ("streamlb", "spill")]
+    crossing = {r[3].strip(): [float(x) for x in r[5].split("(")[1].rstrip(") ").split(",")] for r in rows}
+    assert all(len(v) == 2 for v in crossing.values())  # one per seed
+    # Zone a has 0.6 of the load and a third of the capacity: at least 0.6 − 1/3 leaves it.
+    assert min(crossing["spill"]) > 0.6 - 1 / 3
+    assert max(crossing["stay"]) + 0.2 < min(crossing["spill"])
+    bad = sweep(tmp_path, "--variant", "broken={not json")
+    assert bad.returncode == 2 and "broken: not JSON" in bad.stderr
