@@ -27,7 +27,7 @@ use super::pick::{self, pick};
 use super::rate_memory;
 use super::rebalance::{self, MoveWhy, Pace, Plan};
 use super::rng::Rng;
-use super::routes::RouteNames;
+use super::routes::{self, RouteNames};
 use super::streams::{Counted, Direction, Stream, StreamTable};
 use super::zone::{self, Reason, ZoneChoice};
 use super::{ClusterIdx, Nanos, RouteIdx, NANOS_PER_SEC};
@@ -227,8 +227,11 @@ impl Router {
         self.is_unary(ri)
     }
 
+    /// Never the fold-over route `other`: it mixes routes, and short calls on some of them must
+    /// not turn off the rate memory of lasting streams on the others.
     fn is_unary(&self, ri: RouteIdx) -> bool {
-        self.unary_streak.get(ri.0).copied().unwrap_or(0) >= UNARY_ROUTE_STREAK
+        ri != routes::OTHER
+            && self.unary_streak.get(ri.0).copied().unwrap_or(0) >= UNARY_ROUTE_STREAK
     }
 
     /// `route`'s entry in `streaks`, added at 0 when new.
@@ -1810,6 +1813,24 @@ mod tests {
         r.on_data(1000, Direction::Upstream, 3, 30);
         r.tick(5 * S);
         assert!(!r.is_unary_route("rt"));
+    }
+
+    #[test]
+    fn the_fold_over_route_is_never_unary() {
+        // With max_routes 1, "rt" is tracked and every other name folds into `other`. Short calls
+        // on folded routes (a check, a health probe) must not turn off the rate memory of the
+        // lasting streams on the other folded routes.
+        let mut r = Router::new(cfg(r#"{"clusters":["pods"],"max_routes":1}"#), "", 3);
+        r.apply_snapshot(0, &snapshot(&[("e1:1", "", true), ("e2:1", "", true)]));
+        assert!(!r.is_unary_route("rt"));
+        for id in 1..=2 * UNARY_ROUTE_STREAK as u64 {
+            r.place(S, id, &format!("folded-{id}"), "pods");
+            r.on_data(id, Direction::Upstream, 1, 10);
+            r.on_data(id, Direction::Downstream, 1, 10);
+            r.on_end(S + S / 100, id, Outcome::Ok);
+        }
+        assert!(!r.is_unary_route("folded-1"));
+        assert!(!r.is_unary_route("another-folded-route"));
     }
 
     #[test]
