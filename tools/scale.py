@@ -201,9 +201,23 @@ def prometheus_figures(envoy: kit.Envoy) -> dict[str, Any]:
             "route_other": "other" in routes, "envoy_series_total": all_series, "bytes": len(text)}
 
 
+# The filter's default probe.max_per_tick (per tick_ms of 1 s).
+PROBE_BUDGET = 256
+
+
 def gauge(envoy: kit.Envoy, name: str) -> float:
     full = f"wasmcustom.{name}"
     return envoy.stats(f"^{re.escape(full)}$").get(full, 0)
+
+
+def probes_by_result(envoy: kit.Envoy) -> dict[str, float]:
+    """streamlb_probes_total summed over clusters, by result."""
+    out: dict[str, float] = {}
+    for name, value in envoy.stats(r"^wasmcustom\.streamlb_probes_total").items():
+        m = re.search(r"result=\.=(\w+);", name)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0) + value
+    return out
 
 
 def run_pass(args: argparse.Namespace, pods: kit.Pods, with_filter: bool) -> dict[str, Any]:
@@ -214,6 +228,7 @@ def run_pass(args: argparse.Namespace, pods: kit.Pods, with_filter: bool) -> dic
         "load": {"signal": "bytes"},
         "rate_memory": {"capacity": args.capacity},
         "discovery": {"poll_ms": args.poll_ms, "timeout_ms": args.discovery_timeout_ms},
+        **args.filter_settings,
     } if with_filter else None
     out: dict[str, Any] = {"filter": filter_config, "checkpoints": []}
     with ScaleEnvoy(pods, filter_config=filter_config, routes=args.routes, concurrency=args.concurrency,
@@ -239,6 +254,7 @@ def measure(args: argparse.Namespace, envoy: ScaleEnvoy, pid: int, out: dict[str
         if not envoy.wait_for_counter("wasmcustom.streamlb_discovery_polls_ok_total", 1, 120):
             raise RuntimeError(f"no discovery at scale:\n{envoy.log_text()[-3000:]}")
     time.sleep(3)
+    probes_at = (time.monotonic(), probes_by_result(envoy) if with_filter else {})
     out["checkpoints"].append({"streams": 0, "rss_mb": rss_mb(pid), "s": time.monotonic() - started})
     print(f"  {'filter' if with_filter else 'no filter'}: idle RSS {out['checkpoints'][-1]['rss_mb']:.0f} MB",
           flush=True)
@@ -261,6 +277,13 @@ def measure(args: argparse.Namespace, envoy: ScaleEnvoy, pid: int, out: dict[str
               f"{point['s']:.0f} s {got['errors'] or ''}", flush=True)
     out["outcomes"] = {**outcomes, "errors": errors}
     if with_filter:
+        # Probes sent while the streams ran (the VM holding the discovery lease probes the pods,
+        # at most probe.max_per_tick per tick): their rate and results.
+        now, by_result = time.monotonic(), probes_by_result(envoy)
+        sent = {k: v - probes_at[1].get(k, 0) for k, v in by_result.items()}
+        out["probes"] = {"by_result": sent, "seconds": now - probes_at[0],
+                         "per_second": sum(sent.values()) / max(now - probes_at[0], 1e-9),
+                         "pods_reporting": sum(envoy.stats(r"^wasmcustom\.streamlb_fleet_pods_reporting").values())}
         out["discovery"] = {
             "body_bytes": gauge(envoy, "streamlb_discovery_body_bytes"),
             "parse_us": gauge(envoy, "streamlb_discovery_parse_us"),
@@ -321,6 +344,16 @@ def write_report(result: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--endpoints", type=int, default=10_000, help="lab pods, split over zones a, b, c")
@@ -328,6 +361,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--routes", type=int, default=10_000)
     p.add_argument("--max-routes", type=int, default=64, help="the filter's max_routes")
     p.add_argument("--capacity", type=int, default=65536, help="the filter's rate_memory.capacity")
+    p.add_argument("--filter-settings", type=json_object, default={},
+                   help='JSON object of top-level filter settings to add or replace, e.g. \'{"probe":{"enabled":false}}\'')
     p.add_argument("--poll-ms", type=int, default=5000)
     p.add_argument("--discovery-timeout-ms", type=int, default=10000)
     p.add_argument("--concurrency", type=int, default=2, help="Envoy workers")
@@ -358,6 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         ("no-wasm-failure", not with_f["log_failures"], "; ".join(with_f["log_failures"]) or "none"),
         ("discovery", with_f["discovery"]["polls_ok"] > 0 and with_f["discovery"]["body_bytes"] > 0,
          f"{with_f['discovery']}"),
+        # Every pod is due each second at this size, so the budget (probe.max_per_tick, 256 per
+        # tick of 1 s) is what limits: more than the old default of 64, never above the budget.
+        ("probe-budget", 64 < with_f["probes"]["per_second"] <= PROBE_BUDGET * 1.1
+         and with_f["probes"]["by_result"].get("ok", 0) > 0,
+         f"{with_f['probes']['per_second']:.0f} probes/s over {with_f['probes']['seconds']:.0f} s "
+         f"(budget {PROBE_BUDGET}/s), by result {with_f['probes']['by_result']}, "
+         f"pods reporting at the end {with_f['probes']['pods_reporting']:.0f}"),
         ("route-labels-fold", prom["route_label_values"] <= route_bound and prom["route_other"],
          f"{prom['route_label_values']} route label values for {args.routes} routes (bound: {vms} workers x "
          f"(max_routes {args.max_routes} + 1) = {route_bound}); 'other' present: {prom['route_other']}"),

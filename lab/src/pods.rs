@@ -62,6 +62,11 @@ impl RateWindow {
     }
 
     pub fn record(&self, now: Instant) {
+        self.record_n(now, 1);
+    }
+
+    /// Count `n` (messages, or bytes) at `now`.
+    pub fn record_n(&self, now: Instant, n: u64) {
         let slot = self.slot(now);
         let Ok(mut buckets) = self.buckets.lock() else {
             return;
@@ -70,11 +75,11 @@ impl RateWindow {
             if bucket.0 != slot {
                 *bucket = (slot, 0);
             }
-            bucket.1 += 1;
+            bucket.1 += n;
         }
     }
 
-    /// Messages seen in the last 1 s (= msgs/s).
+    /// Counted in the last 1 s (msgs/s, or bytes/s).
     pub fn rate(&self, now: Instant) -> f64 {
         let slot = self.slot(now);
         let Ok(buckets) = self.buckets.lock() else {
@@ -109,6 +114,8 @@ pub struct PodStats {
     pub upload: KindStats,
     pub unary: KindStats,
     pub window: RateWindow,
+    /// Reading payload bytes over the last second.
+    pub bytes_window: RateWindow,
     /// Load probes answered.
     pub probes: AtomicU64,
 }
@@ -126,6 +133,7 @@ impl PodStats {
             upload: KindStats::default(),
             unary: KindStats::default(),
             window: RateWindow::new(),
+            bytes_window: RateWindow::new(),
             probes: AtomicU64::new(0),
         }
     }
@@ -136,6 +144,8 @@ impl PodStats {
         self.bytes
             .fetch_add(reading.payload.len() as u64, Ordering::Relaxed);
         self.window.record(now);
+        self.bytes_window
+            .record_n(now, reading.payload.len() as u64);
     }
 
     fn record_inbound_error(&self, status: &Status) {
@@ -310,16 +320,19 @@ impl Pod {
     }
 
     /// The answer to a load probe (`GET /.well-known/streamlb/load`), as an ORCA-speaking app
-    /// gives it: messages/s in both directions (each bidi message is acked), active streams and,
-    /// when the pod has a capacity, its utilisation, in the `endpoint-load-metrics` TEXT form.
+    /// gives it: messages/s in both directions (each bidi message is acked), active streams,
+    /// reading payload bytes/s (for proxies whose `load.signal` is bytes) and, when the pod has a
+    /// capacity, its utilisation, in the `endpoint-load-metrics` TEXT form.
     pub fn probe_report(&self) -> String {
         let rate = self.rate();
         let total = self.stats.messages.load(Ordering::Relaxed).max(1) as f64;
         let bidi = self.stats.bidi.messages.load(Ordering::Relaxed) as f64;
         let both_directions = rate * (1.0 + bidi / total);
         let mut report = format!(
-            "TEXT rps_fractional={both_directions:.3}, named_metrics.streams={}",
-            self.stats.streams_active.load(Ordering::Relaxed)
+            "TEXT rps_fractional={both_directions:.3}, named_metrics.streams={}, \
+             named_metrics.bytes_per_second={:.1}",
+            self.stats.streams_active.load(Ordering::Relaxed),
+            self.stats.bytes_window.rate(Instant::now())
         );
         // An unlimited pod does not know its utilisation: it says none (not r/1000).
         if self.capacity() > 0.0 {
@@ -1103,6 +1116,22 @@ mod tests {
         assert_eq!(window.rate(t0 + Duration::from_millis(600)), 50.0);
         // 1.55 s later the buckets of 0..0.5 s have left the window.
         assert_eq!(window.rate(t0 + Duration::from_millis(1550)), 0.0);
+    }
+
+    #[test]
+    fn a_pod_counts_reading_bytes_per_second_for_its_load_report() {
+        let stats = PodStats::new();
+        let t0 = stats.bytes_window.origin;
+        let reading = crate::proto::Reading {
+            payload: bytes::Bytes::from(vec![0u8; 100]),
+            ..Default::default()
+        };
+        for i in 0..3 {
+            stats.record_message(&stats.bidi, &reading, t0 + Duration::from_millis(i * 100));
+        }
+        let at = t0 + Duration::from_millis(400);
+        assert_eq!(stats.bytes_window.rate(at), 300.0);
+        assert_eq!(stats.window.rate(at), 3.0);
     }
 
     #[test]
