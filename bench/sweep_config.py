@@ -32,6 +32,11 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def fmt(values: list[float]) -> str:
+    """The median in bold, then each seed's value."""
+    return f"**{statistics.median(values):.3f}** ({', '.join(f'{x:.3f}' for x in values)})"
+
+
 def variant(text: str) -> tuple[str, dict]:
     name, sep, settings = text.partition("=")
     if not sep or not name:
@@ -87,7 +92,6 @@ def main() -> None:
             cell = rows.setdefault((sc_name, pname, vname), ([], []))
             cell[0].append(p["median_max_over_mean"] / lpt if lpt > 0 else float("nan"))
             cell[1].append(p["median_cross_zone"])
-    fmt = lambda v: f"**{statistics.median(v):.3f}** ({', '.join(f'{x:.3f}' for x in v)})"  # noqa: E731
     lines = [f"Seeds: scenario seed + {args.seeds}; settings: " +
              "; ".join(f"`{n}` = `{json.dumps(s)}`" for n, s in args.variant), "",
              "| scenario (min. crossing) | policy | variant | max/mean ÷ LPT | cross-zone |",
