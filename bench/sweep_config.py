@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Filter settings side by side at fleet scale (`lab sim`, the scenarios' simulator sections),
-over seeds: each variant's `streamlb` settings merged over the scenario's own.
+over seeds: each variant's settings merged over the scenario's `streamlb` section (`lab sim
+--filter-override`).
 
     bench/sweep_config.py --variant 'probe64={"probe":{"max_per_tick":64}}' \\
         --variant 'probe256={"probe":{"max_per_tick":256}}' \\
@@ -17,19 +18,11 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = "zipf08-3zones,pareto-fleet,fleet-unequal-zones,fleet-degraded-pod"
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def fmt(values: list[float]) -> str:
@@ -62,30 +55,26 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = []
-        for sc_name in args.scenarios.split(","):
-            base = json.loads((args.scenario_dir / f"{sc_name}.json").read_text())
-            for vname, settings in args.variant:
-                for k in seeds:
-                    sc = merge(base, {"seed": base["seed"] + k,
-                                      "streamlb": merge(base.get("streamlb") or {}, settings)})
-                    path = Path(tmp) / f"{sc_name}-{vname}-{k}.json"
-                    path.write_text(json.dumps(sc))
-                    runs.append((sc_name, vname, k, path))
+    runs = []
+    for sc_name in args.scenarios.split(","):
+        path = args.scenario_dir / f"{sc_name}.json"
+        seed = json.loads(path.read_text()).get("seed", 1)
+        runs += [(sc_name, vname, settings, path, seed + k) for vname, settings in args.variant for k in seeds]
 
-        def run(r):
-            out = subprocess.run([args.lab, "sim", "--scenario", str(r[3]), "--policies",
-                                  args.policies], capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"lab sim failed on {r[3].name}: {out.stderr.strip()[-2000:]}")
-            return r, json.loads(out.stdout)
+    def run(r):
+        sc_name, _, settings, path, seed = r
+        out = subprocess.run([args.lab, "sim", "--scenario", str(path), "--policies", args.policies,
+                              "--seed", str(seed), "--filter-override", json.dumps(settings)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"lab sim failed on {sc_name} (seed {seed}): {out.stderr.strip()[-2000:]}")
+        return r, json.loads(out.stdout)
 
-        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            results = list(pool.map(run, runs))
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        results = list(pool.map(run, runs))
     rows = {}
     minimum = {}
-    for (sc_name, vname, _, _), d in results:
+    for (sc_name, vname, _, _, _), d in results:
         lpt = d["oracle"]["median_lpt"]
         minimum.setdefault(sc_name, []).append(d["oracle"]["median_min_cross_zone"])
         for pname, p in d["policies"].items():

@@ -141,6 +141,12 @@ enum Command {
         /// Workers (routers sharing load) per proxy for streamlb.
         #[arg(long = "proxy-workers", default_value_t = 1)]
         proxy_workers: usize,
+        /// The scenario's seed replaced.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// JSON object merged over the scenario's `streamlb` section (repeatable, in order).
+        #[arg(long = "filter-override")]
+        filter_overrides: Vec<String>,
         /// Also write the report to this file.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -166,6 +172,8 @@ fn main() -> anyhow::Result<()> {
         scenario,
         policies,
         proxy_workers,
+        seed,
+        filter_overrides,
         out,
         progress,
     } = &cli.command
@@ -174,6 +182,8 @@ fn main() -> anyhow::Result<()> {
             scenario,
             policies,
             *proxy_workers,
+            *seed,
+            filter_overrides,
             out.as_deref(),
             *progress,
         );
@@ -340,10 +350,18 @@ fn run_sim(
     scenario: &std::path::Path,
     policies: &[String],
     workers: usize,
+    seed: Option<u64>,
+    filter_overrides: &[String],
     out: Option<&std::path::Path>,
     progress: bool,
 ) -> anyhow::Result<()> {
-    let sc = streamlb_lab::scenario::Scenario::load(scenario, true)?;
+    let mut sc = streamlb_lab::scenario::Scenario::load(scenario, true)?;
+    if let Some(seed) = seed {
+        sc.seed = seed;
+    }
+    for text in filter_overrides {
+        streamlb_lab::scenario::merge(&mut sc.streamlb, &json_arg("--filter-override", text)?);
+    }
     let policies: Vec<String> = if policies.is_empty() {
         streamlb_lab::sim::POLICIES
             .iter()
@@ -385,6 +403,11 @@ fn parse_hex(text: &str) -> anyhow::Result<Vec<u8>> {
         .collect()
 }
 
+/// A JSON command-line value.
+fn json_arg(flag: &str, text: &str) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(text).with_context(|| format!("{flag} is not JSON: {text}"))
+}
+
 fn run_plan(
     scenario: &std::path::Path,
     filter_defaults: &str,
@@ -392,9 +415,6 @@ fn run_plan(
     stream_rates: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let sc = streamlb_lab::scenario::Scenario::load(scenario, false)?;
-    let json_arg = |flag: &str, text: &str| -> anyhow::Result<serde_json::Value> {
-        serde_json::from_str(text).with_context(|| format!("{flag} is not JSON: {text}"))
-    };
     let defaults = json_arg("--filter-defaults", filter_defaults)?;
     let overrides = filter_overrides
         .iter()
