@@ -100,6 +100,12 @@ pub struct KindStats {
     pub messages: AtomicU64,
 }
 
+/// The bytes one gRPC message takes in DATA frames (5-byte prefix and encoded message), as the
+/// filter counts them for `load.signal: bytes` and its reporter reports them.
+fn grpc_bytes(message: &impl prost::Message) -> u64 {
+    5 + message.encoded_len() as u64
+}
+
 #[derive(Debug)]
 pub struct PodStats {
     pub streams_active: AtomicU64,
@@ -114,7 +120,7 @@ pub struct PodStats {
     pub upload: KindStats,
     pub unary: KindStats,
     pub window: RateWindow,
-    /// Reading payload bytes over the last second.
+    /// gRPC bytes over the last second, both directions (see [`grpc_bytes`]).
     pub bytes_window: RateWindow,
     /// Load probes answered.
     pub probes: AtomicU64,
@@ -144,8 +150,12 @@ impl PodStats {
         self.bytes
             .fetch_add(reading.payload.len() as u64, Ordering::Relaxed);
         self.window.record(now);
-        self.bytes_window
-            .record_n(now, reading.payload.len() as u64);
+        self.bytes_window.record_n(now, grpc_bytes(reading));
+    }
+
+    /// An ack sent back: its bytes count in the load report's bytes/s.
+    fn record_reply(&self, ack: &Ack, now: Instant) {
+        self.bytes_window.record_n(now, grpc_bytes(ack));
     }
 
     fn record_inbound_error(&self, status: &Status) {
@@ -321,7 +331,7 @@ impl Pod {
 
     /// The answer to a load probe (`GET /.well-known/streamlb/load`), as an ORCA-speaking app
     /// gives it: messages/s in both directions (each bidi message is acked), active streams,
-    /// reading payload bytes/s (for proxies whose `load.signal` is bytes) and, when the pod has a
+    /// gRPC bytes/s both ways (for proxies whose `load.signal` is bytes) and, when the pod has a
     /// capacity, its utilisation, in the `endpoint-load-metrics` TEXT form.
     pub fn probe_report(&self) -> String {
         let rate = self.rate();
@@ -645,11 +655,13 @@ impl AckState {
                         if let Some((last, _)) = self.queue.back() {
                             at = at.max(*last);
                         }
-                        self.queue.push_back((at, Ack {
+                        let ack = Ack {
                             seq: reading.seq,
                             pod: self.pod.name.clone(),
                             sent_unix_nanos: reading.sent_unix_nanos,
-                        }));
+                        };
+                        self.pod.stats.record_reply(&ack, now);
+                        self.queue.push_back((at, ack));
                     }
                     Ok(None) => self.inbound_done = true,
                     Err(status) => {
@@ -679,11 +691,13 @@ impl Telemetry for PodService {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        Ok(Response::new(Ack {
+        let ack = Ack {
             seq: reading.seq,
             pod: self.pod.name.clone(),
             sent_unix_nanos: reading.sent_unix_nanos,
-        }))
+        };
+        self.pod.stats.record_reply(&ack, Instant::now());
+        Ok(Response::new(ack))
     }
 
     async fn upload(
@@ -1119,18 +1133,28 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_counts_reading_bytes_per_second_for_its_load_report() {
+    fn a_pod_counts_grpc_bytes_per_second_both_ways_for_its_load_report() {
         let stats = PodStats::new();
         let t0 = stats.bytes_window.origin;
         let reading = crate::proto::Reading {
             payload: bytes::Bytes::from(vec![0u8; 100]),
             ..Default::default()
         };
+        let ack = Ack {
+            seq: 1,
+            pod: "a-0".into(),
+            sent_unix_nanos: 1,
+        };
         for i in 0..3 {
-            stats.record_message(&stats.bidi, &reading, t0 + Duration::from_millis(i * 100));
+            let now = t0 + Duration::from_millis(i * 100);
+            stats.record_message(&stats.bidi, &reading, now);
+            stats.record_reply(&ack, now);
         }
         let at = t0 + Duration::from_millis(400);
-        assert_eq!(stats.bytes_window.rate(at), 300.0);
+        // Each way a 5-byte gRPC prefix and the encoded message: a reading of 100 payload bytes
+        // encodes to 102 (tag, length), the ack to 9 (seq 2, pod "a-0" 5, sent 2).
+        let per_exchange = (5 + 102) + (5 + 9);
+        assert_eq!(stats.bytes_window.rate(at), 3.0 * per_exchange as f64);
         assert_eq!(stats.window.rate(at), 3.0);
     }
 
