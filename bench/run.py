@@ -298,8 +298,7 @@ def probe_rates(envoys: list[tuple[str, kit.Envoy]], pods: int, duration: float)
     pod (None without the filter or with probes off)."""
     by_result: dict[str, float] = {}
     for _, e in envoys:
-        for key, v in e.stats("streamlb_probes_total").items():
-            result = key.split("result=.=")[1].split(";")[0] if "result=.=" in key else "?"
+        for result, v in e.stats_by_tag("streamlb_probes_total", "result").items():
             by_result[result] = by_result.get(result, 0) + v
     total = sum(by_result.values())
     if not total:

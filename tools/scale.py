@@ -203,21 +203,12 @@ def prometheus_figures(envoy: kit.Envoy) -> dict[str, Any]:
 
 # The filter's default probe.max_per_tick (per tick_ms, 1 s by default).
 DEFAULT_PROBE_BUDGET = 256
+PROBES = r"^wasmcustom\.streamlb_probes_total"
 
 
 def gauge(envoy: kit.Envoy, name: str) -> float:
     full = f"wasmcustom.{name}"
     return envoy.stats(f"^{re.escape(full)}$").get(full, 0)
-
-
-def probes_by_result(envoy: kit.Envoy) -> dict[str, float]:
-    """streamlb_probes_total summed over clusters, by result."""
-    out: dict[str, float] = {}
-    for name, value in envoy.stats(r"^wasmcustom\.streamlb_probes_total").items():
-        m = re.search(r"result=\.=(\w+);", name)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0) + value
-    return out
 
 
 def run_pass(args: argparse.Namespace, pods: kit.Pods, with_filter: bool) -> dict[str, Any]:
@@ -254,7 +245,7 @@ def measure(args: argparse.Namespace, envoy: ScaleEnvoy, pid: int, out: dict[str
         if not envoy.wait_for_counter("wasmcustom.streamlb_discovery_polls_ok_total", 1, 120):
             raise RuntimeError(f"no discovery at scale:\n{envoy.log_text()[-3000:]}")
     time.sleep(3)
-    probes_at = (time.monotonic(), probes_by_result(envoy) if with_filter else {})
+    probes_at = (time.monotonic(), envoy.stats_by_tag(PROBES, "result") if with_filter else {})
     out["checkpoints"].append({"streams": 0, "rss_mb": rss_mb(pid), "s": time.monotonic() - started})
     print(f"  {'filter' if with_filter else 'no filter'}: idle RSS {out['checkpoints'][-1]['rss_mb']:.0f} MB",
           flush=True)
@@ -279,7 +270,7 @@ def measure(args: argparse.Namespace, envoy: ScaleEnvoy, pid: int, out: dict[str
     if with_filter:
         # Probes sent while the streams ran (the VM holding the discovery lease probes the pods,
         # at most probe.max_per_tick per tick): their rate and results.
-        now, by_result = time.monotonic(), probes_by_result(envoy)
+        now, by_result = time.monotonic(), envoy.stats_by_tag(PROBES, "result")
         sent = {k: v - probes_at[1].get(k, 0) for k, v in by_result.items()}
         out["probes"] = {"by_result": sent, "seconds": now - probes_at[0],
                          "per_second": sum(sent.values()) / max(now - probes_at[0], 1e-9),

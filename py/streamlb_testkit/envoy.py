@@ -204,6 +204,16 @@ class Envoy(Managed):
                 out[entry["name"]] = entry["value"]
         return out
 
+    def stats_by_tag(self, filter_regex: str, tag: str) -> dict[str, float]:
+        """Counters and gauges matching `filter_regex` summed by the value of the filter's tag
+        `tag` (`tag=.=VALUE;.;` in the stat name); stats without it count under "?"."""
+        marker = f"{tag}=.="
+        out: dict[str, float] = {}
+        for name, value in self.stats(filter_regex).items():
+            key = name.split(marker, 1)[1].split(";", 1)[0] if marker in name else "?"
+            out[key] = out.get(key, 0) + value
+        return out
+
     def stats_json(self, filter_regex: str | None = None) -> dict[str, Any]:
         path = "/stats?format=json"
         if filter_regex:
