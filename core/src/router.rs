@@ -227,15 +227,17 @@ impl Router {
         self.is_unary(ri)
     }
 
-    /// Never the fold-over route `other`: it mixes routes, and short calls on some of them must
-    /// not turn off the rate memory of lasting streams on the others.
     fn is_unary(&self, ri: RouteIdx) -> bool {
-        ri != routes::OTHER
-            && self.unary_streak.get(ri.0).copied().unwrap_or(0) >= UNARY_ROUTE_STREAK
+        self.unary_streak.get(ri.0).copied().unwrap_or(0) >= UNARY_ROUTE_STREAK
     }
 
-    /// `route`'s entry in `streaks`, added at 0 when new.
+    /// `route`'s entry in `streaks`, added at 0 when new. None for the fold-over route `other`,
+    /// which keeps no streak (so is never unary): it mixes routes, and short calls on some of
+    /// them must not turn off the rate memory of lasting streams on the others.
     fn unary_streak(streaks: &mut Vec<u32>, route: RouteIdx) -> Option<&mut u32> {
+        if route == routes::OTHER {
+            return None;
+        }
         if streaks.len() <= route.0 {
             streaks.resize(route.0 + 1, 0);
         }
